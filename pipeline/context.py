@@ -1,0 +1,72 @@
+"""What a stage gets to work with: the run config, the artifact store, its shard, and key helpers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.config import RunConfig, dump_config
+from pipeline.errors import StageError
+from pipeline.records import RecordSet, Shard
+from pipeline.store import SUCCESS, ArtifactStore, open_store
+
+
+@dataclass
+class StageContext:
+    config: RunConfig
+    store: ArtifactStore
+    stage: str
+    shard: Shard = field(default_factory=Shard)
+
+    @property
+    def log(self) -> logging.Logger:
+        return logging.getLogger(f"ielts_distill.{self.stage}")
+
+    @property
+    def run_id(self) -> str:
+        return self.config.run.id
+
+    def key(self, *parts: str) -> str:
+        """A key under this stage's own folder: ``<run.id>/<stage>/<parts...>``."""
+        return "/".join((self.run_id, self.stage, *parts))
+
+    def input_key(self, stage: str, *parts: str) -> str:
+        """A key under an upstream stage's folder (read-only by convention)."""
+        return "/".join((self.run_id, stage, *parts))
+
+    def require(self, *stages: str) -> None:
+        """Fail with one line when an upstream stage has not completed."""
+        for stage in stages:
+            if not self.store.exists(self.input_key(stage, SUCCESS)):
+                raise StageError(f"stage '{self.stage}' needs stage '{stage}' to have completed "
+                                 f"(no {self.store.url(self.input_key(stage, SUCCESS))}); "
+                                 f"run: ielts-distill stage {stage}")
+
+    def records(self, *sub: str) -> RecordSet:
+        return RecordSet(self.store, self.key("records", *sub))
+
+    def is_complete(self) -> bool:
+        return self.store.exists(self.key(SUCCESS))
+
+    def complete(self, summary: dict[str, Any] | None = None) -> None:
+        """Mark the stage done. Write it last: everything else the stage wrote must already exist."""
+        body = {"stage": self.stage, "run_id": self.run_id,
+                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "summary": summary or {}}
+        self.store.put_text(self.key(SUCCESS), json.dumps(body, indent=1) + "\n")
+
+    def summary_of(self, stage: str) -> dict[str, Any]:
+        """The summary an upstream stage wrote into its ``_SUCCESS``."""
+        return json.loads(self.store.get_text(self.input_key(stage, SUCCESS))).get("summary", {})
+
+
+def store_for(config: RunConfig) -> ArtifactStore:
+    return open_store(config.store.uri, endpoint_url=config.store.endpoint_url, region=config.store.region)
+
+
+def save_run_config(config: RunConfig, store: ArtifactStore) -> None:
+    """Keep the resolved config beside the run's artifacts (it holds env var names, never secrets)."""
+    store.put_text(f"{config.run.id}/config.yaml", dump_config(config))

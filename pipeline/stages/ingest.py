@@ -1,0 +1,247 @@
+"""ingest: read charts from Chart-to-Text, keep those an IELTS Task 1 essay can describe.
+
+``data.source`` is either a folder with ``manifest.jsonl`` (the bundled sample's layout) or a checkout of
+the Chart-to-Text repository (``{statista,pew}_dataset/dataset/{imgs,data,titles,metadata.csv}`` and
+their ``multiColumn/`` twins). Output under ``<run.id>/ingest/``: ``charts.jsonl`` (accepted charts),
+``rejected.jsonl`` (every other chart, with a human-readable reason) and ``images/<id>.<ext>``.
+Accepted + rejected = charts read, always; a single bad chart never stops the stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.context import StageContext
+from pipeline.errors import StageError
+
+# Chart-to-Text labels -> IELTS Task 1 chart types. Anything else is rejected with a reason.
+TYPE_MAP = {"bar": "bar", "column": "bar", "line": "line", "pie": "pie", "table": "table"}
+SOURCES = ("statista", "pew")
+KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}  # other formats (GIF, WEBP, ...) are re-encoded as PNG
+
+
+@dataclass
+class Candidate:
+    """One chart as found in the source, before any check."""
+
+    id: str
+    source: str
+    source_type: str
+    title: str | None
+    image: Path
+    data: Path | None
+    data_format: str | None  # "csv_table" | "ocr_text" | None
+    extra: dict[str, Any]
+
+
+class Rejected(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- reading sources
+
+
+def read_manifest(root: Path) -> list[Candidate]:
+    out = []
+    for n, line in enumerate((root / "manifest.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            chart_id = str(row["id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            out.append(Candidate(f"manifest-line-{n}", "?", "?", None, root / "?", None, None,
+                                 {"error": f"manifest.jsonl line {n} is not a JSON object with an 'id'"}))
+            continue
+        data = row.get("data")
+        out.append(Candidate(
+            id=chart_id, source=str(row.get("source", "")), source_type=str(row.get("chart_type", "")).lower(),
+            title=row.get("title"), image=root / str(row.get("image", "")),
+            data=root / data if data else None, data_format=row.get("data_format"),
+            extra={k: row[k] for k in ("summary", "source_url", "complexity") if row.get(k)}))
+    return out
+
+
+def _metadata(folder: Path) -> dict[str, dict[str, str]]:
+    path = folder / "metadata.csv"
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+        return {str(r.get("id", "")).strip(): r for r in csv.DictReader(fh)}
+
+
+def _type_of(meta: dict[str, str]) -> str:
+    for key, value in meta.items():
+        if key and key.strip().lower() in ("charttype", "chart_type", "graphtype", "type") and value:
+            return value.strip().lower()
+    return ""
+
+
+def _numeric_key(path: Path) -> tuple[int, str]:
+    return (int(path.stem), "") if path.stem.isdigit() else (1 << 62, path.stem)
+
+
+def read_checkout(root: Path) -> list[Candidate]:
+    """A Chart-to-Text checkout: ids are ``<source>-{two_col,multi_col}-<N>`` like the sample's."""
+    out = []
+    for source in SOURCES:
+        for sub, complexity in (("", "two_col"), ("multiColumn", "multi_col")):
+            folder = root / f"{source}_dataset" / "dataset" / sub
+            if not (folder / "imgs").is_dir():
+                continue
+            meta = _metadata(folder)
+            for image in sorted((folder / "imgs").iterdir(), key=_numeric_key):
+                if not image.is_file():
+                    continue
+                n = image.stem
+                row = meta.get(n, {})
+                title_file = folder / "titles" / f"{n}.txt"
+                title = title_file.read_text(encoding="utf-8", errors="replace") if title_file.is_file() \
+                    else row.get("title")
+                csv_file, txt_file = folder / "data" / f"{n}.csv", folder / "data" / f"{n}.txt"
+                data, fmt = (csv_file, "csv_table") if csv_file.is_file() else \
+                    (txt_file, "ocr_text") if txt_file.is_file() else (None, None)
+                extra = {"complexity": "simple" if not sub else "complex"}
+                if row.get("URL"):
+                    extra["source_url"] = row["URL"]
+                out.append(Candidate(f"{source}-{complexity}-{n}", source, _type_of(row), title, image,
+                                     data, fmt, extra))
+    return out
+
+
+def read_source(source: str) -> list[Candidate]:
+    root = Path(source).expanduser()
+    if (root / "manifest.jsonl").is_file():
+        return read_manifest(root)
+    if any((root / f"{s}_dataset" / "dataset").is_dir() for s in SOURCES):
+        return read_checkout(root)
+    raise StageError(f"data.source {source!r}: expected a folder with manifest.jsonl or a Chart-to-Text "
+                     "checkout (statista_dataset/dataset, pew_dataset/dataset)")
+
+
+# --------------------------------------------------------------------------- checking one chart
+
+
+def load_image(path: Path, max_pixels: int, min_side: int) -> tuple[bytes, str, int, int]:
+    """Decode the whole image (a header check misses truncated files); returns bytes to store."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise Rejected(f"image missing: {path.name}") from None
+    except OSError as exc:
+        raise Rejected(f"image unreadable: {path.name} ({exc.strerror})") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise Rejected(f"image too large: {width}x{height} px exceeds data.max_pixels={max_pixels}")
+            if min(width, height) < min_side:
+                raise Rejected(f"image too small: {width}x{height} px (data.min_side={min_side})")
+            img.load()
+            fmt = img.format or ""
+            if fmt in KEEP_FORMATS:
+                return raw, KEEP_FORMATS[fmt], width, height
+            buf = io.BytesIO()
+            img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB").save(buf, "PNG")
+            return buf.getvalue(), "png", width, height
+    except Rejected:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).split("\n")[0][:160] or exc.__class__.__name__
+        raise Rejected(f"image undecodable: {path.name} ({reason})") from None
+
+
+def load_table(path: Path, fmt: str | None) -> tuple[list[list[str]] | None, str | None]:
+    """(rows, ocr_text): a CSV table as rows (header first), or Pew's OCR text (not a table)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise Rejected(f"data file missing: {path.name}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Rejected(f"data file unreadable: {path.name} ({exc.__class__.__name__})") from None
+    if fmt == "ocr_text" or path.suffix == ".txt":
+        return None, re.sub(r"\s+", " ", text).strip() or None
+    try:
+        rows = [[c.strip() for c in r] for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+    except csv.Error as exc:
+        raise Rejected(f"data file unreadable: {path.name} (CSV: {exc})") from None
+    if len(rows) < 2:
+        raise Rejected(f"data file unreadable: {path.name} (no data rows)")
+    return rows, None
+
+
+def check(c: Candidate, max_pixels: int, min_side: int) -> tuple[dict[str, Any], bytes]:
+    if "error" in c.extra:
+        raise Rejected(c.extra["error"])
+    ielts_type = TYPE_MAP.get(c.source_type)
+    if ielts_type is None:
+        raise Rejected(f"chart type '{c.source_type or 'unknown'}' has no IELTS Task 1 equivalent"
+                       if c.source_type else "chart type unknown (no chartType in the source metadata)")
+    title = re.sub(r"\s+", " ", c.title or "").strip()
+    if not title:
+        raise Rejected("title missing or empty")
+    table, ocr_text = load_table(c.data, c.data_format) if c.data else (None, None)
+    data, ext, width, height = load_image(c.image, max_pixels, min_side)
+    chart = {"id": c.id, "type": ielts_type, "title": title, "source": c.source, "source_type": c.source_type,
+             "image": None, "image_format": ext, "width": width, "height": height,
+             "table": table, "ocr_text": ocr_text, **c.extra}
+    return chart, data
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(ctx: StageContext) -> None:
+    from tqdm import tqdm
+
+    cfg = ctx.config.data
+    candidates = read_source(cfg.source)
+    if cfg.limit:
+        candidates = candidates[: cfg.limit]
+    counts = Counter(c.id for c in candidates)
+    first = {c.id: i for i, c in reversed(list(enumerate(candidates)))}
+    dupes = {i for i, c in enumerate(candidates) if counts[c.id] > 1 and first[c.id] != i}
+
+    def one(item: tuple[int, Candidate]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        i, c = item
+        try:
+            if i in dupes:
+                raise Rejected("duplicate chart id")
+            chart, data = check(c, cfg.max_pixels, cfg.min_side)
+            chart["image"] = ctx.key("images", f"{c.id}.{chart['image_format']}")
+            ctx.store.put_bytes(chart["image"], data)
+            return chart, None
+        except Rejected as why:
+            return None, {"id": c.id, "source": c.source, "source_type": c.source_type, "reason": str(why)}
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(tqdm(pool.map(one, enumerate(candidates)), total=len(candidates), desc="ingest", unit="chart",
+                            disable=None))
+    accepted = [a for a, _ in results if a]
+    rejected = [r for _, r in results if r]
+    assert len(accepted) + len(rejected) == len(candidates)
+    ctx.store.put_jsonl(ctx.key("charts.jsonl"), accepted)
+    ctx.store.put_jsonl(ctx.key("rejected.jsonl"), rejected)
+    reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejected)
+    summary = {"read": len(candidates), "accepted": len(accepted), "rejected": len(rejected),
+               "by_type": dict(Counter(a["type"] for a in accepted)), "rejected_by_reason": dict(reasons)}
+    ctx.log.info("ingest: %d read, %d accepted (%s), %d rejected (%s)", len(candidates), len(accepted),
+                 ", ".join(f"{k} {v}" for k, v in sorted(summary["by_type"].items())), len(rejected),
+                 ", ".join(f"{k}: {v}" for k, v in reasons.most_common()) or "none")
+    ctx.complete(summary)
+
+
+def load_charts(ctx: StageContext) -> list[dict[str, Any]]:
+    """The accepted charts, for downstream stages."""
+    ctx.require("ingest")
+    return ctx.store.get_jsonl(ctx.input_key("ingest", "charts.jsonl"))

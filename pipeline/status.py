@@ -1,0 +1,40 @@
+"""Per-stage state of a run, read from the store: done / partial (with counts) / not started."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.context import StageContext, store_for
+from pipeline.stages import STAGES, load_stage
+from pipeline.store import SUCCESS
+
+
+def _summary_line(summary: dict[str, Any]) -> str:
+    parts = [f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    return ", ".join(parts[:6])
+
+
+def stage_status(config: RunConfig) -> list[dict[str, Any]]:
+    store = store_for(config)
+    rows = []
+    for name in STAGES:
+        ctx = StageContext(config=config, store=store, stage=name)
+        row: dict[str, Any] = {"stage": name, "store": store.url(ctx.key(""))}
+        if ctx.is_complete():
+            summary = ctx.summary_of(name)
+            row.update(state="done", detail=_summary_line(summary), summary=summary)
+        else:
+            module = load_stage(name)
+            progress = getattr(module, "progress", None)
+            done, total = progress(ctx) if progress else (sum(1 for _ in store.list(ctx.key(""))), None)
+            if done:
+                row.update(state="partial", done=done, total=total,
+                           detail=f"{done}/{total} items" if total is not None else f"{done} objects written")
+            else:
+                row.update(state="not started", detail="")
+        rows.append(row)
+    return rows
+
+
+__all__ = ["stage_status", "SUCCESS"]

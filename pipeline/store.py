@@ -1,0 +1,266 @@
+"""The artifact store: the only way stages talk to each other.
+
+Two backends behind one small interface: a local directory and ``s3://bucket/prefix`` (any S3-compatible
+server: MinIO, SeaweedFS, AWS, GCS's S3 API). Keys are ``/``-separated and relative to the store root;
+the layout is ``<run.id>/<stage>/...``. Writes are atomic: temp file + rename locally, one PUT on S3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pipeline.errors import ArtifactNotFound, StoreError
+
+SUCCESS = "_SUCCESS"
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+        raise StoreError(f"invalid store key {key!r}")
+    return key
+
+
+class ArtifactStore(ABC):
+    uri: str
+
+    # -- the backend contract ------------------------------------------------------------------
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys under ``prefix`` (a folder-like prefix; ``""`` for all), in sorted order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove one object (no error when it is absent)."""
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = list(self.list(prefix))
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def url(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}"
+
+    # -- helpers shared by both backends ---------------------------------------------------------
+    def put_text(self, key: str, text: str) -> None:
+        self.put_bytes(key, text.encode("utf-8"))
+
+    def get_text(self, key: str) -> str:
+        return self.get_bytes(key).decode("utf-8")
+
+    def put_json(self, key: str, obj: Any) -> None:
+        self.put_text(key, json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=False) + "\n")
+
+    def get_json(self, key: str) -> Any:
+        try:
+            return json.loads(self.get_bytes(key))
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{self.url(key)}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+    def put_jsonl(self, key: str, rows: Iterable[dict[str, Any]]) -> None:
+        self.put_text(key, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    def get_jsonl(self, key: str) -> list[dict[str, Any]]:
+        rows = []
+        for n, line in enumerate(self.get_text(key).splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise StoreError(f"{self.url(key)} line {n}: not valid JSON ({exc.msg})") from None
+        return rows
+
+    def upload_dir(self, local_dir: str | Path, prefix: str) -> int:
+        """Copy every file below ``local_dir`` to ``prefix/<relative path>``; returns the file count."""
+        root = Path(local_dir)
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            self.put_bytes(f"{prefix.rstrip('/')}/{path.relative_to(root).as_posix()}", path.read_bytes())
+        return len(files)
+
+    def download_dir(self, prefix: str, local_dir: str | Path) -> Path:
+        """Copy every key under ``prefix`` into ``local_dir`` (mirroring the relative paths)."""
+        root = Path(local_dir)
+        base = prefix.rstrip("/") + "/"
+        keys = list(self.list(base))
+        if not keys:
+            raise ArtifactNotFound(f"nothing stored under {self.url(base)}")
+        for key in keys:
+            target = root / key[len(base):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.get_bytes(key))
+        return root
+
+
+class LocalStore(ArtifactStore):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"not found in store: {path}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self.root / prefix if prefix else self.root
+        start = base if base.is_dir() else base.parent
+        if not start.is_dir():
+            return iter(())
+        keys = (p.relative_to(self.root).as_posix() for p in start.rglob("*")
+                if p.is_file() and not p.name.endswith(".tmp"))
+        return iter(sorted(k for k in keys if k.startswith(prefix)))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        count = super().delete_prefix(prefix)
+        target = self.root / prefix
+        if prefix and target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        return count
+
+
+class S3Store(ArtifactStore):
+    """``s3://bucket/prefix``; credentials come only from the environment (boto3's default chain)."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None):
+        import boto3
+        from botocore.config import Config
+
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise StoreError(f"store.uri {uri!r}: expected s3://bucket[/prefix]")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        cfg = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"},
+                     connect_timeout=10, read_timeout=120)
+        self.client = boto3.client("s3", endpoint_url=self.endpoint_url, config=cfg,
+                                   region_name=region or os.environ.get("AWS_REGION") or "us-east-1")
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _fail(self, exc: Exception, key: str) -> StoreError:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        where = f"{self.uri}/{key}" if key else self.uri
+        at = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        if isinstance(exc, NoCredentialsError):
+            return StoreError(f"{where}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+        if isinstance(exc, EndpointConnectionError):
+            return StoreError(f"{where}: cannot reach the S3 endpoint{at}")
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return ArtifactNotFound(f"not found in store: {where}")
+            if code == "NoSuchBucket":
+                return StoreError(f"S3 bucket '{self.bucket}' does not exist{at} (create it first)")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
+                        "InvalidClientTokenId", "Forbidden"):
+                return StoreError(f"{where}: access denied by S3{at} ({code}): check AWS_ACCESS_KEY_ID / "
+                                  "AWS_SECRET_ACCESS_KEY")
+            return StoreError(f"{where}: S3 error {code}{at}")
+        return StoreError(f"{where}: {exc.__class__.__name__}: {exc}")
+
+    def _call(self, key: str, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(exc, key) from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get_bytes(self, key: str) -> bytes:
+        resp = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return resp["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        except ArtifactNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        keys: list[str] = []
+        pages = self._call(prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
+        for page in pages:
+            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        return iter(sorted(keys))
+
+    def delete(self, key: str) -> None:
+        self._call(key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = list(self.list(prefix))
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+            self._call(prefix, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch})
+        return len(keys)
+
+    def check(self) -> None:
+        """Fail early with a clear line when the bucket is missing or the credentials are wrong."""
+        try:
+            self._call("", self.client.head_bucket, Bucket=self.bucket)
+        except ArtifactNotFound:
+            at = f" at {self.endpoint_url}" if self.endpoint_url else ""
+            raise StoreError(f"S3 bucket '{self.bucket}' does not exist{at} (create it first)") from None
+
+
+def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None) -> ArtifactStore:
+    if uri.startswith("s3://"):
+        return S3Store(uri, endpoint_url=endpoint_url, region=region)
+    if uri.startswith("file://"):
+        uri = urlparse(uri).path
+    if "://" in uri:
+        raise StoreError(f"store.uri {uri!r}: use a local directory, file:///path or s3://bucket/prefix")
+    return LocalStore(uri)
