@@ -133,3 +133,25 @@ def status(config: RunConfig, as_json: bool) -> None:
     click.echo(f"run {config.run.id} in {rows[0]['store'] if rows else config.store.uri}")
     for row in rows:
         click.echo(f"  {row['stage']:<9} {row['state']:<12} {row['detail']}")
+
+
+@main.command()
+@click.argument("source", type=click.File("rb"), default="-")
+def unstructure(source) -> None:
+    """Filter: a structured essay (SOURCE or stdin) -> the plain-paragraph essay on stdout.
+
+    Exits non-zero with a one-line reason when the input has no recognisable three-step structure.
+    """
+    from pipeline.essays import EssayFormatError
+    from pipeline.essays import unstructure as strip_structure
+
+    try:
+        text = source.read().decode("utf-8")
+        out = strip_structure(text)
+    except UnicodeDecodeError:
+        raise PipelineError("unstructure: input is not UTF-8 text") from None
+    except EssayFormatError as exc:
+        raise PipelineError(f"unstructure: {exc}") from None
+    stdout = click.get_binary_stream("stdout")
+    stdout.write((out + "\n").encode("utf-8"))
+    stdout.flush()

@@ -1,0 +1,182 @@
+"""Essay analysis shared by the teacher's gates, the dataset transform, the judge metrics and the report.
+
+The teacher is asked for the seed's three-step structure::
+
+    1. <Describe a graph>:
+    "<one-sentence description>"
+
+    2. <Find the key points, trends and compare data>:
+
+    Paragraph 1:
+    "<body paragraph>"
+    ...
+
+    3. <Write a summary of presented data>:
+    "<overview>"
+
+Real output is messier, so the parser accepts: the pie prompt's ``<Describe a graph:>`` wording and other
+header wordings (a header is recognised by its step number or by its words), the colon inside or outside
+the angle brackets, bare ``1. Describe a graph:`` headers, markdown bold/``#`` around markers,
+``Paragraph 1:`` / ``Paragraph1:`` / ``**Paragraph 1:**``, paragraphs with or without straight or curly
+quotes, CRLF line ends and trailing spaces. Text before the first header (an echoed title, "Here is the
+essay:") is dropped. Blank lines and ``Paragraph N:`` labels separate body paragraphs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+CANONICAL_HEADERS = (
+    "1. <Describe a graph>:",
+    "2. <Find the key points, trends and compare data>:",
+    "3. <Write a summary of presented data>:",
+)
+_STEP_NAMES = ("graph description", "key points", "summary")
+
+_B = r"(?:\*\*|__)?"  # optional markdown bold around a marker
+_STEP = re.compile(
+    rf"^\s*(?:#+\s*)?{_B}\s*(?:(?P<num>[1-3])\s*[.):]\s*)?{_B}\s*"
+    rf"(?:<\s*(?P<angled>[^<>\n]{{1,80}}?)\s*:?\s*>|(?P<bare>[A-Za-z][A-Za-z ,/&-]{{2,60}}?)\s*(?={_B}\s*:))"
+    rf"\s*{_B}\s*:?\s*{_B}\s*(?P<rest>.*)$")
+_PARA = re.compile(rf"^\s*(?:#+\s*)?{_B}\s*(?:body\s+)?paragraph\s*\d+\s*{_B}\s*"
+                   rf"(?:[:.)\-\u2013\u2014]\s*{_B}\s*(?P<rest>.*)|$)", re.I)
+_WORDS = (  # step 1, 2, 3: words that name the step when a header has no number
+    re.compile(r"describ|graph description|introduc", re.I),
+    re.compile(r"key points|trends|body|compar", re.I),
+    re.compile(r"summar|overview|conclu", re.I),
+)
+_OPENERS = set('"\u201c\u201e\u00ab')  # straight and curly double quotes, low-9 and guillemet
+_CLOSERS = set('"\u201d\u201c\u00bb')
+
+
+class EssayFormatError(ValueError):
+    """The text has no recognisable three-step structure; the message is one line saying why."""
+
+
+@dataclass
+class StructuredEssay:
+    description: str
+    paragraphs: list[str]
+    overview: str
+
+    def prose(self) -> list[str]:
+        return [self.description, *self.paragraphs, self.overview]
+
+
+def _lines(text: str) -> list[str]:
+    text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    return [line.rstrip() for line in text.split("\n")]
+
+
+def _step_of(line: str) -> tuple[int, str] | None:
+    """(step 1..3, rest of the line) when the line is a step header, else None."""
+    m = _STEP.match(line)
+    if not m:
+        return None
+    words = m["angled"] or m["bare"]
+    by_words = next((i + 1 for i, rx in enumerate(_WORDS) if rx.search(words)), None)
+    if m["angled"] is not None:
+        step = int(m["num"]) if m["num"] else by_words
+    else:  # a bare header needs both its number and words that agree with it
+        step = by_words if m["num"] and by_words == int(m["num"]) else None
+    return (step, m["rest"]) if step else None
+
+
+def _unquote(block: str) -> str:
+    """Collapse whitespace; drop the quotes around the block (or one unbalanced quote at an end)."""
+    text = re.sub(r"\s+", " ", block).strip()
+    if len(text) >= 2 and text[0] in _OPENERS and text[-1] in _CLOSERS:
+        return text[1:-1].strip()
+    if sum(text.count(q) for q in _OPENERS | _CLOSERS) % 2 == 1:
+        if text[:1] in _OPENERS:
+            return text[1:].strip()
+        if text[-1:] in _CLOSERS:
+            return text[:-1].strip()
+    return text
+
+
+def _blocks(lines: list[str], split_labels: bool) -> list[str]:
+    """Prose blocks separated by blank lines (and by ``Paragraph N:`` labels), unquoted, empties dropped."""
+    blocks: list[list[str]] = [[]]
+    for line in lines:
+        label = _PARA.match(line) if split_labels else None
+        if label or not line.strip():
+            blocks.append([])
+            line = (label["rest"] or "") if label else ""
+        if line.strip():
+            blocks[-1].append(line.strip())
+    return [b for b in (_unquote(" ".join(block)) for block in blocks if block) if b]
+
+
+def parse_structured(text: str) -> StructuredEssay:
+    """Parse the three-step structure. Raises EssayFormatError with a one-line reason."""
+    if not text or not text.strip():
+        raise EssayFormatError("empty essay")
+    sections: dict[int, list[str]] = {}
+    current: int | None = None
+    for line in _lines(text):
+        header = _step_of(line)
+        if header:
+            step, rest = header
+            if step in sections:
+                raise EssayFormatError(f"step {step} ({_STEP_NAMES[step - 1]}) header appears twice")
+            if current is not None and step < current:
+                raise EssayFormatError(f"step {step} ({_STEP_NAMES[step - 1]}) comes after step {current}")
+            sections[step], current = [rest], step
+        elif current is not None:
+            sections[current].append(line)
+    if not sections:
+        raise EssayFormatError("no step headers found (expected '1. <Describe a graph>:', "
+                               "'2. <Find the key points...>:', '3. <Write a summary...>:')")
+    if 2 not in sections and 1 in sections:  # body paragraphs labelled but step 2's header forgotten
+        first = next((i for i, line in enumerate(sections[1]) if _PARA.match(line)), None)
+        if first is not None:
+            sections[1], sections[2] = sections[1][:first], sections[1][first:]
+    missing = [s for s in (1, 2, 3) if s not in sections]
+    if missing:
+        raise EssayFormatError("missing " + ", ".join(f"step {s} ({_STEP_NAMES[s - 1]})" for s in missing))
+    description = " ".join(_blocks(sections[1], split_labels=False))
+    paragraphs = _blocks(sections[2], split_labels=True)
+    overview = " ".join(_blocks(sections[3], split_labels=False))
+    for step, value in ((1, description), (2, paragraphs), (3, overview)):
+        if not value:
+            raise EssayFormatError(f"step {step} ({_STEP_NAMES[step - 1]}) is empty")
+    return StructuredEssay(description, paragraphs, overview)
+
+
+def unstructure(text: str) -> str:
+    """The essay as plain prose: description, body paragraphs, overview, separated by one blank line.
+
+    No trailing newline (the CLI adds one). Raises EssayFormatError when the structure is unrecognisable.
+    """
+    return "\n\n".join(parse_structured(text).prose())
+
+
+def canonical(essay: StructuredEssay) -> str:
+    """The seed's record layout for an already parsed essay (no trailing newline)."""
+    body = "\n\n".join(f'Paragraph {i}:\n"{p}"' for i, p in enumerate(essay.paragraphs, 1))
+    return (f'{CANONICAL_HEADERS[0]}\n"{essay.description}"\n\n{CANONICAL_HEADERS[1]}\n\n{body}\n\n'
+            f'{CANONICAL_HEADERS[2]}\n"{essay.overview}"')
+
+
+def to_canonical(text: str) -> str:
+    """Rewrite a structured essay in the one canonical layout (the seed's example record)."""
+    return canonical(parse_structured(text))
+
+
+def essay_paragraphs(text: str) -> list[str]:
+    """The prose paragraphs: parsed steps when the text is structured, else its blank-line blocks."""
+    try:
+        return parse_structured(text).prose()
+    except EssayFormatError:
+        return [re.sub(r"\s+", " ", b).strip() for b in "\n".join(_lines(text)).split("\n\n") if b.strip()]
+
+
+def word_count(text: str) -> int:
+    """Words of the essay's prose (step headers, paragraph labels and quotes excluded).
+
+    A word is a whitespace-separated token with at least one letter or digit, so "4,751,653" and
+    "1989" count once and a lone dash does not (close to how IELTS examiners count).
+    """
+    return sum(1 for p in essay_paragraphs(text) for tok in p.split() if any(ch.isalnum() for ch in tok))
