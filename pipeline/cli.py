@@ -155,3 +155,17 @@ def unstructure(source) -> None:
     stdout = click.get_binary_stream("stdout")
     stdout.write((out + "\n").encode("utf-8"))
     stdout.flush()
+
+
+@main.command("push-dataset")
+@config_options
+@click.option("--variant", type=click.Choice(["structured", "unstructured"]), required=True)
+@click.option("--push-to-hub", "repo", required=True, metavar="REPO",
+              help="Hub dataset repo id, e.g. user/ielts-essays-structured (token from $HF_TOKEN).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+def push_dataset(config: RunConfig, variant: str, repo: str, private: bool) -> None:
+    """Upload one dataset variant (Parquet splits + card) to the Hugging Face Hub."""
+    from pipeline.context import StageContext, store_for
+    from pipeline.stages.dataset import push_to_hub
+
+    click.echo(push_to_hub(StageContext(config, store_for(config), "push-dataset"), variant, repo, private=private))

@@ -81,6 +81,9 @@ class DatasetSection(Section):
     validation: float = Field(0.15, gt=0, lt=1)
     seed: str = "ielts-distill"  # salt of the stable hash that assigns charts to splits
     variants: list[Variant] = ["structured", "unstructured"]
+    # An accepted essay without step markers but with >= 3 prose paragraphs is read as description,
+    # body paragraphs, overview (first, middle, last); off: such essays are left out of both variants.
+    infer_structure: bool = True
 
     @model_validator(mode="after")
     def _fractions_sum(self) -> "DatasetSection":

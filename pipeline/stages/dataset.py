@@ -1,0 +1,312 @@
+"""dataset: the teacher's accepted essays as two Hugging Face datasets, *structured* and *unstructured*.
+
+The seed's central experiment: the same essays, for the same charts, in the same splits, once in the one
+canonical three-step layout (``essays.to_canonical``) and once as plain paragraphs (``essays.unstructure``).
+An accepted essay whose steps cannot be parsed is, with ``dataset.infer_structure`` and >= 3 prose
+paragraphs, read as description / body paragraphs / overview; otherwise it is left out of BOTH variants
+(so they stay paired) and counted in the card. Rejected teacher records are counted, never used.
+
+Splits are assigned by a stable salted hash of the chart id, with sizes floor(n*train), floor(n*test)
+and the rest validation (3,475 -> 2,432 / 521 / 522, as in the seed). Output under ``<run>/dataset/``:
+``<variant>/data/<split>-00000-of-00001.parquet``, ``<variant>/README.md`` (the Hub's dataset card) and
+``splits.json`` = {chart_id: split}.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import DatasetSection
+from pipeline.context import StageContext
+from pipeline.errors import StageError
+from pipeline.essays import EssayFormatError, StructuredEssay, canonical, essay_paragraphs, parse_structured
+from pipeline.records import stable_hash
+
+SPLITS = ("train", "validation", "test")
+VARIANTS = ("structured", "unstructured")
+COLUMNS = {"chart_id": "string", "type": "string", "title": "string", "image": "image", "essay": "string"}
+
+
+def split_file(split: str) -> str:
+    return f"data/{split}-00000-of-00001.parquet"
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def split_sizes(n: int, cfg: DatasetSection) -> dict[str, int]:
+    train, test = math.floor(n * cfg.train + 1e-9), math.floor(n * cfg.test + 1e-9)
+    return {"train": train, "test": test, "validation": n - train - test}
+
+
+def assign_splits(chart_ids: list[str], cfg: DatasetSection) -> dict[str, str]:
+    """{chart_id: split}: ids ordered by their salted hash, cut at the split sizes (input order is irrelevant)."""
+    ordered = sorted(set(chart_ids), key=lambda i: (stable_hash(i, cfg.seed), i))
+    sizes = split_sizes(len(ordered), cfg)
+    names = ["train"] * sizes["train"] + ["test"] * sizes["test"] + ["validation"] * sizes["validation"]
+    return dict(zip(ordered, names))
+
+
+# --------------------------------------------------------------------------- essays -> variants
+
+
+def structure_of(essay: str, infer: bool) -> tuple[StructuredEssay, bool]:
+    """(steps, inferred): with ``infer``, plain prose of >= 3 paragraphs is read as first/middle/last."""
+    try:
+        return parse_structured(essay), False
+    except EssayFormatError:
+        paragraphs = essay_paragraphs(essay)
+        if not infer or len(paragraphs) < 3:
+            raise
+        return StructuredEssay(paragraphs[0], paragraphs[1:-1], paragraphs[-1]), True
+
+
+def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg: DatasetSection
+               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One row per usable chart (with both essay forms) and the counts the card reports."""
+    by_id = {c["id"]: c for c in charts}
+    rows, counts = [], {"teacher_records": len(records), "rejected_by_teacher": 0, "rejected_reasons": Counter(),
+                        "excluded_unparseable": 0, "excluded_reasons": Counter(), "structure_inferred": 0,
+                        "teacher": Counter()}
+    for rec in records:
+        chart = by_id.get(rec.get("chart_id"))
+        if chart is None:
+            raise StageError(f"teacher record for chart {rec.get('chart_id')!r} has no chart in ingest/charts.jsonl")
+        if rec.get("status") != "accepted":
+            counts["rejected_by_teacher"] += 1
+            counts["rejected_reasons"][str(rec.get("reason") or "unknown").split(":")[0][:80]] += 1
+            continue
+        try:
+            steps, inferred = structure_of(rec.get("essay") or "", cfg.infer_structure)
+        except EssayFormatError as why:
+            counts["excluded_unparseable"] += 1
+            counts["excluded_reasons"][str(why).split(" (")[0]] += 1
+            continue
+        counts["structure_inferred"] += inferred
+        counts["teacher"][(rec.get("model"), rec.get("template"), rec.get("template_version"))] += 1
+        rows.append({"chart_id": chart["id"], "type": chart["type"], "title": chart["title"],
+                     "image_key": chart["image"], "image_format": chart.get("image_format", "png"),
+                     "structured": canonical(steps), "unstructured": "\n\n".join(steps.prose())})
+    return sorted(rows, key=lambda r: r["chart_id"]), counts
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _features():
+    from datasets import Features, Image, Value
+
+    return Features({name: Image() if dtype == "image" else Value(dtype) for name, dtype in COLUMNS.items()})
+
+
+def _parquet(rows: list[dict[str, Any]], variant: str, images: dict[str, bytes], tmp: Path) -> bytes:
+    import datasets
+
+    columns = {
+        "chart_id": [r["chart_id"] for r in rows], "type": [r["type"] for r in rows],
+        "title": [r["title"] for r in rows],
+        "image": [{"bytes": images[r["chart_id"]], "path": f"{r['chart_id']}.{r['image_format']}"} for r in rows],
+        "essay": [r[variant] for r in rows]}
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        datasets.Dataset.from_dict(columns, features=_features()).to_parquet(str(tmp))
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+    return tmp.read_bytes()
+
+
+def run(ctx: StageContext) -> None:
+    from pipeline.stages.ingest import load_charts
+
+    cfg = ctx.config.dataset
+    charts = load_charts(ctx)
+    ctx.require("teacher")
+    records = ctx.store.get_jsonl(ctx.input_key("teacher", "essays.jsonl"))
+    rows, counts = build_rows(charts, records, cfg)
+    splits = assign_splits([r["chart_id"] for r in rows], cfg)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        images = dict(zip((r["chart_id"] for r in rows), pool.map(ctx.store.get_bytes, (r["image_key"] for r in rows))))
+
+    ctx.store.delete_prefix(ctx.key() + "/")  # a rerun replaces every output, _SUCCESS first
+    by_split = {s: [r for r in rows if splits[r["chart_id"]] == s] for s in SPLITS}
+    with tempfile.TemporaryDirectory(prefix="ielts-dataset-") as tmp:
+        for variant in cfg.variants:
+            for split in SPLITS:
+                data = _parquet(by_split[split], variant, images, Path(tmp) / f"{variant}-{split}.parquet")
+                ctx.store.put_bytes(ctx.key(variant, split_file(split)), data)
+            ctx.store.put_text(ctx.key(variant, "README.md"),
+                               dataset_card(ctx, variant, by_split, counts, n_charts=len(charts)))
+    ctx.store.put_json(ctx.key("splits.json"), splits)
+    summary = {"rows": len(rows), "splits": {s: len(by_split[s]) for s in SPLITS}, "variants": list(cfg.variants),
+               "rejected_by_teacher": counts["rejected_by_teacher"],
+               "excluded_unparseable": counts["excluded_unparseable"],
+               "structure_inferred": counts["structure_inferred"]}
+    ctx.log.info("dataset: %d essays -> train %d / validation %d / test %d (%s); %d rejected by the teacher, "
+                 "%d unparseable left out, %d with inferred structure", len(rows), *summary["splits"].values(),
+                 ", ".join(cfg.variants), counts["rejected_by_teacher"], counts["excluded_unparseable"],
+                 counts["structure_inferred"])
+    ctx.complete(summary)
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def load_split(ctx: StageContext, variant: str, split: str):
+    """One split of one variant as a ``datasets.Dataset`` (images decode to PIL), read from the store."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    if variant not in VARIANTS or split not in SPLITS:
+        raise StageError(f"dataset split {variant}/{split}: variant must be one of {', '.join(VARIANTS)} and "
+                         f"split one of {', '.join(SPLITS)}")
+    ctx.require("dataset")
+    key = ctx.input_key("dataset", variant, split_file(split))
+    if not ctx.store.exists(key):
+        raise StageError(f"dataset variant '{variant}' was not built (no {ctx.store.url(key)}); "
+                         "see dataset.variants")
+    return Dataset(pq.read_table(io.BytesIO(ctx.store.get_bytes(key))))
+
+
+def push_to_hub(ctx: StageContext, variant: str, repo: str, *, private: bool = False) -> str:
+    """Upload one variant's folder (Parquet + card) to a Hub dataset repo; the token comes from $HF_TOKEN."""
+    from huggingface_hub import HfApi
+
+    ctx.require("dataset")
+    with tempfile.TemporaryDirectory(prefix="ielts-push-") as tmp:
+        ctx.store.download_dir(ctx.input_key("dataset", variant), tmp)
+        try:
+            api = HfApi()
+            api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=tmp,
+                              commit_message=f"ielts-distill run {ctx.run_id}: {variant} variant")
+        except Exception as exc:  # the Hub client's many error types: report one line, no traceback
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise StageError(f"push to hub dataset {repo}: {exc.__class__.__name__}: {first}") from None
+    return f"https://huggingface.co/datasets/{repo}"
+
+
+# --------------------------------------------------------------------------- the dataset card
+
+
+CARD_BODY = """\
+# IELTS Task 1 chart essays — {variant} (ielts-distill run `{run_id}`)
+
+Chart images from the Chart-to-Text benchmark, each paired with an IELTS Academic Writing Task 1 essay
+written by a teacher LLM ({teacher}). This is the **{variant}** variant: {variant_text}
+The sibling variant (`{other}`) holds the same essays for the same charts in the same splits.
+
+## How the data was made
+1. **ingest**: {n_charts} charts read from Chart-to-Text were kept as IELTS chart types (bar, line, pie,
+   table) with a title and a readable image.
+2. **teacher**: one essay per chart from a few-shot, chain-of-thought prompt per chart type that asks for
+   three steps (describe the graph, key points in 2-3 paragraphs, overview); essays failing the quality
+   gates (length, structure, numbers not in the chart's data) were regenerated, then rejected.
+   Teacher model: {teacher}. Prompt templates (version): {templates}.
+3. **dataset**: accepted essays were parsed into their steps and written in two forms: *structured* (one
+   canonical layout, the step headers and `Paragraph N:` labels of the seed's record) and *unstructured*
+   (the same prose as plain paragraphs separated by a blank line).{inferred_text}
+
+## Counts
+| | charts |
+|---|---|
+| teacher records | {teacher_records} |
+| rejected by the teacher (left out) | {rejected} |
+| accepted but steps unparseable (left out of both variants) | {excluded} |
+| in this dataset | {rows} |
+| train / validation / test | {train} / {validation} / {test} |
+
+{reasons}
+By chart type: {by_type}.
+
+Splits: a stable hash of the chart id salted with `{seed}` orders the charts; the first
+floor({f_train} n) are train, the next floor({f_test} n) test, the rest validation. `splits.json` beside
+the variants lists every chart's split.
+
+## Fields
+`chart_id` (Chart-to-Text source, complexity and number), `type` (bar|line|pie|table), `title` (the
+chart's title), `image` (the chart, PNG/JPEG bytes), `essay` (the {variant} essay).
+
+## Loading
+```python
+from datasets import load_dataset
+ds = load_dataset("parquet", data_files={{s: f"data/{{s}}-00000-of-00001.parquet"
+                                         for s in ("train", "validation", "test")}})
+ds = load_dataset("path/to/this/folder")   # or the Hub repo id: the configs above name the splits
+ds["train"][0]["image"]                     # a PIL image
+```
+
+## Licence
+The essays are synthetic, written by {teacher}; check the teacher provider's terms on generated output.
+The chart images and titles come from Chart-to-Text (Kantharaj et al., "Chart-to-Text: A Large-Scale
+Benchmark for Chart Summarization", ACL 2022, https://aclanthology.org/2022.acl-long.277;
+https://github.com/vis-nlp/Chart-to-text), which states no licence and asks users to cite the paper.
+The charts were crawled from statista.com and pewresearch.org, whose terms of use apply to that content.
+Research use with attribution; no right to redistribute beyond those terms is given.
+
+```bibtex
+@inproceedings{{kantharaj-etal-2022-chart,
+  title = {{Chart-to-Text: A Large-Scale Benchmark for Chart Summarization}},
+  author = {{Kantharaj, Shankar and Leong, Rixie Tiffany and Lin, Xiang and Masry, Ahmed and
+            Thakkar, Megh and Hoque, Enamul and Joty, Shafiq}},
+  booktitle = {{Proceedings of the 60th Annual Meeting of the Association for Computational Linguistics}},
+  year = {{2022}}, pages = {{4005--4023}}, url = {{https://aclanthology.org/2022.acl-long.277}}
+}}
+```
+"""
+
+
+def dataset_card(ctx: StageContext, variant: str, by_split: dict[str, list[dict[str, Any]]],
+                 counts: dict[str, Any], *, n_charts: int) -> str:
+    """README.md with the YAML header the Hub reads (configs, features, splits, licence)."""
+    cfg = ctx.config.dataset
+    rows = [r for split in SPLITS for r in by_split[split]]
+    teacher = ", ".join(sorted({str(m) for m, _, _ in counts["teacher"]})) or "none"
+    templates = ", ".join(sorted({f"{t} ({v})" for _, t, v in counts["teacher"]})) or "none"
+    header = {
+        "license": "other", "license_name": "chart-to-text-research-use",
+        "license_link": "https://github.com/vis-nlp/Chart-to-text",
+        "language": ["en"], "pretty_name": f"IELTS Task 1 chart essays ({variant})",
+        "task_categories": ["image-to-text"], "tags": ["ielts", "chart-summarization", "synthetic",
+                                                       "knowledge-distillation", variant],
+        "size_categories": [_size_category(len(rows))],
+        "configs": [{"config_name": "default", "data_files": [
+            {"split": s, "path": split_file(s).replace("-00000-of-00001.parquet", "-*")} for s in SPLITS]}],
+        "dataset_info": {"features": [{"name": n, "dtype": d} for n, d in COLUMNS.items()],
+                         "splits": [{"name": s, "num_examples": len(by_split[s])} for s in SPLITS]},
+    }
+    reasons = "".join(
+        f"{title}: " + ", ".join(f"{k} ({v})" for k, v in counter.most_common()) + ".\n"
+        for title, counter in (("Teacher rejections", counts["rejected_reasons"]),
+                               ("Left out as unparseable", counts["excluded_reasons"])) if counter)
+    body = CARD_BODY.format(
+        variant=variant, other=next(v for v in VARIANTS if v != variant), run_id=ctx.run_id, teacher=teacher, templates=templates,
+        variant_text="essays in one canonical three-step layout (`1. <Describe a graph>:`, `2. <Find the key "
+                     "points, trends and compare data>:` with `Paragraph N:` labels, `3. <Write a summary of "
+                     "presented data>:`)." if variant == "structured" else
+                     "the same essays with every step header, paragraph label and quote removed: plain "
+                     "paragraphs separated by one blank line.",
+        inferred_text=(f" {counts['structure_inferred']} accepted essays had no step markers but three or more "
+                       "paragraphs; they were read as description, body paragraphs and overview."
+                       if counts["structure_inferred"] else ""),
+        n_charts=n_charts, teacher_records=counts["teacher_records"], rejected=counts["rejected_by_teacher"],
+        excluded=counts["excluded_unparseable"], rows=len(rows), **{s: len(by_split[s]) for s in SPLITS},
+        reasons=reasons, by_type=", ".join(f"{t} {n}" for t, n in sorted(Counter(r["type"] for r in rows).items()))
+        or "none", seed=cfg.seed, f_train=f"{cfg.train:g}", f_test=f"{cfg.test:g}")
+    return "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n\n" + body
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K")):
+        if n < limit:
+            return name
+    return "100K<n<1M"
