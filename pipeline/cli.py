@@ -157,6 +157,18 @@ def unstructure(source) -> None:
     stdout.flush()
 
 
+@main.command()
+@config_options
+@click.option("--output", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for one YAML file per object plus a kustomization.yaml.")
+def render(config: RunConfig, out_dir: str) -> None:
+    """Write every Kubernetes object the run needs (ConfigMap + one Job per stage); secrets only referenced."""
+    from pipeline.k8s.objects import write_manifests
+
+    for path in write_manifests(config, out_dir):
+        click.echo(str(path))
+
+
 @main.command("push-dataset")
 @config_options
 @click.option("--variant", type=click.Choice(["structured", "unstructured"]), required=True)
@@ -169,3 +181,23 @@ def push_dataset(config: RunConfig, variant: str, repo: str, private: bool) -> N
     from pipeline.stages.dataset import push_to_hub
 
     click.echo(push_to_hub(StageContext(config, store_for(config), "push-dataset"), variant, repo, private=private))
+
+
+@main.command()
+@config_options
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--title", required=True, help="The chart's title, as the student saw titles in training.")
+@click.option("--adapter", type=click.Path(file_okay=False),
+              help="A PEFT adapter folder (finetune/<variant>/adapter); its config names the base model.")
+@click.option("--model", help="Base student (Hub id or folder). Default: the adapter's base, else student.model.")
+@click.option("--max-new-tokens", type=int, help="Default: generate.max_new_tokens.")
+def write(config: RunConfig, image: str, title: str, adapter: str | None, model: str | None,
+          max_new_tokens: int | None) -> None:
+    """Print an essay for a new chart IMAGE from the student (plus an adapter)."""
+    from pipeline.write import write_essay
+
+    if model is None and adapter is None:
+        model = config.student.model
+    click.echo(write_essay(image, title, adapter=adapter, model=model, device=config.student.device,
+                           max_new_tokens=max_new_tokens or config.generate.max_new_tokens,
+                           image_longest_edge=config.student.image_longest_edge))

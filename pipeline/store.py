@@ -176,7 +176,8 @@ class S3Store(ArtifactStore):
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         cfg = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"},
                      connect_timeout=10, read_timeout=120)
-        self.client = boto3.client("s3", endpoint_url=self.endpoint_url, config=cfg,
+        # A session of its own: boto3's default session caches the credentials it first saw.
+        self.client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=cfg,
                                    region_name=region or os.environ.get("AWS_REGION") or "us-east-1")
 
     def _key(self, key: str) -> str:
@@ -195,15 +196,34 @@ class S3Store(ArtifactStore):
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("NoSuchKey", "404", "NotFound"):
+                if not key:  # head_bucket
+                    return StoreError(f"S3 bucket '{self.bucket}' does not exist{at} (create it first)")
                 return ArtifactNotFound(f"not found in store: {where}")
             if code == "NoSuchBucket":
                 return StoreError(f"S3 bucket '{self.bucket}' does not exist{at} (create it first)")
+            if code in ("AccessDenied", "403", "Forbidden") and key:
+                bucket_problem = self._diagnose_bucket()  # a missing bucket often reads as AccessDenied
+                if bucket_problem and "does not exist" in str(bucket_problem):
+                    return bucket_problem
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
                         "InvalidClientTokenId", "Forbidden"):
                 return StoreError(f"{where}: access denied by S3{at} ({code}): check AWS_ACCESS_KEY_ID / "
                                   "AWS_SECRET_ACCESS_KEY")
-            return StoreError(f"{where}: S3 error {code}{at}")
+            bucket_problem = self._diagnose_bucket() if key else None
+            return bucket_problem or StoreError(f"{where}: S3 error {code}{at}")
         return StoreError(f"{where}: {exc.__class__.__name__}: {exc}")
+
+    def _diagnose_bucket(self) -> StoreError | None:
+        """Some servers answer an odd code (SeaweedFS: InternalError) for a missing bucket: ask directly."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            return self._fail(exc, "")
+        except BotoCoreError:
+            return None
+        return None
 
     def _call(self, key: str, fn, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -249,11 +269,7 @@ class S3Store(ArtifactStore):
 
     def check(self) -> None:
         """Fail early with a clear line when the bucket is missing or the credentials are wrong."""
-        try:
-            self._call("", self.client.head_bucket, Bucket=self.bucket)
-        except ArtifactNotFound:
-            at = f" at {self.endpoint_url}" if self.endpoint_url else ""
-            raise StoreError(f"S3 bucket '{self.bucket}' does not exist{at} (create it first)") from None
+        self._call("", self.client.head_bucket, Bucket=self.bucket)
 
 
 def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None) -> ArtifactStore:

