@@ -9,7 +9,7 @@ CONFIG    ?= configs/local.yaml
 PYTEST_ARGS ?=
 STAMP     := $(VENV)/.installed
 
-.PHONY: install demo test lint bench images render clean help
+.PHONY: install system-deps demo test bench render clean help
 
 help:
 	@echo "make demo | make test | make bench | make images | make render | make clean"
@@ -27,8 +27,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ielts-distill run --config $(CONFIG)
 
+# Headless Chromium renders report.html in the tests (Debian package; the machine's user is root).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
-test: $(STAMP)
+test: $(STAMP) system-deps
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -119,6 +119,15 @@ def stage(config: RunConfig, name: str, shard: str | None, force: bool) -> None:
     run_stage(config, store, name, shard=selected, force=force)
 
 
+@main.command("config")
+@config_options
+def show_config(config: RunConfig) -> None:
+    """Print the resolved run config (file + --set overrides) as YAML."""
+    from pipeline.config import dump_config
+
+    click.echo(dump_config(config), nl=False)
+
+
 @main.command()
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
