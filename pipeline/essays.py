@@ -36,10 +36,10 @@ _STEP_NAMES = ("graph description", "key points", "summary")
 
 _B = r"(?:\*\*|__)?"  # optional markdown bold around a marker
 _STEP = re.compile(
-    rf"^\s*(?:#+\s*)?{_B}\s*(?:(?P<num>[1-3])\s*[.):]\s*)?{_B}\s*"
+    rf"^\s*(?:#+\s*)?{_B}\s*(?:(?:[Ss]tep\s*)?(?P<num>[1-3])\s*[.):]\s*)?{_B}\s*"
     rf"(?:<\s*(?P<angled>[^<>\n]{{1,80}}?)\s*:?\s*>|(?P<bare>[A-Za-z][A-Za-z ,/&-]{{2,60}}?)\s*(?={_B}\s*:))"
     rf"\s*{_B}\s*:?\s*{_B}\s*(?P<rest>.*)$")
-_PARA = re.compile(rf"^\s*(?:#+\s*)?{_B}\s*(?:body\s+)?paragraph\s*\d+\s*{_B}\s*"
+_PARA = re.compile(rf"^\s*(?:#+\s*)?{_B}\s*(?:body\s+)?paragraph\s*\d+\s*(?:\([^()\n]{{0,60}}\)\s*)?{_B}\s*"
                    rf"(?:[:.)\-\u2013\u2014]\s*{_B}\s*(?P<rest>.*)|$)", re.I)
 _WORDS = (  # step 1, 2, 3: words that name the step when a header has no number
     re.compile(r"describ|graph description|introduc", re.I),
@@ -75,7 +75,7 @@ def _step_of(line: str) -> tuple[int, str] | None:
     if not m:
         return None
     words = m["angled"] or m["bare"]
-    by_words = next((i + 1 for i, rx in enumerate(_WORDS) if rx.search(words)), None)
+    by_words = next((step for step in (1, 3, 2) if _WORDS[step - 1].search(words)), None)
     if m["angled"] is not None:
         step = int(m["num"]) if m["num"] else by_words
     else:  # a bare header needs both its number and words that agree with it

@@ -88,6 +88,9 @@ MESSY = {
     "blank_line_after_labels": lambda s: re.sub(r"(Paragraph \d:)\n", "\\1\n\n", s),
     "no_paragraph_labels": lambda s: re.sub(r"Paragraph \d:\n", "", s),
     "bare_headers": lambda s: re.sub(r"<([^<>]+)>:", r"\1:", s),
+    "step_word_headers": lambda s: re.sub(r"^(\d)\. <", r"Step \1: <", s, flags=re.M),
+    "paragraph_with_topic": lambda s: re.sub(r"Paragraph (\d):", r"Paragraph \1 (key trend):", s),
+    "headers_without_numbers": lambda s: re.sub(r"^\d\. <", "<", s, flags=re.M),
     "preamble_and_title_echo": lambda s: 'Here is the essay.\n<TITLE_LAST>: "Student debt"\n[chart.png].\n'
                                          "Follow given structured input:\n" + s,
     "step2_header_forgotten": lambda s: s.replace("2. <Find the key points, trends and compare data>:\n", ""),
