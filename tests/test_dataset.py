@@ -62,7 +62,7 @@ def write_upstream(store, n: int = 14) -> dict[str, dict]:
         if status == "accepted" and i % 7 != 5:
             expect[cid] = {"clean": ESSAY.format(type=ctype, title=title, cid=cid), "size": (40 + i, 30)}
     store.put_jsonl(f"{RUN}/ingest/charts.jsonl", charts)
-    StageContext(cfg, store, "ingest").complete({"accepted": n})
+    StageContext(cfg, store, "ingest").complete({"read": n + 3, "accepted": n})
     store.put_jsonl(f"{RUN}/teacher/essays.jsonl", records)
     StageContext(cfg, store, "teacher").complete({"accepted": len(expect)})
     return expect
@@ -158,7 +158,8 @@ def test_dataset_card(tmp_path):
     body = text.split("---\n", 2)[2]
     for needle in ("Teacher model: teacher-x. Prompt templates (version): bar.txt (v1), line.txt (v1)", "| rejected by the teacher (left out) | 2 |",
                    "| accepted but steps unparseable (left out of both variants) | 2 |", "Chart-to-Text",
-                   "aclanthology.org/2022.acl-long.277", "too_short (2)", "2 accepted essays had no step markers"):
+                   "aclanthology.org/2022.acl-long.277", "too_short (2)", "2 accepted essays had no step markers",
+                   "of 17 charts read from Chart-to-Text, 14 were kept"):
         assert needle in body, needle
 
 
@@ -181,6 +182,11 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
     records = [{"chart_id": "nope", "status": "accepted", "essay": to_canonical(ESSAY)}]
     with pytest.raises(StageError, match="'nope' has no chart"):
         dataset.build_rows([], records, DatasetSection())
+    write_upstream(store, n=1)
+    store.put_jsonl(f"{RUN}/teacher/essays.jsonl", [dict(store.get_jsonl(f"{RUN}/teacher/essays.jsonl")[0],
+                                                         essay="One paragraph only.")])
+    with pytest.raises(StageError, match="no usable essays: 0 of 1 .* 1 accepted but without parseable steps"):
+        run_dataset(store)
 
 
 def test_push_dataset_cli_needs_a_built_dataset(tmp_path):

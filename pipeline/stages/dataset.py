@@ -133,6 +133,9 @@ def run(ctx: StageContext) -> None:
     ctx.require("teacher")
     records = ctx.store.get_jsonl(ctx.input_key("teacher", "essays.jsonl"))
     rows, counts = build_rows(charts, records, cfg)
+    if not rows:
+        raise StageError(f"no usable essays: {counts['rejected_by_teacher']} of {len(records)} teacher records "
+                         f"rejected, {counts['excluded_unparseable']} accepted but without parseable steps")
     splits = assign_splits([r["chart_id"] for r in rows], cfg)
     with ThreadPoolExecutor(max_workers=8) as pool:
         images = dict(zip((r["chart_id"] for r in rows), pool.map(ctx.store.get_bytes, (r["image_key"] for r in rows))))
@@ -145,7 +148,7 @@ def run(ctx: StageContext) -> None:
                 data = _parquet(by_split[split], variant, images, Path(tmp) / f"{variant}-{split}.parquet")
                 ctx.store.put_bytes(ctx.key(variant, split_file(split)), data)
             ctx.store.put_text(ctx.key(variant, "README.md"),
-                               dataset_card(ctx, variant, by_split, counts, n_charts=len(charts)))
+                               dataset_card(ctx, variant, by_split, counts))
     ctx.store.put_json(ctx.key("splits.json"), splits)
     summary = {"rows": len(rows), "splits": {s: len(by_split[s]) for s in SPLITS}, "variants": list(cfg.variants),
                "rejected_by_teacher": counts["rejected_by_teacher"],
@@ -206,8 +209,8 @@ written by a teacher LLM ({teacher}). This is the **{variant}** variant: {varian
 The sibling variant (`{other}`) holds the same essays for the same charts in the same splits.
 
 ## How the data was made
-1. **ingest**: {n_charts} charts read from Chart-to-Text were kept as IELTS chart types (bar, line, pie,
-   table) with a title and a readable image.
+1. **ingest**: of {n_read} charts read from Chart-to-Text, {n_charts} were kept: IELTS chart types (bar,
+   line, pie, table) with a title and a readable image.
 2. **teacher**: one essay per chart from a few-shot, chain-of-thought prompt per chart type that asks for
    three steps (describe the graph, key points in 2-3 paragraphs, overview); essays failing the quality
    gates (length, structure, numbers not in the chart's data) were regenerated, then rejected.
@@ -266,9 +269,9 @@ Research use with attribution; no right to redistribute beyond those terms is gi
 
 
 def dataset_card(ctx: StageContext, variant: str, by_split: dict[str, list[dict[str, Any]]],
-                 counts: dict[str, Any], *, n_charts: int) -> str:
+                 counts: dict[str, Any]) -> str:
     """README.md with the YAML header the Hub reads (configs, features, splits, licence)."""
-    cfg = ctx.config.dataset
+    cfg, ingest = ctx.config.dataset, ctx.summary_of("ingest")
     rows = [r for split in SPLITS for r in by_split[split]]
     teacher = ", ".join(sorted({str(m) for m, _, _ in counts["teacher"]})) or "none"
     templates = ", ".join(sorted({f"{t} ({v})" for _, t, v in counts["teacher"]})) or "none"
@@ -298,7 +301,7 @@ def dataset_card(ctx: StageContext, variant: str, by_split: dict[str, list[dict[
         inferred_text=(f" {counts['structure_inferred']} accepted essays had no step markers but three or more "
                        "paragraphs; they were read as description, body paragraphs and overview."
                        if counts["structure_inferred"] else ""),
-        n_charts=n_charts, teacher_records=counts["teacher_records"], rejected=counts["rejected_by_teacher"],
+        n_read=ingest.get("read", "?"), n_charts=ingest.get("accepted", "?"), teacher_records=counts["teacher_records"], rejected=counts["rejected_by_teacher"],
         excluded=counts["excluded_unparseable"], rows=len(rows), **{s: len(by_split[s]) for s in SPLITS},
         reasons=reasons, by_type=", ".join(f"{t} {n}" for t, n in sorted(Counter(r["type"] for r in rows).items()))
         or "none", seed=cfg.seed, f_train=f"{cfg.train:g}", f_test=f"{cfg.test:g}")
