@@ -1,0 +1,151 @@
+"""teacher: one Band-9 IELTS Task 1 essay per chart from an OpenAI-compatible LLM, checked by quality gates.
+
+Per chart: prompt from the chart type's template (pipeline/prompts/teacher/<version>/), with the title,
+the image as a base64 data URL (``teacher.vision``) and the data table as text where one exists; the
+answer passes the gates (pipeline.quality.gate) or is regenerated with the failure reasons added to the
+prompt, up to ``teacher.max_attempts``; then the chart's record is written under
+``<run>/teacher/records/<chart_id>.json`` with status ``accepted`` or ``rejected`` (with its reason).
+API errors that persist after retries also end as ``rejected`` with the error. Reruns and shards do only
+the charts without a record. Once every chart has one: ``essays.jsonl`` then ``_SUCCESS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pipeline.context import StageContext
+from pipeline.errors import StageError
+
+MAX_TABLE_ROWS = 40  # rows of the data table given to the teacher (the gate still checks them all)
+_MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
+
+
+def table_text(rows: list[list[Any]]) -> str:
+    shown = [" | ".join(str(c) for c in row) for row in rows[: MAX_TABLE_ROWS + 1]]
+    more = len(rows) - 1 - MAX_TABLE_ROWS
+    return "\n".join(shown) + (f"\n... ({more} more rows)" if more > 0 else "")
+
+
+def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
+                   feedback: list[str] | None = None) -> list[dict[str, Any]]:
+    """The user message for one attempt: the filled template (+ data, + last attempt's failures) and,
+    when ``image_url`` is given, the image."""
+    extra = []
+    if chart.get("table"):
+        extra.append("Data table of the chart (quote only figures from it):\n" + table_text(chart["table"]))
+    elif chart.get("ocr_text"):
+        extra.append("Text read from the chart image (OCR):\n" + chart["ocr_text"][:2000])
+    if feedback:
+        extra.append("Your previous answer was rejected: " + "; ".join(feedback) +
+                     ". Write a new essay that fixes this, following the structure above.")
+    image_name = "IMAGE_LAST" if image_url else "no image: use the title and the data given"
+    text = template.render(chart["title"], image_name, "\n\n".join(extra))
+    if not image_url:
+        return [{"role": "user", "content": text}]
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": image_url}}]}]
+
+
+def make_handler(ctx: StageContext):
+    """The async per-chart function for pipeline.llm.run_items."""
+    from pipeline.llm import LLMError
+    from pipeline.prompts import teacher_template
+    from pipeline.quality import gate_findings
+
+    cfg = ctx.config.teacher
+
+    async def essay_for(chart: dict[str, Any], client) -> dict[str, Any]:
+        template = teacher_template(chart["type"], cfg.templates)
+        image_url = None
+        if cfg.vision:
+            data = await asyncio.to_thread(ctx.store.get_bytes, chart["image"])
+            mime = _MIME.get(str(chart.get("image_format", "png")).lower(), "image/png")
+            image_url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+        record: dict[str, Any] = {
+            "chart_id": chart["id"], "type": chart["type"], "status": "rejected", "essay": "", "attempts": 0,
+            "reason": None, "reason_code": None, "failures": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0},
+            "cost_usd": 0.0, "template": template.name, "template_version": template.version,
+            "template_sha": template.sha, "model": cfg.model, "raw_answer": None}
+        feedback: list[str] | None = None
+        for attempt in range(1, cfg.max_attempts + 1):
+            record["attempts"] = attempt
+            try:
+                done = await client.chat(build_messages(chart, template, image_url=image_url, feedback=feedback))
+            except LLMError as exc:  # persisted after retries: the chart ends rejected, with the error
+                record.update(reason=f"api error: {exc}", reason_code="api_error", error=str(exc))
+                return record
+            record["usage"]["prompt_tokens"] += done.prompt_tokens
+            record["usage"]["completion_tokens"] += done.completion_tokens
+            record["cost_usd"] = round(record["cost_usd"] + done.cost_usd, 8)
+            record["raw_answer"] = done.raw_text
+            findings = gate_findings(done.text, chart.get("table"), cfg)
+            if not findings:
+                record.update(status="accepted", essay=done.text)
+                return record
+            feedback = [why for _, why in findings]
+            record["failures"].append(feedback)
+        record.update(reason="quality gate: " + "; ".join(feedback or []), reason_code=f"gate:{findings[0][0]}")
+        return record
+
+    return essay_for
+
+
+def run(ctx: StageContext) -> None:
+    from pipeline.llm import LLMClient, embedded_server, run_items
+    from pipeline.stages.ingest import load_charts
+
+    cfg = ctx.config.teacher
+    charts = load_charts(ctx)
+    records = ctx.records()
+    ids = [c["id"] for c in charts]
+    if records.pending(ids, ctx.shard):
+        budget = cfg.budget_usd / ctx.shard.count if cfg.budget_usd else None  # shards share the budget
+        with embedded_server(cfg) as live:
+            client = LLMClient(live, name="teacher", budget_usd=budget)
+            summary = run_items(charts, make_handler(ctx), records=records, client=client,
+                                item_id=lambda c: c["id"], shard=ctx.shard,
+                                desc="teacher" if ctx.shard.whole else f"teacher {ctx.shard}")
+        if summary.stopped:
+            raise StageError(f"teacher: {summary.stopped}; {summary.left} charts left without a record "
+                             "(finished ones are kept; rerun to continue)")
+        if summary.errors:
+            raise StageError(f"teacher: {len(summary.errors)} charts failed without a record (first: "
+                             f"{summary.errors[0]}); rerun to retry them")
+    missing = records.pending(ids)
+    if missing:
+        ctx.log.info("teacher: %d of %d charts still without a record (other shards)", len(missing), len(ids))
+        return
+    complete(ctx, ids)
+
+
+def complete(ctx: StageContext, ids: list[str]) -> None:
+    """Every chart has a record: write essays.jsonl (in chart order) and _SUCCESS."""
+    records = ctx.records()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        rows = list(pool.map(records.read, ids))
+    ctx.store.put_jsonl(ctx.key("essays.jsonl"), rows)
+    status = Counter(r["status"] for r in rows)
+    summary = {
+        "charts": len(rows), "accepted": status.get("accepted", 0), "rejected": status.get("rejected", 0),
+        "rejected_by_reason": dict(Counter(r.get("reason_code") or "other" for r in rows if r["status"] != "accepted")),
+        "attempts": sum(r.get("attempts", 0) for r in rows),
+        "prompt_tokens": sum(r.get("usage", {}).get("prompt_tokens", 0) for r in rows),
+        "completion_tokens": sum(r.get("usage", {}).get("completion_tokens", 0) for r in rows),
+        "cost_usd": round(sum(r.get("cost_usd", 0.0) for r in rows), 6),
+        "model": ctx.config.teacher.model, "templates": ctx.config.teacher.templates,
+    }
+    ctx.log.info("teacher: complete: %d charts, %d accepted, %d rejected (%s), $%.4f", summary["charts"],
+                 summary["accepted"], summary["rejected"],
+                 ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none", summary["cost_usd"])
+    ctx.complete(summary)
+
+
+def progress(ctx: StageContext) -> tuple[int, int | None]:
+    done = ctx.records().count()
+    key = ctx.input_key("ingest", "charts.jsonl")
+    total = len(ctx.store.get_jsonl(key)) if ctx.store.exists(key) else None
+    return done, total

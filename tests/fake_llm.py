@@ -1,0 +1,239 @@
+"""A small OpenAI-compatible chat server on loopback for tests and benchmarks (real HTTP, no mocks).
+
+It answers ``POST /v1/chat/completions`` and ``GET /v1/models`` and can misbehave on purpose:
+latency, ``429`` with ``Retry-After``, ``500``, hangs past the client's timeout, garbage bodies, dropped
+connections and ``<think>`` blocks. It counts requests per prompt key (by default the chart title after
+``<TITLE_LAST>:`` in the teacher prompt; pass ``key_pattern`` for other prompts, e.g. the judge's).
+
+In a test::
+
+    with FakeLLM(latency=0.05, fault_rate=0.2) as llm:
+        cfg.teacher.base_url = llm.base_url
+        ...
+        assert max(llm.counts.values()) == 1
+
+``llm.script`` (a deque) forces the next actions in order: ``"429"``, ``"500"``, ``"timeout"``,
+``"garbage"``, ``"drop"``, ``"ok"`` or ``("reply", "text")``. ``llm.reply`` is a callable
+``(request_json, key) -> str`` producing the answer text.
+
+Over HTTP (for a server in another process): ``GET /_stats`` returns ``{total, counts, actions}``,
+``POST /_config`` with a JSON object updates ``latency``, ``fault_rate``, ``think``, ``retry_after``.
+Standalone: ``python tests/fake_llm.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+FAULTS = ("429", "500", "timeout", "garbage", "drop")
+
+ESSAY = """1. <Describe a graph>:
+"The chart illustrates {what}, comparing the categories shown across the period covered by the data."
+
+2. <Find the key points, trends and compare data>:
+
+Paragraph 1:
+"The largest category clearly dominates the chart, standing well above every other group throughout. By
+contrast, the middle categories are broadly similar to one another, and the differences between them remain
+modest, which suggests a fairly even spread of values across this part of the data."
+
+Paragraph 2:
+"At the other end of the scale, the smallest category accounts for only a minor share of the total. Its
+figure is noticeably lower than that of its nearest neighbour, and the gap between the highest and the
+lowest values is therefore considerable."
+
+3. <Write a summary of presented data>:
+"Overall, the chart reveals a clear hierarchy, with one dominant category, a cluster of similar middle
+values and a small minority at the bottom of the ranking."
+"""
+
+
+def default_reply(request: dict[str, Any], key: str) -> str:
+    """A valid structured essay of about 150 words with no figures (passes the default gates)."""
+    what = re.sub(r"[\d\"]", "", key)[:80].strip() or "the data"
+    return ESSAY.format(what=what.lower())
+
+
+def prompt_text(request: dict[str, Any]) -> str:
+    """The text of the last user message (text parts joined when the content is a list)."""
+    users = [m for m in request.get("messages", []) if m.get("role") == "user"] or [{}]
+    content = users[-1].get("content", "")
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if p.get("type") == "text")
+    return str(content)
+
+
+class FakeLLM:
+    def __init__(self, *, latency: float = 0.0, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS,
+                 seed: int = 0, think: bool = False, retry_after: float = 0.05, hang_s: float = 5.0,
+                 key_pattern: str = r'<TITLE_LAST>: "(.*?)"', reply: Callable[[dict, str], str] = default_reply):
+        self.latency, self.fault_rate, self.faults = latency, fault_rate, faults
+        self.think, self.retry_after, self.hang_s = think, retry_after, hang_s
+        self.key_re = re.compile(key_pattern, re.S)
+        self.reply = reply
+        self.script: deque = deque()
+        self.counts: Counter[str] = Counter()  # requests per prompt key (every attempt, faulty or not)
+        self.actions: Counter[str] = Counter()  # what the server did
+        self.requests: list[dict[str, Any]] = []  # request bodies, in arrival order
+        self.auth: set[str] = set()  # Authorization headers seen
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self, port: int = 0) -> "FakeLLM":
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True, name="fake-llm").start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "FakeLLM":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._server, "not started"
+        return self._server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"total": self.total, "counts": dict(self.counts), "actions": dict(self.actions)}
+
+    # -- behaviour ---------------------------------------------------------------------------------
+    def key_of(self, request: dict[str, Any]) -> str:
+        text = prompt_text(request)
+        m = self.key_re.search(text)
+        return m.group(1) if m else text[-200:]
+
+    def next_action(self, key: str, request: dict[str, Any]) -> Any:
+        with self._lock:
+            self.counts[key] += 1
+            self.requests.append(request)
+            if self.script:
+                action = self.script.popleft()
+            elif self.fault_rate and self._rng.random() < self.fault_rate:
+                action = self._rng.choice(self.faults)
+            else:
+                action = "ok"
+            self.actions[action if isinstance(action, str) else action[0]] += 1
+            return action
+
+    def answer(self, request: dict[str, Any], key: str, text: str | None = None) -> dict[str, Any]:
+        text = self.reply(request, key) if text is None else text
+        if self.think:
+            text = "<think>The user wants an essay. Maybe 987,654 people? I will not say that.</think>\n" + text
+        prompt = prompt_text(request)
+        return {"id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
+                "model": request.get("model", "fake"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": max(1, len(prompt) // 4), "completion_tokens": max(1, len(text) // 4),
+                          "total_tokens": max(1, len(prompt) // 4) + max(1, len(text) // 4)}}
+
+
+def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _send(self, status: int, body: bytes, ctype: str = "application/json",
+                  headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+            self._send(status, json.dumps(obj).encode(), headers=headers)
+
+        def do_GET(self) -> None:
+            if self.path.rstrip("/") == "/v1/models":
+                self._json(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            elif self.path == "/_stats":
+                self._json(200, llm.stats())
+            else:
+                self._json(404, {"error": {"message": "not found"}})
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path == "/_config":
+                for k, v in json.loads(body or b"{}").items():
+                    setattr(llm, k, v)
+                return self._json(200, {"ok": True})
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                return self._json(404, {"error": {"message": "not found"}})
+            request = json.loads(body)
+            if self.headers.get("Authorization"):
+                llm.auth.add(self.headers["Authorization"])
+            key = llm.key_of(request)
+            action = llm.next_action(key, request)
+            if llm.latency:
+                time.sleep(llm.latency)
+            if action == "429":
+                self._json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
+                           {"Retry-After": f"{llm.retry_after:g}"})
+            elif action == "500":
+                self._json(500, {"error": {"message": "internal error"}})
+            elif action == "timeout":
+                time.sleep(llm.hang_s)
+                self.close_connection = True
+            elif action == "drop":
+                self.close_connection = True  # no response at all
+            elif action == "garbage":
+                junk = random.choice([b"<html>502 Bad Gateway</html>", b'{"choices": [', b'{"object": "nothing"}'])
+                self._send(200, junk, "application/json")
+            elif isinstance(action, tuple) and action[0] == "reply":
+                self._json(200, llm.answer(request, key, action[1]))
+            else:
+                self._json(200, llm.answer(request, key))
+
+    return Handler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--fault-rate", type=float, default=0.0)
+    args = parser.parse_args()
+    llm = FakeLLM(latency=args.latency, fault_rate=args.fault_rate).start(args.port)
+    print(f"PORT {llm.port}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        llm.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
