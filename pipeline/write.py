@@ -1,0 +1,115 @@
+"""``ielts-distill write``: an essay for a new chart from the student (base model + optional LoRA adapter).
+
+The base model comes from ``--model`` or, with only ``--adapter``, from the adapter's
+``adapter_config.json`` (``base_model_name_or_path``). Every failure a user can cause (missing or
+undecodable image, adapter folder without a config, base not found, adapter trained on another base) is a
+one-line PipelineError.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+
+def load_image(path: str | Path):
+    """The chart as an RGB PIL image, decoded in full (a truncated file fails here, not mid-generation)."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"image not found: {p}")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
+        raise PipelineError(f"cannot decode image {p}: {reason}") from None
+
+
+def adapter_base(adapter: str | Path) -> str:
+    """The base model an adapter was trained on, from its adapter_config.json."""
+    cfg_path = Path(adapter) / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter folder)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"--adapter {adapter}: unreadable adapter_config.json ({exc.__class__.__name__})") from None
+    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    if not base:
+        raise PipelineError(f"--adapter {adapter}: adapter_config.json names no base model; pass --model")
+    if (base.startswith((".", "/")) or Path(base).is_absolute()) and not Path(base).exists():
+        raise PipelineError(f"--adapter {adapter}: its base model {base} does not exist here; pass --model")
+    return base
+
+
+def _adapter_keys(adapter: Path) -> set[str]:
+    from safetensors import safe_open
+
+    path = adapter / "adapter_model.safetensors"
+    if not path.is_file():
+        return set()
+    with safe_open(str(path), framework="pt") as fh:
+        return set(fh.keys())
+
+
+def load(model: str | None, adapter: str | None, device: str, image_longest_edge: int | None) -> tuple[Any, Any]:
+    """(model, processor); an adapter that does not fit the base is a one-line error."""
+    from pipeline.models import load_student
+
+    base = model or (adapter_base(adapter) if adapter else None)
+    if base is None:
+        raise PipelineError("write needs --model or --adapter (to find the base model)")
+    if adapter is None:
+        return load_student(base, device=device, image_longest_edge=image_longest_edge)
+    adapter_dir = Path(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise PipelineError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter folder)")
+    try:
+        loaded, processor = load_student(base, adapter=adapter_dir, device=device,
+                                         image_longest_edge=image_longest_edge)
+    except PipelineError:
+        raise
+    except (RuntimeError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [exc.__class__.__name__]
+        reason = next((line for line in lines if "size mismatch" in line), lines[0])[:240]
+        raise PipelineError(f"adapter {adapter} does not fit base model {base}: {reason}") from None
+    _check_all_weights_loaded(loaded, adapter_dir, base)
+    return loaded, processor
+
+
+def _check_all_weights_loaded(model, adapter_dir: Path, base: str) -> None:
+    """PEFT only warns when some adapter weights find no module; treat that as a misfit."""
+    from peft import get_peft_model_state_dict
+
+    stored = _adapter_keys(adapter_dir)
+    if not stored:
+        return
+    expected = {k.removeprefix("base_model.model.") for k in get_peft_model_state_dict(model)}
+    unused = {k.removeprefix("base_model.model.") for k in stored} - expected
+    if unused:
+        raise PipelineError(f"adapter {adapter_dir} does not fit base model {base}: {len(unused)} adapter weights "
+                            f"match no module (e.g. {sorted(unused)[0]})")
+
+
+def write_essay(image: str | Path, title: str, *, adapter: str | None = None, model: str | None = None,
+                device: str = "auto", max_new_tokens: int = 320, image_longest_edge: int | None = None) -> str:
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.models import generate_essays
+
+    hf_logging.disable_progress_bar()  # stdout is the essay; keep stderr for errors
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not ours
+    if not title.strip():
+        raise PipelineError("--title is empty")
+    picture = load_image(image)
+    loaded, processor = load(model, adapter, device, image_longest_edge)
+    [result] = generate_essays(loaded, processor, [(picture, title.strip())], max_new_tokens=max_new_tokens,
+                               batch_size=1)
+    return result.text
