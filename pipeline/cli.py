@@ -210,23 +210,3 @@ def write(config: RunConfig, image: str, title: str, adapter: str | None, model:
     click.echo(write_essay(image, title, adapter=adapter, model=model, device=config.student.device,
                            max_new_tokens=max_new_tokens or config.generate.max_new_tokens,
                            image_longest_edge=config.student.image_longest_edge))
-
-
-@main.command()
-@config_options
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--title", required=True, help="The chart's title, as the student saw titles in training.")
-@click.option("--adapter", type=click.Path(file_okay=False),
-              help="A PEFT adapter folder (finetune/<variant>/adapter); its config names the base model.")
-@click.option("--model", help="Base student (Hub id or folder). Default: the adapter's base, else student.model.")
-@click.option("--max-new-tokens", type=int, help="Default: generate.max_new_tokens.")
-def write(config: RunConfig, image: str, title: str, adapter: str | None, model: str | None,
-          max_new_tokens: int | None) -> None:
-    """Print an essay for a new chart IMAGE from the student (plus an adapter)."""
-    from pipeline.write import write_essay
-
-    if model is None and adapter is None:
-        model = config.student.model
-    click.echo(write_essay(image, title, adapter=adapter, model=model, device=config.student.device,
-                           max_new_tokens=max_new_tokens or config.generate.max_new_tokens,
-                           image_longest_edge=config.student.image_longest_edge))
