@@ -1,0 +1,230 @@
+"""judge: pairwise LLM-as-judge of the generated essays on the test split, in both orders.
+
+For each comparison ``(a, b)`` in ``judge.comparisons`` and each test chart, the judge sees the seed's
+evaluation prompt (``pipeline/prompts/judge_<template>.txt``: the chart's title and the teacher's essay as
+the golden standard, then ``<FIRST>`` and ``<SECOND>``), with the chart image attached when the judge has
+vision. Order ``ab`` shows a's essay first, ``ba`` shows b's first, so position bias shows up as a flip
+(counted as a tie by :mod:`pipeline.stats`). An answer naming neither or both tags is asked once more
+with a reminder; if it still names neither or both, the verdict is ``invalid`` and the raw text is kept.
+
+Records: ``<run>/judge/records/<a>-vs-<b>/<chart_id>/<ab|ba>.json`` = ``{comparison, a, b, chart_id, order,
+verdict: a|b|invalid, raw_answer, attempts, usage, cost_usd}``, written as each answer arrives (resume,
+shards, budget: :func:`pipeline.llm.run_items`). When every record exists: ``verdicts.jsonl``, ``_SUCCESS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import re
+from collections import Counter
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from pipeline.context import StageContext
+from pipeline.errors import ArtifactNotFound, StageError
+
+ORDERS = ("ab", "ba")
+REMINDER = "Answer with exactly one word: <FIRST> or <SECOND>."
+_TAG = re.compile(r"<\s*(FIRST|SECOND)\s*>", re.I)
+_WORD = re.compile(r"\b(FIRST|SECOND)\b", re.I)
+MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One judge request: a comparison, a chart, an order."""
+
+    a: str
+    b: str
+    chart_id: str
+    order: str
+
+    @property
+    def comparison(self) -> str:
+        return f"{self.a}-vs-{self.b}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.comparison}/{self.chart_id}/{self.order}"
+
+    @property
+    def first_second(self) -> tuple[str, str]:
+        return (self.a, self.b) if self.order == "ab" else (self.b, self.a)
+
+
+# --------------------------------------------------------------------------- the prompt and the answer
+
+
+def load_template(name: str) -> str:
+    path = resources.files("pipeline") / "prompts" / f"judge_{name}.txt"
+    if not path.is_file():
+        known = sorted(p.name[6:-4] for p in (resources.files("pipeline") / "prompts").iterdir()
+                       if p.name.startswith("judge_") and p.name.endswith(".txt"))
+        raise StageError(f"judge.template {name!r}: no pipeline/prompts/judge_{name}.txt (known: {', '.join(known)})")
+    return path.read_text(encoding="utf-8")
+
+
+def build_prompt(template: str, title: str, golden: str, first: str, second: str) -> str:
+    return template.format(golden_title=title, golden_essay=golden, first_essay=first, second_essay=second)
+
+
+def parse_choice(text: str) -> str | None:
+    """``first`` / ``second`` when the answer names exactly one of them, else None.
+
+    Tags (``<FIRST>``) decide when present; otherwise the bare words do (``First.``, ``SECOND``)."""
+    found = {m.upper() for m in _TAG.findall(text or "")} or {m.upper() for m in _WORD.findall(text or "")}
+    return found.pop().lower() if len(found) == 1 else None
+
+
+def messages_for(prompt: str, image: bytes | None, image_format: str = "png") -> list[dict[str, Any]]:
+    if image is None:
+        return [{"role": "user", "content": prompt}]
+    url = f"data:{MIME.get(image_format, 'image/png')};base64,{base64.b64encode(image).decode('ascii')}"
+    return [{"role": "user", "content": [{"type": "text", "text": prompt},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+async def judge_one(client, item: Item, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ask, parse, ask once more with a reminder if the answer names neither or both; the record."""
+    from pipeline.llm import FatalLLMError, LLMError
+
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    cost, raw, choice, attempts, reason = 0.0, "", None, 0, None
+    convo = list(messages)
+    for attempts in (1, 2):
+        try:
+            done = await client.chat(convo)
+        except FatalLLMError:
+            raise
+        except LLMError as exc:  # failed for good after the client's retries: keep why, never guess
+            reason = f"request failed: {exc}"
+            break
+        usage["prompt_tokens"] += done.prompt_tokens
+        usage["completion_tokens"] += done.completion_tokens
+        cost += done.cost_usd or 0.0
+        raw = done.raw_text
+        choice = parse_choice(done.text)
+        if choice:
+            break
+        convo = [*messages, {"role": "assistant", "content": done.text},
+                 {"role": "user", "content": REMINDER}]
+    first, second = item.first_second
+    picked = {"first": first, "second": second}.get(choice or "")
+    verdict = "invalid" if picked is None else ("a" if picked == item.a else "b")
+    if verdict == "invalid" and reason is None:
+        reason = "answer names neither or both of <FIRST> and <SECOND>"
+    return {"comparison": item.comparison, "a": item.a, "b": item.b, "chart_id": item.chart_id,
+            "order": item.order, "verdict": verdict, "raw_answer": raw, "attempts": attempts,
+            "usage": usage, "cost_usd": round(cost, 8),
+            **({"reason": reason} if verdict == "invalid" else {})}
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Plan:
+    items: list[Item]
+    charts: dict[str, dict[str, Any]]
+    golden: dict[str, str]
+    essays: dict[str, dict[str, str]]  # model -> chart_id -> essay
+
+
+def make_plan(ctx: StageContext) -> Plan:
+    from pipeline.stages.ingest import load_charts
+
+    ctx.require("generate")
+    charts = {c["id"]: c for c in load_charts(ctx)}
+    golden = {r["chart_id"]: r["essay"] for r in ctx.store.get_jsonl(ctx.input_key("teacher", "essays.jsonl"))
+              if r.get("status") == "accepted"}
+    essays: dict[str, dict[str, str]] = {}
+    for r in ctx.store.get_jsonl(ctx.input_key("generate", "essays.jsonl")):
+        essays.setdefault(r["model"], {})[r["chart_id"]] = r.get("essay") or ""
+    try:
+        splits = ctx.store.get_json(ctx.input_key("dataset", "splits.json"))
+    except ArtifactNotFound:
+        raise StageError(f"judge needs {ctx.store.url(ctx.input_key('dataset', 'splits.json'))}") from None
+    test = sorted(cid for cid, split in splits.items() if split == "test")
+    cfg = ctx.config.judge
+    items = []
+    for a, b in cfg.comparisons:
+        for model in (a, b):
+            if model not in essays:
+                raise StageError(f"judge.comparisons names '{model}' but generate has no essays for it "
+                                 f"(models: {', '.join(sorted(essays)) or 'none'})")
+        ids = [cid for cid in test if cid in essays[a] and cid in essays[b] and cid in golden and cid in charts]
+        for cid in ids[: cfg.limit] if cfg.limit else ids:
+            items += [Item(a, b, cid, order) for order in ORDERS]
+    return Plan(items, charts, golden, essays)
+
+
+def progress(ctx: StageContext) -> tuple[int, int | None]:
+    done = ctx.records().count()
+    try:
+        return done, len(make_plan(ctx).items)
+    except Exception:  # upstream not ready: the count alone
+        return done, None
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(ctx: StageContext) -> None:
+    from pipeline.llm import LLMClient, embedded_server, run_items
+
+    plan = make_plan(ctx)
+    if not plan.items:
+        raise StageError("judge: nothing to judge (no test chart has a golden essay and both models' essays)")
+    records = ctx.records()
+    llm_cfg = ctx.config.judge_llm()
+    template = load_template(ctx.config.judge.template)
+    pending = records.pending([i.id for i in plan.items], ctx.shard)
+    ctx.log.info("judge: %d requests planned (%d comparisons x 2 orders), %d pending in shard %s; judge %s%s",
+                 len(plan.items), len(ctx.config.judge.comparisons), len(pending), ctx.shard, llm_cfg.model,
+                 " with the chart image" if llm_cfg.vision else "")
+    image_of = functools.lru_cache(maxsize=256)(lambda key: ctx.store.get_bytes(key))
+
+    async def handle(item: Item, client) -> dict[str, Any]:
+        chart = plan.charts[item.chart_id]
+        first, second = item.first_second
+        prompt = build_prompt(template, chart["title"], plan.golden[item.chart_id],
+                              plan.essays[first][item.chart_id], plan.essays[second][item.chart_id])
+        image = await asyncio.to_thread(image_of, chart["image"]) if llm_cfg.vision else None
+        return await judge_one(client, item, messages_for(prompt, image, chart.get("image_format", "png")))
+
+    if pending:
+        budget = llm_cfg.budget_usd / ctx.shard.count if llm_cfg.budget_usd else None  # shards share it
+        with embedded_server(llm_cfg) as live:
+            client = LLMClient(live, name="judge", budget_usd=budget)
+            summary = run_items(plan.items, handle, records=records, client=client, item_id=lambda i: i.id,
+                                shard=ctx.shard, desc="judge" if ctx.shard.whole else f"judge {ctx.shard}",
+                                outcome=lambda r: r["verdict"], reason=lambda r: r.get("reason"))
+        if summary.stopped:
+            raise StageError(f"judge: {summary.stopped}; {summary.left} requests left without a record "
+                             "(finished ones are kept; rerun to continue)")
+        if summary.errors:
+            raise StageError(f"judge: {len(summary.errors)} requests failed without a record (first: "
+                             f"{summary.errors[0]}); rerun to retry them")
+    finish(ctx, plan)
+
+
+def finish(ctx: StageContext, plan: Plan) -> None:
+    """Write verdicts.jsonl and _SUCCESS once every shard's records exist."""
+    from pipeline.records import safe_id
+
+    records = ctx.records()
+    done = records.done_ids()
+    missing = [i.id for i in plan.items if safe_id(i.id) not in done]
+    if missing:
+        ctx.log.info("judge: %d of %d records exist; waiting for the other shards", len(plan.items) - len(missing),
+                     len(plan.items))
+        return
+    rows = list(records.read_all([i.id for i in plan.items]))
+    ctx.store.put_jsonl(ctx.key("verdicts.jsonl"), rows)
+    counts = Counter(r["verdict"] for r in rows)
+    ctx.complete({"requests": len(rows), "invalid": counts.get("invalid", 0),
+                  "retried": sum(1 for r in rows if r.get("attempts", 1) > 1),
+                  "cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in rows), 6)})

@@ -1,0 +1,169 @@
+"""The judge stage against a real OpenAI-compatible HTTP server on loopback (tests/fake_llm.py), scripted to
+answer like a fair judge, a position-biased one, and one that answers garbage or names both essays."""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+
+import pytest
+
+from eval_helpers import seed_run, split_charts
+from fake_llm import FakeLLM
+from pipeline.context import StageContext, store_for
+from pipeline.errors import StageError
+from pipeline.executors.local import run_stage
+from pipeline.llm import LLMClient
+from pipeline.records import Shard
+from pipeline.stages import judge
+from pipeline.stats import Pair, summarize
+
+COMPARISONS = ("structured-vs-baseline", "unstructured-vs-baseline", "unstructured-vs-structured")
+RANK = {"baseline": 1, "structured": 2, "unstructured": 3}
+TITLE_KEY = r"ought to compare to:\n\s*(.*?)\n"
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(LLMClient, "BACKOFF_INITIAL", 0.01)
+    monkeypatch.setattr(LLMClient, "BACKOFF_MAX", 0.05)
+
+
+def first_text(request: dict) -> str:
+    content = request["messages"][0]["content"]
+    return content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
+
+
+def shown(request: dict) -> tuple[str, str]:
+    """The (first, second) essays of a judge request."""
+    _, _, rest = first_text(request).partition("\n    <FIRST>\n    ")
+    first, _, second = rest.partition("\n\n    <SECOND>\n    ")
+    return first.strip(), second.strip()
+
+
+def model_of(essay: str) -> str:  # the helper's essays are recognisable (see eval_helpers.model_essay)
+    return "unstructured" if "12345" in essay else "structured" if essay.startswith("1. <Describe") else "baseline"
+
+
+def fair(request: dict, key: str) -> str:
+    first, second = shown(request)
+    return "<FIRST>" if RANK[model_of(first)] > RANK[model_of(second)] else "<SECOND>"
+
+
+def setup_run(store_uri, sample_dir, tmp_path, llm: FakeLLM, *extra: str):
+    config = seed_run(store_uri, sample_dir, tmp_path, overrides=(
+        f"judge.base_url={llm.base_url}", "judge.model=fake-judge", "judge.timeout_s=2", "judge.max_retries=1",
+        *extra))
+    return config, store_for(config)
+
+
+def verdicts(store, config) -> list[dict]:
+    return store.get_jsonl(f"{config.run.id}/judge/verdicts.jsonl")
+
+
+def test_fair_judge_both_orders_with_image(store_uri, sample_dir, tmp_path):
+    with FakeLLM(reply=fair, key_pattern=TITLE_KEY) as llm:
+        config, store = setup_run(store_uri, sample_dir, tmp_path, llm, "judge.vision=true")
+        assert run_stage(config, store, "judge")
+    charts = {c["id"]: c for c in split_charts(store, config)}
+    rows = verdicts(store, config)
+    assert len(rows) == len(llm.requests) == 3 * len(charts) * 2  # one request per (comparison, chart, order)
+    assert {(r["comparison"], r["chart_id"], r["order"]) for r in rows} == \
+        {(c, cid, o) for c in COMPARISONS for cid in charts for o in ("ab", "ba")}
+    assert all(r["verdict"] == "a" and r["attempts"] == 1 for r in rows)  # a is better in every comparison
+    # both orders really sent: each pair of essays was shown once each way round
+    shown_pairs = Counter(shown(r) for r in llm.requests)
+    assert all(shown_pairs[(s, f)] == 1 for f, s in shown_pairs)
+    golden = {r["chart_id"]: r["essay"] for r in store.get_jsonl(f"{config.run.id}/teacher/essays.jsonl")}
+    for request in llm.requests:
+        text = first_text(request)
+        assert text.startswith("Decide which plot description resembles the one below more")
+        title = next(t for t in (c["title"] for c in charts.values()) if f"\n    {t}\n" in text)
+        cid = next(i for i, c in charts.items() if c["title"] == title)
+        assert golden[cid] in text
+        image = next(p for p in request["messages"][0]["content"] if p["type"] == "image_url")["image_url"]["url"]
+        assert base64.b64decode(image.split(",", 1)[1]) == store.get_bytes(charts[cid]["image"])
+    record = store.get_json(f"{config.run.id}/judge/records/structured-vs-baseline/{next(iter(charts))}/ba.json")
+    assert set(record) >= {"comparison", "a", "b", "chart_id", "order", "verdict", "raw_answer", "attempts", "usage",
+                           "cost_usd"}
+    assert (record["raw_answer"], record["verdict"]) == ("<SECOND>", "a")  # ba: a's essay was shown second
+
+
+def test_position_biased_judge_gives_ties(tmp_path, sample_dir):
+    with FakeLLM(reply=lambda request, key: "<FIRST>", key_pattern=TITLE_KEY) as llm:
+        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm, "judge.vision=false")
+        assert run_stage(config, store, "judge")
+    assert all(isinstance(r["messages"][0]["content"], str) for r in llm.requests)  # no image without vision
+    rows = verdicts(store, config)
+    assert {(r["order"], r["verdict"]) for r in rows} == {("ab", "a"), ("ba", "b")}
+    by_pair: dict[tuple, list[str]] = {}
+    for r in sorted(rows, key=lambda r: r["order"]):
+        by_pair.setdefault((r["comparison"], r["chart_id"]), []).append(r["verdict"])
+    s = summarize(Pair(cid, "bar", tuple(v)) for (_, cid), v in by_pair.items())
+    assert s["ties"] == s["n"] == len(by_pair) and s["win_rate"] == 0.5 and s["swap_consistency"] == 0.0
+
+
+def test_garbage_and_both_are_retried_once_then_invalid(tmp_path, sample_dir):
+    charts = None
+
+    def reply(request: dict, key: str) -> str:
+        title = next(c["title"] for c in charts if f"\n    {c['title']}\n" in first_text(request))
+        retry = len(request["messages"]) > 1
+        assert not retry or request["messages"][-1]["content"] == judge.REMINDER
+        if title == charts[0]["title"]:
+            return "I think both are fine."  # neither, twice: invalid
+        if title == charts[1]["title"]:
+            return "<SECOND>" if retry else "Hmm, hard to say."  # valid after the retry
+        if title == charts[2]["title"]:
+            return "first" if retry else "<FIRST> is better than <SECOND>"  # both named, then one
+        return "<FIRST>"
+
+    with FakeLLM(reply=reply, key_pattern=TITLE_KEY) as llm:
+        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm)
+        charts = split_charts(store, config)
+        llm.rule = lambda key, attempt: "400" if key == charts[3]["title"] else None  # a request that fails for good
+        assert run_stage(config, store, "judge")
+    rows = verdicts(store, config)
+    by_chart = {cid: [r for r in rows if r["chart_id"] == cid] for cid in (c["id"] for c in charts)}
+    nope = by_chart[charts[0]["id"]]
+    assert all(r["verdict"] == "invalid" and r["attempts"] == 2 and r["raw_answer"] == "I think both are fine."
+               and "neither or both" in r["reason"] for r in nope)
+    assert all(r["attempts"] == 2 and r["verdict"] == ("a" if r["order"] == "ba" else "b")
+               for r in by_chart[charts[1]["id"]])
+    assert all(r["attempts"] == 2 and r["verdict"] == ("a" if r["order"] == "ab" else "b")
+               for r in by_chart[charts[2]["id"]])
+    failed = by_chart[charts[3]["id"]]
+    assert all(r["verdict"] == "invalid" and r["reason"].startswith("request failed: HTTP 400") for r in failed)
+    done = StageContext(config, store, "judge").summary_of("judge")
+    assert done["invalid"] == len(nope) + len(failed) and done["retried"] == 3 * 2 * 3
+    assert len(llm.requests) == len(rows) + done["retried"]  # one request per item, plus one per retry
+
+
+def test_resume_shards_budget_and_force(tmp_path, sample_dir):
+    with FakeLLM(reply=fair, key_pattern=TITLE_KEY) as llm:
+        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm, "judge.concurrency=2",
+                                  "judge.price_input_per_mtok=1000", "judge.budget_usd=0.6")
+        ctx = StageContext(config, store, "judge")
+        total = judge.progress(ctx)[1]
+        with pytest.raises(StageError, match="budget reached"):
+            run_stage(config, store, "judge", shard=Shard(0, 2))
+        partial = judge.progress(ctx)[0]
+        assert 0 < partial < total and not ctx.is_complete()
+        nobudget = config.model_copy(update={"judge": config.judge.model_copy(update={"budget_usd": None})})
+        assert run_stage(nobudget, store, "judge", shard=Shard(0, 2)) is False  # shard 1 still missing
+        assert not ctx.is_complete()
+        assert run_stage(nobudget, store, "judge", shard=Shard(1, 2)) is True
+        assert judge.progress(ctx) == (total, total)
+        assert len(llm.requests) == total  # nothing was ever asked twice
+        assert len({(shown(r), first_text(r)) for r in llm.requests}) == total
+        assert run_stage(nobudget, store, "judge", force=True)  # records kept: no request at all
+        assert len(llm.requests) == total and len(verdicts(store, config)) == total
+
+
+def test_unknown_model_in_comparisons_is_one_line(tmp_path, sample_dir):
+    with FakeLLM(reply=fair) as llm:
+        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm,
+                                  "judge.comparisons=[[structured, teacher-v2]]")
+        with pytest.raises(StageError, match="names 'teacher-v2' but generate has no essays for it"):
+            run_stage(config, store, "judge")
+    assert llm.total == 0
