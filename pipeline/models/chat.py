@@ -1,0 +1,116 @@
+"""Chat formatting and label masking: one encoding path for training and generation.
+
+A sample is a two-turn chat: the user turn holds the chart image, its title and the instruction
+(``user_prompt``); the assistant turn holds the essay. The prompt (everything up to and including the
+generation prompt ``Assistant:``) is encoded by the processor, which expands ``<image>`` into the image's
+tokens; the answer is tokenized on its own and appended. So the ids the model trains on after the prompt
+are exactly the ids generation continues from, and the label mask is exact by construction: -100 on the
+prompt (image tokens included) and on padding, the token ids on the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE_INDEX = -100
+
+# SmolVLM-Instruct's own chat template (Idefics3 format); the tiny student ships the same one.
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def user_prompt(title: str) -> str:
+    """The instruction the student sees beside the chart image (the same for every model and variant)."""
+    return (f'The chart is titled "{title.strip()}". Write an IELTS Academic Task 1 essay: summarise the '
+            "information by selecting and reporting the main features, and make comparisons where relevant.")
+
+
+def messages(title: str, essay: str | None = None) -> list[dict[str, Any]]:
+    turns: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "image"},
+                                                                {"type": "text", "text": user_prompt(title)}]}]
+    if essay is not None:
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": essay}]})
+    return turns
+
+
+def prompt_text(processor, title: str) -> str:
+    return processor.apply_chat_template(messages(title), add_generation_prompt=True, tokenize=False)
+
+
+def answer_text(processor, title: str, essay: str) -> str:
+    """The assistant turn as the chat template renders it after the generation prompt."""
+    prompt = prompt_text(processor, title)
+    full = processor.apply_chat_template(messages(title, essay), tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template does not render the prompt as a prefix of the full chat")
+    return full[len(prompt):]
+
+
+@dataclass
+class Encoded:
+    """One sample's tensors before batching (pixel tensors: one row per image tile)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: Any  # torch.FloatTensor [tiles, 3, H, W]
+    pixel_attention_mask: Any  # torch.BoolTensor [tiles, H, W]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(processor, image, title: str, essay: str | None = None, max_length: int | None = None) -> Encoded:
+    """Encode one chart (and, for training, its essay). Long answers are cut to ``max_length``; a prompt
+    that alone exceeds it raises ValueError (the image tokens are never cut)."""
+    import torch
+
+    batch = processor(text=[prompt_text(processor, title)], images=[[image.convert("RGB")]],
+                      return_tensors="pt")
+    ids = batch["input_ids"][0].tolist()
+    prompt_len = len(ids)
+    if max_length is not None and prompt_len > max_length:
+        raise ValueError(f"prompt of {prompt_len} tokens (image included) exceeds max_length={max_length}")
+    labels = [IGNORE_INDEX] * prompt_len
+    if essay is not None:
+        answer = processor.tokenizer(answer_text(processor, title, essay), add_special_tokens=False)["input_ids"]
+        ids, labels = ids + answer, labels + answer
+    if max_length is not None and len(ids) > max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    mask = batch.get("pixel_attention_mask")
+    pixels = batch["pixel_values"][0]
+    return Encoded(ids, labels, pixels,
+                   mask[0].bool() if mask is not None else torch.ones(pixels.shape[0], *pixels.shape[2:],
+                                                                       dtype=torch.bool))
+
+
+def collate(items: list[Encoded], pad_id: int, side: str = "right") -> dict[str, Any]:
+    """Pad a batch: token ids (``side``), labels with -100, attention mask, and image tiles with zero
+    images (Idefics3 drops all-zero tiles). Training pads right, generation pads left."""
+    import torch
+
+    width = max(len(x) for x in items)
+    tiles = max(x.pixel_values.shape[0] for x in items)
+    h = max(x.pixel_values.shape[2] for x in items)
+    w = max(x.pixel_values.shape[3] for x in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(items), width), dtype=torch.long)
+    pixels = torch.zeros((len(items), tiles, 3, h, w), dtype=items[0].pixel_values.dtype)
+    pmask = torch.zeros((len(items), tiles, h, w), dtype=torch.bool)
+    for i, x in enumerate(items):
+        n = len(x)
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[i, cols] = torch.tensor(x.input_ids)
+        labels[i, cols] = torch.tensor(x.labels)
+        attn[i, cols] = 1
+        t, _, ph, pw = x.pixel_values.shape
+        pixels[i, :t, :, :ph, :pw] = x.pixel_values
+        pmask[i, :t, :ph, :pw] = x.pixel_attention_mask
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "pixel_values": pixels,
+            "pixel_attention_mask": pmask}

@@ -1,0 +1,89 @@
+"""Loading the student (Hub id or local folder) and attaching LoRA to its text model."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ielts_distill.models")
+
+# The text model's modules; the vision tower and connector are left frozen and adapter-free.
+TEXT_MODEL_PATTERN = r".*text_model.*\.({})$"
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from pipeline.errors import PipelineError
+
+        raise PipelineError("student.device is 'cuda' but no CUDA device is available")
+    return device
+
+
+def pick_dtype(device: str, bf16: bool = True):
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") and bf16 and torch.cuda.is_bf16_supported() \
+        else torch.float32
+
+
+def pick_attention(device: str, requested: str = "auto") -> str:
+    """flash-attention 2 on CUDA when installed, else PyTorch SDPA."""
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_processor(model_or_path: str | Path, image_longest_edge: int | None = None):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model_or_path))
+    if image_longest_edge:  # e.g. 4 * 384 for SmolVLM's own tiling, N * 512 for the 256M/500M models
+        processor.image_processor.size = {"longest_edge": image_longest_edge}
+    return processor
+
+
+def load_student(model_or_path: str | Path, *, adapter: str | Path | None = None, device: str = "auto",
+                 attn_implementation: str = "auto", bf16: bool = True, image_longest_edge: int | None = None,
+                 trainable_adapter: bool = False) -> tuple[Any, Any]:
+    """(model, processor) for a Hub id or a local folder; with ``adapter`` (a PEFT folder) the LoRA
+    weights are attached. bf16 on CUDA, fp32 on CPU; SDPA attention (flash-attention 2 when installed)."""
+    from transformers import AutoModelForImageTextToText
+
+    from pipeline.errors import PipelineError
+
+    device = pick_device(device)
+    dtype = pick_dtype(device, bf16)
+    attn = pick_attention(device, attn_implementation)
+    try:
+        processor = load_processor(model_or_path, image_longest_edge)
+        model = AutoModelForImageTextToText.from_pretrained(str(model_or_path), dtype=dtype,
+                                                            attn_implementation=attn)
+    except OSError as exc:
+        raise PipelineError(f"cannot load student {str(model_or_path)!r}: {str(exc).splitlines()[0]}") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
+    model.to(device)
+    if not trainable_adapter:
+        model.eval()
+    log.debug("loaded %s on %s (%s, %s attention)", model_or_path, device, dtype, attn)
+    return model, processor
+
+
+def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str]):
+    """Wrap ``model`` with fresh LoRA adapters on the text model's ``target_modules`` only."""
+    from peft import LoraConfig, get_peft_model
+
+    pattern = TEXT_MODEL_PATTERN.format("|".join(sorted(set(target_modules))))
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
