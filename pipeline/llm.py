@@ -48,7 +48,7 @@ class LLMError(PipelineError):
     """A request failed for good (after retries, or a non-retryable 4xx). The item ends rejected."""
 
 
-class FatalLLMError(LLMError):
+class FatalLLMError(PipelineError):
     """The endpoint cannot serve any item (bad key, unknown model, endpoint down): stop the whole run."""
 
 
@@ -133,15 +133,19 @@ class LLMClient:
     taken as down and further calls raise FatalLLMError (so a dead endpoint cannot reject every item).
     """
 
+    BACKOFF_INITIAL = 1.0  # seconds before the first retry (doubling, with jitter) when no Retry-After
+    BACKOFF_MAX = 60.0
+    RETRY_AFTER_MAX = 300.0  # longest Retry-After honoured
+
     def __init__(self, cfg: LLMSection, *, name: str = "llm", budget_usd: float | None = None,
-                 backoff_initial: float = 1.0, backoff_max: float = 60.0, retry_after_max: float = 300.0,
-                 fail_after: int = 10):
+                 backoff_initial: float | None = None, backoff_max: float | None = None, fail_after: int = 10):
         from aiolimiter import AsyncLimiter
         from openai import AsyncOpenAI
 
         self.cfg, self.name = cfg, name
         self.budget_usd = cfg.budget_usd if budget_usd is None else budget_usd
-        self.backoff_initial, self.backoff_max, self.retry_after_max = backoff_initial, backoff_max, retry_after_max
+        self.backoff_initial = self.BACKOFF_INITIAL if backoff_initial is None else backoff_initial
+        self.backoff_max = self.BACKOFF_MAX if backoff_max is None else backoff_max
         self.fail_after = fail_after
         self.usage = Usage()
         self._consecutive_failures = 0
@@ -194,8 +198,8 @@ class LLMClient:
 
         after = _retry_after(state.outcome.exception())
         if after is not None:
-            return min(after, self.retry_after_max) * (1 + random.random() * 0.1)
-        return wait_exponential_jitter(initial=self.backoff_initial, max=self.backoff_max,
+            return min(after, self.RETRY_AFTER_MAX) * (1 + random.random() * 0.1)
+        return wait_exponential_jitter(multiplier=self.backoff_initial, max=self.backoff_max,
                                        jitter=self.backoff_initial)(state)
 
     def _count_retry(self, state) -> None:

@@ -13,8 +13,9 @@ In a test::
         assert max(llm.counts.values()) == 1
 
 ``llm.script`` (a deque) forces the next actions in order: ``"429"``, ``"500"``, ``"timeout"``,
-``"garbage"``, ``"drop"``, ``"ok"`` or ``("reply", "text")``. ``llm.reply`` is a callable
-``(request_json, key) -> str`` producing the answer text.
+``"garbage"``, ``"drop"``, ``"400"``, ``"401"``, ``"ok"`` or ``("reply", "text")``. ``llm.rule`` (a callable
+``(key, attempt) -> action | None``) picks the action per prompt key (attempt counts from 1).
+``llm.reply`` is a callable ``(request_json, key) -> str`` producing the answer text.
 
 Over HTTP (for a server in another process): ``GET /_stats`` returns ``{total, counts, actions}``,
 ``POST /_config`` with a JSON object updates ``latency``, ``fault_rate``, ``think``, ``retry_after``.
@@ -76,25 +77,27 @@ def prompt_text(request: dict[str, Any]) -> str:
 class FakeLLM:
     def __init__(self, *, latency: float = 0.0, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS,
                  seed: int = 0, think: bool = False, retry_after: float = 0.05, hang_s: float = 5.0,
-                 key_pattern: str = r'<TITLE_LAST>: "(.*?)"', reply: Callable[[dict, str], str] = default_reply):
+                 key_pattern: str = r'^<TITLE_LAST>: "(.*)"\s*$', reply: Callable[[dict, str], str] = default_reply):
         self.latency, self.fault_rate, self.faults = latency, fault_rate, faults
         self.think, self.retry_after, self.hang_s = think, retry_after, hang_s
-        self.key_re = re.compile(key_pattern, re.S)
+        self.key_re = re.compile(key_pattern, re.M)
         self.reply = reply
         self.script: deque = deque()
+        self.rule: Callable[[str, int], Any] | None = None
         self.counts: Counter[str] = Counter()  # requests per prompt key (every attempt, faulty or not)
         self.actions: Counter[str] = Counter()  # what the server did
         self.requests: list[dict[str, Any]] = []  # request bodies, in arrival order
         self.auth: set[str] = set()  # Authorization headers seen
         self._rng = random.Random(seed)
+        self._faults_made = 0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, port: int = 0) -> "FakeLLM":
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
+        self._server = _Server(("127.0.0.1", port), _handler(self))
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True, name="fake-llm").start()
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True, name="fake-llm").start()
         return self
 
     def stop(self) -> None:
@@ -136,10 +139,14 @@ class FakeLLM:
         with self._lock:
             self.counts[key] += 1
             self.requests.append(request)
-            if self.script:
+            ruled = self.rule(key, self.counts[key]) if self.rule else None
+            if ruled is not None:
+                action = ruled
+            elif self.script:
                 action = self.script.popleft()
             elif self.fault_rate and self._rng.random() < self.fault_rate:
-                action = self._rng.choice(self.faults)
+                self._faults_made += 1  # round-robin over the kinds: every kind shows up
+                action = self.faults[self._faults_made % len(self.faults)]
             else:
                 action = "ok"
             self.actions[action if isinstance(action, str) else action[0]] += 1
@@ -155,6 +162,12 @@ class FakeLLM:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": max(1, len(prompt) // 4), "completion_tokens": max(1, len(text) // 4),
                           "total_tokens": max(1, len(prompt) // 4) + max(1, len(text) // 4)}}
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)  # a client that went away is not news
 
 
 def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
@@ -203,8 +216,8 @@ def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
             if action == "429":
                 self._json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                            {"Retry-After": f"{llm.retry_after:g}"})
-            elif action == "500":
-                self._json(500, {"error": {"message": "internal error"}})
+            elif action in ("500", "400", "401"):
+                self._json(int(action), {"error": {"message": f"fake error {action}"}})
             elif action == "timeout":
                 time.sleep(llm.hang_s)
                 self.close_connection = True

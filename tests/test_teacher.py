@@ -1,0 +1,319 @@
+"""The teacher stage and the LLM client against a real HTTP server on loopback (tests/fake_llm.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fake_llm import FakeLLM
+from pipeline.config import load_config
+from pipeline.context import StageContext
+from pipeline.errors import PipelineError, StageError
+from pipeline.executors.local import run_pipeline, run_stage
+from pipeline.llm import LLMClient, LLMError, strip_think
+from pipeline.records import Shard
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "sk-test-7f3a9c1e5b2d4f60"
+RUN = "t"
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(LLMClient, "BACKOFF_INITIAL", 0.02)
+    monkeypatch.setattr(LLMClient, "BACKOFF_MAX", 0.1)
+    monkeypatch.setenv("MINIMAX_API_KEY", KEY)
+
+
+@pytest.fixture
+def llm():
+    with FakeLLM() as server:
+        yield server
+
+
+def overrides(store_uri: str, llm: FakeLLM, sample_dir: Path, *extra: str) -> list[str]:
+    return [f"store.uri={store_uri}", f"run.id={RUN}", f"data.source={sample_dir}", f"teacher.base_url={llm.base_url}",
+            "teacher.timeout_s=1", "teacher.concurrency=8", "teacher.vision=true", *extra]
+
+
+def ingest(store_uri: str, llm: FakeLLM, sample_dir: Path, *extra: str):
+    cfg = load_config(None, overrides(store_uri, llm, sample_dir, *extra))
+    store = run_pipeline(cfg, ["ingest"])
+    charts = store.get_jsonl(f"{RUN}/ingest/charts.jsonl")
+    return cfg, store, charts
+
+
+def teacher_records(store) -> dict[str, dict]:
+    prefix = f"{RUN}/teacher/records/"
+    return {k[len(prefix):-5]: store.get_json(k) for k in store.list(prefix) if k.endswith(".json")}
+
+
+# --------------------------------------------------------------------------- the stage under faults
+
+
+def test_every_chart_final_under_faults(store_uri, llm, sample_dir):
+    """20 % of requests fail in every way; every chart still ends accepted or rejected with a reason."""
+    llm.fault_rate, llm.think, llm.hang_s = 0.2, True, 1.5
+    cfg, store, charts = ingest(store_uri, llm, sample_dir, "data.limit=60", "teacher.timeout_s=0.4")
+    assert run_stage(cfg, store, "teacher")
+    recs = teacher_records(store)
+    assert set(recs) == {c["id"] for c in charts}
+    for rec in recs.values():
+        assert rec["status"] in ("accepted", "rejected")
+        if rec["status"] == "accepted":
+            assert rec["essay"].startswith("1. <Describe a graph>") and "<think>" not in rec["essay"]
+            assert "987,654" not in rec["essay"] and "<think>" in rec["raw_answer"]
+            assert rec["reason"] is None and rec["attempts"] >= 1 and rec["usage"]["completion_tokens"] > 0
+        else:
+            assert rec["reason"] and rec["essay"] == ""
+        assert rec["template"] == f"teacher/{rec['type']}" and rec["template_version"] == "v1"
+    faults = {a for a in llm.actions if a != "ok"}
+    assert {"429", "500", "timeout", "garbage", "drop"} <= faults, llm.actions
+    assert sum(r["status"] == "accepted" for r in recs.values()) >= len(charts) - 2  # retries absorb faults
+    assert all(req.get("n") == 1 for req in llm.requests)
+    rows = store.get_jsonl(f"{RUN}/teacher/essays.jsonl")
+    assert [r["chart_id"] for r in rows] == [c["id"] for c in charts]
+    summary = json.loads(store.get_text(f"{RUN}/teacher/_SUCCESS"))["summary"]
+    assert summary["charts"] == len(charts) == summary["accepted"] + summary["rejected"]
+
+
+def test_persistent_errors_end_rejected_with_the_error(tmp_path, llm, sample_dir):
+    cfg, store, charts = ingest(str(tmp_path / "s"), llm, sample_dir, "data.limit=12", "teacher.max_retries=2")
+    broken, bad_request = charts[0]["title"], charts[1]["title"]
+    llm.rule = lambda key, n: "500" if key == broken else "400" if key == bad_request else None
+    assert run_stage(cfg, store, "teacher")
+    recs = teacher_records(store)
+    first, second = recs[charts[0]["id"]], recs[charts[1]["id"]]
+    assert first["status"] == "rejected" and first["essay"] == "" and first["reason_code"] == "api_error"
+    assert "HTTP 500" in first["reason"] and "after 3 attempts" in first["reason"]
+    assert llm.counts[broken] == 3  # 1 + max_retries
+    assert second["status"] == "rejected" and "HTTP 400" in second["reason"] and llm.counts[bad_request] == 1
+    assert all(r["status"] == "accepted" for cid, r in recs.items() if cid not in (charts[0]["id"], charts[1]["id"]))
+
+
+def test_failed_gate_regenerates_with_the_reason(tmp_path, llm, sample_dir):
+    cfg, store, charts = ingest(str(tmp_path / "s"), llm, sample_dir, "data.limit=8", "teacher.max_attempts=3")
+    fixed, hopeless = charts[0]["title"], charts[1]["title"]
+    questions = "1. What is shown in the chart?\n2. Which group is the largest?\n3. Why did it change?"
+
+    def reply(request, key):
+        if key == hopeless:
+            return questions
+        if key == fixed and "previous answer was rejected" not in json.dumps(request):
+            return "- **Total:** rose a lot\n- **Trend:** up\n" * 30
+        from fake_llm import default_reply
+        return default_reply(request, key)
+
+    llm.reply = reply
+    assert run_stage(cfg, store, "teacher")
+    recs = teacher_records(store)
+    ok, bad = recs[charts[0]["id"]], recs[charts[1]["id"]]
+    assert ok["status"] == "accepted" and ok["attempts"] == 2 and len(ok["failures"]) == 1
+    assert any("markdown" in f for f in ok["failures"][0]) and any("list" in f for f in ok["failures"][0])
+    assert bad["status"] == "rejected" and bad["attempts"] == 3 and llm.counts[hopeless] == 3
+    assert bad["reason"].startswith("quality gate: asks questions") and bad["reason_code"] == "gate:question_list"
+    assert bad["raw_answer"] == questions and bad["essay"] == ""
+
+
+def test_budget_stops_new_work_and_keeps_finished(tmp_path, llm, sample_dir):
+    # each answer costs about $0.01 (completion tokens at $50/Mtok); budget $0.05
+    cfg, store, charts = ingest(str(tmp_path / "s"), llm, sample_dir, "data.limit=40", "teacher.concurrency=2",
+                                "teacher.price_output_per_mtok=50", "teacher.budget_usd=0.05")
+    llm.latency = 0.02
+    with pytest.raises(StageError, match=r"budget reached .* charts left without a record"):
+        run_stage(cfg, store, "teacher")
+    done = teacher_records(store)
+    costs = sorted(r["cost_usd"] for r in done.values())
+    assert llm.total == len(done) >= 3 and sum(costs) >= 0.05
+    assert sum(costs[:-2]) < 0.05  # past the cap, only the 2 requests already in flight were paid for
+    assert all(r["status"] == "accepted" for r in done.values())
+    assert not store.exists(f"{RUN}/teacher/_SUCCESS")
+    before = dict(llm.counts)
+    cfg.teacher.budget_usd = 100.0
+    assert run_stage(cfg, store, "teacher")
+    assert all(llm.counts[t] == 1 for t in before)  # paid-for charts are not requested again
+    assert len(teacher_records(store)) == len(charts)
+
+
+def test_auth_failure_stops_the_stage_without_records(tmp_path, llm, sample_dir):
+    cfg, store, _ = ingest(str(tmp_path / "s"), llm, sample_dir, "data.limit=10")
+    llm.rule = lambda key, n: "401"
+    with pytest.raises(StageError, match="refused the request .*HTTP 401.*MINIMAX_API_KEY"):
+        run_stage(cfg, store, "teacher")
+    assert teacher_records(store) == {}
+    assert KEY not in json.dumps(teacher_records(store))
+
+
+def test_shards_partition_the_charts(tmp_path, llm, sample_dir):
+    cfg, store, charts = ingest(str(tmp_path / "s"), llm, sample_dir, "data.limit=50")
+    ids = {c["id"] for c in charts}
+    owned = [set(Shard(i, 3).select(ids)) for i in range(3)]
+    assert set().union(*owned) == ids and sum(map(len, owned)) == len(ids) and all(owned)
+    for i in range(3):
+        done = run_stage(cfg, store, "teacher", shard=Shard(i, 3))
+        assert done == (i == 2)  # only the last shard to finish completes the stage
+        assert set(teacher_records(store)) == set().union(*owned[: i + 1])
+    assert llm.total == len(ids) and max(llm.counts.values()) == 1
+    assert len(store.get_jsonl(f"{RUN}/teacher/essays.jsonl")) == len(ids)
+
+
+# --------------------------------------------------------------------------- kill -9 and the key
+
+
+def _teacher_proc(cfg_path: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "MINIMAX_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([str(Path(sys.executable).parent / "ielts-distill"), "-v", "stage", "teacher",
+                             "--config", str(cfg_path)], stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env=env, cwd=REPO, start_new_session=True)
+
+
+def test_kill9_then_rerun_requests_no_chart_twice(tmp_path, llm, sample_dir):
+    store_uri = str(tmp_path / "s")
+    cfg, store, charts = ingest(store_uri, llm, sample_dir, "teacher.concurrency=4", "teacher.vision=false")
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    llm.latency = 0.1
+    first = _teacher_proc(cfg_path, tmp_path / "first.log")
+    deadline = time.monotonic() + 60
+    while len(teacher_records(store)) < 20:
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(10)
+    at_kill = set(teacher_records(store))
+    assert 20 <= len(at_kill) < len(charts)
+    counts_at_kill = dict(llm.counts)
+    second = _teacher_proc(cfg_path, tmp_path / "second.log")
+    assert second.wait(120) == 0, (tmp_path / "second.log").read_text()[-2000:]
+    recs = teacher_records(store)
+    assert set(recs) == {c["id"] for c in charts}
+    title = {c["id"]: c["title"] for c in charts}
+    assert all(llm.counts[title[cid]] == 1 for cid in at_kill)  # finished before the kill: never again
+    twice = [t for t, n in llm.counts.items() if n > 1]
+    assert len(twice) <= 4 and all(counts_at_kill.get(t) == 1 for t in twice)  # only those in flight
+    # the key was sent to the server, and appears in no log and nowhere in the store
+    assert llm.auth == {f"Bearer {KEY}"}
+    for log in ("first.log", "second.log"):
+        assert KEY not in (tmp_path / log).read_text()
+    for path in Path(store_uri).rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+# --------------------------------------------------------------------------- the client
+
+
+def _client(llm: FakeLLM, *extra: str) -> LLMClient:
+    cfg = load_config(None, [f"teacher.base_url={llm.base_url}", "teacher.timeout_s=1", *extra]).teacher
+    return LLMClient(cfg, name="teacher")
+
+
+def _chat(client: LLMClient, text: str = '<TITLE_LAST>: "x"'):
+    async def go():
+        try:
+            return await client.chat([{"role": "user", "content": text}])
+        finally:
+            await client.aclose()
+    return asyncio.run(go())
+
+
+def test_retry_after_is_honoured_and_retries_counted(llm):
+    llm.retry_after = 0.8
+    llm.script.extend(["429", "500"])
+    client = _client(llm)
+    started = time.monotonic()
+    done = _chat(client)
+    assert time.monotonic() - started >= 0.8  # the backoff alone would wait ~0.05 s
+    assert done.retries == 2 and client.usage.retries == 2 and client.usage.requests == 3
+    assert done.text.startswith("1. <Describe a graph>") and done.prompt_tokens > 0
+
+
+def test_cost_from_usage_and_think_removed(llm):
+    llm.think = True
+    client = _client(llm, "teacher.price_input_per_mtok=1000", "teacher.price_output_per_mtok=2000")
+    done = _chat(client)
+    assert done.cost_usd == pytest.approx((done.prompt_tokens * 1000 + done.completion_tokens * 2000) / 1e6)
+    assert client.usage.cost_usd == pytest.approx(done.cost_usd)
+    assert "<think>" in done.raw_text and "think" not in done.text.lower()
+
+
+def test_retries_exhausted_raise_llm_error(llm):
+    llm.rule = lambda key, n: "garbage"
+    client = _client(llm, "teacher.max_retries=2")
+    with pytest.raises(LLMError, match="after 3 attempts"):
+        _chat(client)
+    assert llm.total == 3
+
+
+def test_missing_key_is_one_clear_error(monkeypatch):
+    monkeypatch.delenv("MINIMAX_API_KEY")
+    cfg = load_config(None, ["teacher.base_url=https://api.example.invalid/v1"]).teacher
+    with pytest.raises(PipelineError, match="environment variable MINIMAX_API_KEY is not set"):
+        LLMClient(cfg, name="teacher")
+    LLMClient(load_config(None, ["teacher.base_url=http://127.0.0.1:9/v1"]).teacher)  # local: no key needed
+
+
+def test_strip_think():
+    assert strip_think("<think>a\nb</think>\n\nEssay.") == "Essay."
+    assert strip_think("<THINK>x</THINK>A<think>y</think>B") == "AB"
+    assert strip_think("reasoning without opener</think>Essay") == "Essay"
+    assert strip_think("<think>truncated reasoning") == ""
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_prompt_carries_image_or_table(tmp_path, llm, sample_dir):
+    from pipeline.prompts import teacher_template
+    from pipeline.stages.teacher import build_messages
+
+    cfg, store, charts = ingest(str(tmp_path / "s"), llm, sample_dir)
+    assert run_stage(cfg, store, "teacher")
+    with_table = next(c for c in charts if c["table"])
+    request = next(r for r in llm.requests if llm.key_of(r) == with_table["title"])
+    parts = request["messages"][0]["content"]
+    url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+    assert base64.b64decode(url.split(",", 1)[1]) == store.get_bytes(with_table["image"])
+    text = next(p["text"] for p in parts if p["type"] == "text")
+    assert " | ".join(with_table["table"][1]) in text and text.rstrip().endswith("Follow given structured input:")
+    text_only = build_messages(with_table, teacher_template(with_table["type"]), image_url=None)
+    assert isinstance(text_only[0]["content"], str) and "data:image" not in text_only[0]["content"]
+
+
+# --------------------------------------------------------------------------- the embedded server
+
+
+@pytest.mark.llm
+def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
+    """The real thing, kept short: SmolLM2-135M via llama.cpp on 2 charts, configs/local.yaml's gates."""
+    pytest.importorskip("llama_cpp")
+    cfg = load_config(REPO / "configs" / "local.yaml", [
+        f"store.uri={tmp_path / 's'}", f"run.id={RUN}", f"data.source={sample_dir}", "data.limit=4",
+        "teacher.max_tokens=48", "teacher.max_attempts=1", "teacher.min_words=1"])
+    store = run_pipeline(cfg, ["ingest", "teacher"])
+    recs = teacher_records(store)
+    assert len(recs) == len(store.get_jsonl(f"{RUN}/ingest/charts.jsonl")) == 2
+    assert any(r["status"] == "accepted" and len(r["essay"].split()) >= 5 for r in recs.values())
+    assert all(r["usage"]["completion_tokens"] > 0 for r in recs.values())
+    assert store.exists(f"{RUN}/teacher/_SUCCESS")
+
+
+def test_progress_counts_records(tmp_path, llm, sample_dir):
+    from pipeline.stages import teacher
+
+    cfg, store, charts = ingest(str(tmp_path / "s"), llm, sample_dir, "data.limit=10")
+    ctx = StageContext(config=cfg, store=store, stage="teacher", shard=Shard(0, 2))
+    assert teacher.progress(ctx) == (0, len(charts))
+    run_stage(cfg, store, "teacher", shard=Shard(0, 2))
+    assert teacher.progress(ctx) == (len(Shard(0, 2).select(c["id"] for c in charts)), len(charts))
