@@ -1,0 +1,184 @@
+"""The report stage: numbers against hand-computed cases, Markdown wording, a self-contained HTML file that a
+real headless Chromium renders (images decoded, no network request, a non-blank screenshot)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from eval_helpers import seed_run, split_charts
+from pipeline.context import StageContext, store_for
+from pipeline.essays import word_count
+from pipeline.executors.local import run_stage
+
+# (a, b) -> verdicts (ab, ba) per test chart, in chart order; see the expected numbers below.
+def pattern(n: int) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    return {("structured", "baseline"): [("a", "a")] * n,
+            ("unstructured", "baseline"): [("a", "a")] * (n - 2) + [("a", "b"), ("invalid", "a")],
+            ("unstructured", "structured"): [("a", "b"), ("b", "a")] * (n // 2) + [("a", "b")] * (n % 2)}
+
+
+def loss_png() -> bytes:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (120, 80), "white")
+    ImageDraw.Draw(img).line([(5, 10), (60, 50), (115, 70)], fill="blue", width=3)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+METRICS = [{"step": 2, "loss": 5.0}, {"step": 4, "loss": 4.0}, {"step": 4, "eval_loss": 4.5},
+           {"step": 6, "loss": 3.0}, {"step": 8, "loss": 2.5}, {"step": 8, "eval_loss": 3.9},
+           {"step": 10, "loss": 2.2}, {"step": 10, "eval_loss": 4.1}]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, sample_dir):
+    tmp = tmp_path_factory.mktemp("report")
+    config = seed_run(str(tmp / "store"), sample_dir, tmp, overrides=("teacher.min_words=60", "report.gallery=3"))
+    store = store_for(config)
+    charts = split_charts(store, config)
+    judge = StageContext(config, store, "judge")
+    rows = []
+    for (a, b), per_chart in pattern(len(charts)).items():
+        for chart, orders in zip(charts, per_chart):
+            rows += [{"comparison": f"{a}-vs-{b}", "a": a, "b": b, "chart_id": chart["id"], "order": order,
+                      "verdict": v, "raw_answer": "<FIRST>", "attempts": 1,
+                      "usage": {"prompt_tokens": 100, "completion_tokens": 2}, "cost_usd": 0.001}
+                     for order, v in zip(("ab", "ba"), orders)]
+    store.put_jsonl(judge.key("verdicts.jsonl"), rows)
+    judge.complete({})
+    finetune = StageContext(config, store, "finetune")
+    for variant in ("structured", "unstructured"):
+        store.put_jsonl(finetune.key(variant, "metrics.jsonl"), METRICS)
+        store.put_bytes(finetune.key(variant, "loss.png"), loss_png())
+    finetune.complete({})
+    assert run_stage(config, store, "report")
+    out = tmp / "out"
+    store.download_dir(f"{config.run.id}/report", out)
+    return {"config": config, "store": store, "charts": charts, "dir": out,
+            "summary": json.loads((out / "summary.json").read_text())}
+
+
+def test_win_rates_match_hand_computation(report):
+    n = len(report["charts"])
+    assert n == 7
+    comps = {(c["a"], c["b"]): c for c in report["summary"]["comparisons"]}
+    assert list(comps) == [("structured", "baseline"), ("unstructured", "baseline"), ("unstructured", "structured")]
+    s = comps[("structured", "baseline")]
+    assert (s["n"], s["wins"], s["losses"], s["ties"], s["invalid"]) == (7, 7, 0, 0, 0)
+    assert s["win_rate"] == 1.0 and s["ci95"] == pytest.approx([0.6456, 1.0], abs=1e-4)  # Wilson 7/7
+    assert s["swap_consistency"] == 1.0 and s["ci_includes_half"] is False
+    u = comps[("unstructured", "baseline")]
+    assert (u["n"], u["wins"], u["losses"], u["ties"], u["invalid"]) == (7, 5, 0, 1, 1)
+    assert u["win_rate"] == pytest.approx(5.5 / 6) and u["swap_consistency"] == pytest.approx(5 / 6)
+    t = comps[("unstructured", "structured")]
+    assert (t["ties"], t["win_rate"], t["swap_consistency"], t["ci_includes_half"]) == (7, 0.5, 0.0, True)
+    for c in comps.values():
+        assert c["wins"] + c["losses"] + c["ties"] + c["invalid"] == c["n"]
+        for field in ("n", "wins", "losses", "ties", "invalid"):
+            assert sum(bt[field] for bt in c["by_type"].values()) == c[field]
+        assert set(c["by_type"]) == {ch["type"] for ch in report["charts"]}
+        assert "win_rate" in c["length_controlled"]
+    assert report["summary"]["judge"]["cost_usd"] == pytest.approx(0.001 * 6 * n)
+
+
+def test_quality_per_model(report):
+    models = report["summary"]["models"]
+    charts = report["charts"]
+    assert list(models) == ["teacher", "baseline", "structured", "unstructured"]
+    base = models["baseline"]
+    assert base["n"] == 7 and base["failure_modes"]["too_short"] == 7  # the title alone (min_words=60)
+    assert base["mean_words"] == pytest.approx(sum(word_count(c["title"]) for c in charts) / 7)
+    with_table = sum(1 for c in charts if c["table"])
+    assert models["unstructured"]["failure_modes"].get("invented_numbers") == with_table  # "12345" everywhere
+    assert "structure_markers" not in models["unstructured"]["failure_modes"]
+    assert "missing_paragraphs" not in models["structured"]["failure_modes"]
+    assert models["unstructured"]["numeric_faithfulness_n"] == with_table
+    assert models["structured"]["numeric_faithfulness"] > models["unstructured"]["numeric_faithfulness"]
+
+
+def test_training_losses(report):
+    tr = report["summary"]["training"]
+    assert set(tr) == {"structured", "unstructured"}
+    assert tr["structured"] == {"final_val_loss": 4.1, "best_val_loss": 3.9, "best_step": 8, "final_train_loss": 2.2,
+                                "steps": 10, "loss_plot": "loss-structured.png"}
+    assert (report["dir"] / "loss-structured.png").read_bytes() == loss_png()
+    assert (report["dir"] / "loss_curves.png").stat().st_size > 1000
+
+
+def test_markdown_says_when_the_interval_includes_half(report):
+    md = (report["dir"] / "report.md").read_text()
+    assert "unstructured vs structured: the 95 % interval [" in md and "includes 50 %" in md
+    assert "structured vs baseline: the 95 % interval [64.6, 100.0] excludes 50 %: structured is preferred" in md
+    assert "![win rates](win_rates.png)" in md and (report["dir"] / "win_rates.png").is_file()
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [(tag, k, v or "") for k, v in attrs if k in ("src", "href")]
+
+
+def test_html_is_self_contained(report):
+    html = (report["dir"] / "report.html").read_text()
+    refs = _Refs()
+    refs.feed(html)
+    images = [v for tag, k, v in refs.refs if tag == "img"]
+    # win rates + loss curves + 2 loss plots + the gallery's charts
+    assert len(images) == 4 + 3 and all(v.startswith("data:image/") for v in images)
+    assert all(v.startswith("data:") for _, _, v in refs.refs)
+    assert "url(" not in html and "@import" not in html
+    gallery = report["config"].report.gallery
+    assert html.count("class='chart'") == gallery and html.count("golden (teacher)") >= gallery
+
+
+def chromium_path() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).is_file():
+        pytest.fail("headless Chromium is needed to check that report.html renders: install it "
+                    "(Debian: apt-get install -y chromium) or set $CHROMIUM")
+    return path
+
+
+@pytest.mark.browser
+def test_html_renders_in_headless_chromium(report, tmp_path):
+    from PIL import Image, ImageStat
+    from playwright.sync_api import sync_playwright
+
+    url = (report["dir"] / "report.html").resolve().as_uri()
+    outside: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("request", lambda r: None if r.url.startswith(("data:", "file:")) else outside.append(r.url))
+            page.goto(url, wait_until="load")
+            images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+            title = page.title()
+            heading = page.inner_text("h1")
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert outside == []  # self-contained: nothing fetched from anywhere
+    assert len(images) == 7 and all(done and width > 0 for done, width in images)  # every data: URI decoded
+    assert "ielts-distill report" in title and "run" in heading
+    img = Image.open(shot).convert("L")
+    assert img.height > 2000  # tables, figures and the gallery, not an empty page
+    stat = ImageStat.Stat(img)
+    assert stat.stddev[0] > 20  # not blank: text, bars and chart images give real contrast
+    dark = sum(img.histogram()[:128])
+    assert dark / (img.width * img.height) > 0.01
