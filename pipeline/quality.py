@@ -99,7 +99,7 @@ class _Table:
         rounding = 0.5 * 10 ** -decimals  # "about 30" stands for 29.5..30.5; "4.75" for 4.745..4.755
         for factor in {1.0, scale, 100.0, 0.01}:
             x, tol = value * factor, rounding * factor
-            tol = max(tol, 0.02 * abs(x))  # writers also round to "about" a figure
+            tol = max(tol, 0.01 * abs(x))  # "4,700,000" for 4,751,653: rounding beyond the digits shown
             if self._near(self.values, x, tol) or self._near(self.diffs, x, tol):
                 return True
         return False
