@@ -52,9 +52,10 @@ def load_processor(model_or_path: str | Path, image_longest_edge: int | None = N
 
 def load_student(model_or_path: str | Path, *, adapter: str | Path | None = None, device: str = "auto",
                  attn_implementation: str = "auto", bf16: bool = True, image_longest_edge: int | None = None,
-                 trainable_adapter: bool = False) -> tuple[Any, Any]:
+                 trainable_adapter: bool = False, merge: bool = False) -> tuple[Any, Any]:
     """(model, processor) for a Hub id or a local folder; with ``adapter`` (a PEFT folder) the LoRA
-    weights are attached. bf16 on CUDA, fp32 on CPU; SDPA attention (flash-attention 2 when installed)."""
+    weights are attached (``merge``: folded into the base weights, faster for inference). bf16 on CUDA,
+    fp32 on CPU; SDPA attention (flash-attention 2 when installed)."""
     from transformers import AutoModelForImageTextToText
 
     from pipeline.errors import PipelineError
@@ -72,6 +73,8 @@ def load_student(model_or_path: str | Path, *, adapter: str | Path | None = None
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
+        if merge and not trainable_adapter:
+            model = model.merge_and_unload()
     model.to(device)
     if not trainable_adapter:
         model.eval()

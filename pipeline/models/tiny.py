@@ -17,6 +17,7 @@ PATCH_SIZE = 16
 SCALE_FACTOR = 2  # pixel shuffle: (64/16)^2 / 2^2 = 4 visual tokens per tile
 IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
 LONGEST_EDGE = 2 * IMAGE_SIZE  # images are split into up to 2x2 tiles plus the global view
+INIT_RANGE = 0.1  # wider than the usual 0.02: logits through the frozen random lm_head can then move
 
 BOS, EOU, PAD = "<|im_start|>", "<end_of_utterance>", "<|endoftext|>"
 IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>",
@@ -56,7 +57,8 @@ def tiny_config(tokenizer):
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.convert_tokens_to_ids(EOU), tie_word_embeddings=False)
+                       eos_token_id=tokenizer.convert_tokens_to_ids(EOU), tie_word_embeddings=False,
+                       initializer_range=INIT_RANGE)
     vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                   num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
     return Idefics3Config(text_config=text, vision_config=vision, scale_factor=SCALE_FACTOR,
@@ -82,3 +84,22 @@ def build_tiny_student(out_dir: str | Path, texts: Iterable[str], seed: int = 0)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def texts_from_file(path: str | Path) -> list[str]:
+    """Texts for the tokenizer: JSONL rows (their essay/title/summary fields) or plain lines."""
+    import json
+
+    texts = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = line
+        if isinstance(row, dict):
+            texts += [str(row[k]) for k in ("essay", "title", "summary") if row.get(k)]
+        else:
+            texts.append(str(row))
+    return texts

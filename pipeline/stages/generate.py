@@ -1,0 +1,127 @@
+"""generate: an essay per test chart from the baseline (the base student, no adapter) and from each
+fine-tuned variant, with identical decoding settings (greedy by default, ``generate.max_new_tokens``).
+
+Per-item records ``<run>/generate/records/<model>/<chart_id>.json`` = {model, chart_id, essay, tokens,
+seconds} are written after each batch, so a rerun does only what is missing; ``--shard I/N`` (or an
+Indexed Job) splits the charts. When every (model, chart) has a record, ``essays.jsonl`` (all records,
+by model then chart id) is written and the stage completes.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.context import StageContext
+from pipeline.errors import StageError
+
+BASELINE = "baseline"
+
+
+def model_names(ctx: StageContext) -> list[str]:
+    return [BASELINE, *ctx.config.finetune.variants]
+
+
+def test_ids(ctx: StageContext) -> list[str]:
+    """Test chart ids (sorted; the first ``generate.limit``), from the dataset's ``splits.json``."""
+    splits = ctx.store.get_json(ctx.input_key("dataset", "splits.json"))
+    ids = sorted(i for i, split in splits.items() if split == "test")
+    limit = ctx.config.generate.limit
+    return ids[:limit] if limit else ids
+
+
+def load_test_charts(ctx: StageContext, ids: list[str]) -> dict[str, tuple[Any, str]]:
+    """{chart_id: (PIL image, title)} for ``ids`` from the first variant's test split (the variants share
+    charts and splits; only the essays differ)."""
+    from PIL import Image
+
+    from pipeline.stages.dataset import load_split
+
+    wanted = set(ids)
+    table = load_split(ctx, ctx.config.dataset.variants[0], "test").cast_column("image", _raw_image())
+    charts = {}
+    for row in table:
+        if row["chart_id"] in wanted:
+            charts[row["chart_id"]] = (Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB"), row["title"])
+    missing = wanted - charts.keys()
+    if missing:
+        raise StageError(f"generate: test chart {sorted(missing)[0]} is in splits.json but not in the test split")
+    return charts
+
+
+def _raw_image():
+    from datasets import Image
+
+    return Image(decode=False)
+
+
+def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[str, tuple[Any, str]],
+                 base: str, tmp: Path) -> None:
+    from tqdm import tqdm
+
+    from pipeline.models import generate_essays, load_student
+    from pipeline.stages.finetune import fetch_adapter
+
+    cfg, student = ctx.config.generate, ctx.config.student
+    adapter = None if name == BASELINE else fetch_adapter(ctx, name, tmp)
+    model, processor = load_student(base, adapter=adapter, device=student.device,
+                                    attn_implementation=student.attn_implementation, merge=True,
+                                    image_longest_edge=student.image_longest_edge)
+    records = ctx.records(name)
+    bar = tqdm(total=len(pending), desc=f"generate {name}", unit="essay", disable=None)
+
+    def store_batch(indices: list[int], results) -> None:
+        for i, result in zip(indices, results):
+            records.write(pending[i], {"model": name, "chart_id": pending[i], "essay": result.text,
+                                       "tokens": result.tokens, "seconds": round(result.seconds, 4)})
+        bar.update(len(indices))
+
+    # chunks of a few batches: records land as batches finish, memory stays bounded, sorting still helps
+    chunk = cfg.batch_size * 8
+    for start in range(0, len(pending), chunk):
+        ids = pending[start:start + chunk]
+        generate_essays(model, processor, [charts[i] for i in ids], max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.batch_size, do_sample=cfg.do_sample,
+                        on_batch=lambda idx, res, off=start: store_batch([off + i for i in idx], res))
+    bar.close()
+
+
+def run(ctx: StageContext) -> None:
+    from pipeline.stages.finetune import student_base
+
+    ctx.require("dataset", "finetune")
+    ids = test_ids(ctx)
+    if not ids:
+        raise StageError("generate: the test split is empty")
+    names = model_names(ctx)
+    pending = {name: ctx.records(name).pending(ids, ctx.shard) for name in names}
+    todo = sorted({i for ids_ in pending.values() for i in ids_})
+    if todo:
+        charts = load_test_charts(ctx, todo)
+        with tempfile.TemporaryDirectory(prefix="ielts-generate-") as tmp:
+            base = student_base(ctx, tmp)
+            for name in names:
+                if pending[name]:
+                    ctx.log.info("generate %s: %d of %d test charts to do", name, len(pending[name]), len(ids))
+                    generate_for(ctx, name, pending[name], charts, base, Path(tmp))
+    done, total = progress(ctx)
+    if done < total:
+        ctx.log.info("generate: %d of %d essays stored; other shards still running", done, total)
+        return
+    rows = [r for name in names for r in ctx.records(name).read_all(ids)]
+    ctx.store.put_jsonl(ctx.key("essays.jsonl"), rows)
+    summary = {name: {"essays": len(ids),
+                      "mean_tokens": round(sum(r["tokens"] for r in rows if r["model"] == name) / len(ids), 1)}
+               for name in names}
+    ctx.complete({"charts": len(ids), "models": summary, "max_new_tokens": ctx.config.generate.max_new_tokens,
+                  "do_sample": ctx.config.generate.do_sample})
+
+
+def progress(ctx: StageContext) -> tuple[int, int]:
+    if not ctx.store.exists(ctx.input_key("dataset", "splits.json")):
+        return 0, 0
+    ids = set(test_ids(ctx))
+    names = model_names(ctx)
+    return sum(len(ids & ctx.records(n).done_ids()) for n in names), len(ids) * len(names)
