@@ -210,3 +210,24 @@ def write(config: RunConfig, image: str, title: str, adapter: str | None, model:
     click.echo(write_essay(image, title, adapter=adapter, model=model, device=config.student.device,
                            max_new_tokens=max_new_tokens or config.generate.max_new_tokens,
                            image_longest_edge=config.student.image_longest_edge))
+
+
+@main.command("tiny-student")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--texts", "texts_file", type=click.Path(dir_okay=False, exists=True),
+              help="Text file (one text per line, or JSONL with 'essay'/'title'/'summary') to train the tokenizer "
+                   "on. Default: the bundled sample's summaries and titles (data.source).")
+@config_options
+def tiny_student(config: RunConfig, out_dir: str, texts_file: str | None) -> None:
+    """Build and save the tiny random SmolVLM-architecture student (Idefics3) into OUT_DIR."""
+    import os
+
+    from pipeline.models.tiny import build_tiny_student, texts_from_file
+
+    source = texts_file or os.path.join(config.data.source, "manifest.jsonl")
+    try:
+        texts = texts_from_file(source)
+    except OSError as exc:
+        raise PipelineError(f"cannot read texts from {source}: {exc.strerror}") from None
+    out = build_tiny_student(out_dir, texts)
+    click.echo(f"tiny student ({len(texts)} texts) saved to {out}")

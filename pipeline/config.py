@@ -95,7 +95,7 @@ class DatasetSection(Section):
 
 class StudentSection(Section):
     model: str = "HuggingFaceTB/SmolVLM-Instruct"  # Hub id or local path
-    tiny: bool = False  # build the tiny random Idefics3 student into the store if model is absent
+    tiny: bool = False  # use the tiny random Idefics3 student, built into <run>/finetune/student/ (model ignored)
     image_longest_edge: int | None = None  # resize images (None: the processor's own setting)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
