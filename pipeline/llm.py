@@ -211,6 +211,7 @@ class LLMClient:
         async with self._sem:
             if self._limiter:
                 await self._limiter.acquire()
+            self.check_budget()  # again: the spend may have grown while this request waited for a slot
             self.usage.requests += 1
             resp = await self._client.chat.completions.create(messages=messages, **params)
         choices = getattr(resp, "choices", None)
@@ -318,7 +319,8 @@ def run_items(items: Sequence[T], handle: Callable[[T, LLMClient], Awaitable[dic
       FatalLLMError through: the runner then stops starting items, lets the ones in flight end, and leaves
       the unfinished items without a record (pending for the next run). Any other exception is logged,
       the item gets no record, and ``summary.errors`` says why.
-    - Concurrency: ``client.cfg.concurrency`` items in flight (the client also bounds requests).
+    - Concurrency: at most ``client.cfg.concurrency`` requests in flight (the client's semaphore); up to
+      twice as many items are in progress so that gating and writing never leave a request slot idle.
     - Progress: a tqdm bar (rate, ETA) with outcome counts; at the end one summary line is logged.
     - Returns a RunSummary (``summary.stopped`` is set when it stopped early). Runs its own event loop and
       closes ``client`` at the end: use one client per call.
@@ -365,7 +367,9 @@ async def _run_items(items, handle, records, client, item_id, shard, desc, outco
             bar.set_postfix({k: v for k, v in summary.outcomes.most_common(3)}, refresh=False)
 
     try:
-        await asyncio.gather(*(worker() for _ in range(min(client.cfg.concurrency, max(1, len(pending))))))
+        # twice as many workers as request slots: while one item is gated or written, another one's request
+        # already holds the slot (the client's semaphore is what bounds requests in flight)
+        await asyncio.gather(*(worker() for _ in range(min(2 * client.cfg.concurrency, max(1, len(pending))))))
     finally:
         bar.close()
         await client.aclose()

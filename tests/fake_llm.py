@@ -90,6 +90,8 @@ class FakeLLM:
         self.auth: set[str] = set()  # Authorization headers seen
         self._rng = random.Random(seed)
         self._faults_made = 0
+        self.first_at: float | None = None  # time.time() of the first request and of the last answer sent
+        self.last_at: float | None = None
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -127,7 +129,8 @@ class FakeLLM:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"total": self.total, "counts": dict(self.counts), "actions": dict(self.actions)}
+            return {"total": self.total, "counts": dict(self.counts), "actions": dict(self.actions),
+                    "first_request_at": self.first_at, "last_answer_at": self.last_at}
 
     # -- behaviour ---------------------------------------------------------------------------------
     def key_of(self, request: dict[str, Any]) -> str:
@@ -137,6 +140,7 @@ class FakeLLM:
 
     def next_action(self, key: str, request: dict[str, Any]) -> Any:
         with self._lock:
+            self.first_at = self.first_at or time.time()
             self.counts[key] += 1
             self.requests.append(request)
             ruled = self.rule(key, self.counts[key]) if self.rule else None
@@ -165,6 +169,8 @@ class FakeLLM:
 
 
 class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # socketserver's default backlog of 5 drops bursts of new connections
+    daemon_threads = True
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
             super().handle_error(request, client_address)  # a client that went away is not news
@@ -173,6 +179,7 @@ class _Server(ThreadingHTTPServer):
 def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
         def log_message(self, *args) -> None:  # quiet
             pass
@@ -186,6 +193,7 @@ def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
+            llm.last_at = time.time()
 
         def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
             self._send(status, json.dumps(obj).encode(), headers=headers)
