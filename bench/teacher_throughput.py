@@ -93,32 +93,22 @@ def main() -> None:
         print(f"whole stage incl. start-up (imports, listing, essays.jsonl, _SUCCESS): {seconds:.2f}s; ratio "
               f"{made / seconds / ideal_rate:.3f}")
 
-        started = time.perf_counter()
-        run_stage(cfg, store, "teacher")
-        resume = time.perf_counter() - started
-        extra = requests_made(url) - made
-        print(f"resume (stage complete, in process): {resume:.3f}s, {extra} requests; ratio to the 2 s target "
-              f"{resume / 2:.3f} ({'PASS' if resume < 2 and extra == 0 else 'FAIL'})")
+        def resume(label: str, fn) -> None:
+            started = time.perf_counter()
+            fn()
+            took, extra = time.perf_counter() - started, requests_made(url) - made
+            print(f"resume ({label}): {took:.3f}s, {extra} requests; ratio to the 2 s target {took / 2:.3f} "
+                  f"({'PASS' if took < 2 and extra == 0 else 'FAIL'})")
 
         cfg_file = Path(root) / "bench.yaml"
         cfg_file.write_text(dump_config(cfg))
-        started = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).parent / "ielts-distill"), "stage", "teacher", "--config",
-                        str(cfg_file)], check=True, capture_output=True)
-        resume = time.perf_counter() - started
-        extra = requests_made(url) - made
-        print(f"resume (stage complete, `ielts-distill stage teacher` incl. Python start-up): {resume:.3f}s, "
-              f"{extra} requests; ratio to the 2 s target {resume / 2:.3f} "
-              f"({'PASS' if resume < 2 and extra == 0 else 'FAIL'})")
-
+        cli = [str(Path(sys.executable).parent / "ielts-distill"), "stage", "teacher", "--config", str(cfg_file)]
+        resume("stage complete, in process", lambda: run_stage(cfg, store, "teacher"))
+        resume("stage complete, `ielts-distill stage teacher` incl. Python start-up",
+               lambda: subprocess.run(cli, check=True, capture_output=True))
         store.delete("bench/teacher/_SUCCESS")
         store.delete("bench/teacher/essays.jsonl")
-        started = time.perf_counter()
-        run_stage(cfg, store, "teacher")
-        rebuild = time.perf_counter() - started
-        extra = requests_made(url) - made
-        print(f"resume (all records, no _SUCCESS): {rebuild:.3f}s, {extra} requests; ratio to the 2 s target "
-              f"{rebuild / 2:.3f} ({'PASS' if rebuild < 2 and extra == 0 else 'FAIL'})")
+        resume("all records, no _SUCCESS: essays.jsonl rebuilt", lambda: run_stage(cfg, store, "teacher"))
     finally:
         server.terminate()
         server.wait(10)

@@ -381,6 +381,28 @@ async def _run_items(items, handle, records, client, item_id, shard, desc, outco
     return summary
 
 
+def run_stage_items(ctx, llm_cfg: LLMSection, items: Sequence[T],
+                    handle: Callable[[T, LLMClient], Awaitable[dict[str, Any]]], *, item_id: Callable[[T], str],
+                    noun: str = "items", **kwargs: Any) -> RunSummary:
+    """A sharded stage's LLM work in one call: start the embedded server if configured, give this shard its
+    share of ``budget_usd`` (shards split it evenly), ``run_items`` over ``ctx.records()`` and
+    ``ctx.shard``, and raise StageError when the run stopped early or an item failed without a record.
+    ``kwargs`` go to run_items (``outcome``, ``reason``)."""
+    name = ctx.stage
+    budget = llm_cfg.budget_usd / ctx.shard.count if llm_cfg.budget_usd else None
+    with embedded_server(llm_cfg) as live:
+        client = LLMClient(live, name=name, budget_usd=budget)
+        summary = run_items(items, handle, records=ctx.records(), client=client, item_id=item_id, shard=ctx.shard,
+                            desc=name if ctx.shard.whole else f"{name} {ctx.shard}", **kwargs)
+    if summary.stopped:
+        raise StageError(f"{name}: {summary.stopped}; {summary.left} {noun} left without a record "
+                         "(finished ones are kept; rerun to continue)")
+    if summary.errors:
+        raise StageError(f"{name}: {len(summary.errors)} {noun} failed without a record (first: "
+                         f"{summary.errors[0]}); rerun to retry them")
+    return summary
+
+
 def _budget_message(client: LLMClient) -> str:
     try:
         client.check_budget()

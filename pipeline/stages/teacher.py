@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.context import StageContext
-from pipeline.errors import StageError
 
 MAX_TABLE_ROWS = 40  # rows of the data table given to the teacher (the gate still checks them all)
 _MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
@@ -95,7 +94,7 @@ def make_handler(ctx: StageContext):
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.llm import LLMClient, embedded_server, run_items
+    from pipeline.llm import run_stage_items
     from pipeline.stages.ingest import load_charts
 
     cfg = ctx.config.teacher
@@ -106,18 +105,7 @@ def run(ctx: StageContext) -> None:
     charts = sorted(charts, key=lambda c: c["type"])
     records = ctx.records()
     if records.pending(ids, ctx.shard):
-        budget = cfg.budget_usd / ctx.shard.count if cfg.budget_usd else None  # shards share the budget
-        with embedded_server(cfg) as live:
-            client = LLMClient(live, name="teacher", budget_usd=budget)
-            summary = run_items(charts, make_handler(ctx), records=records, client=client,
-                                item_id=lambda c: c["id"], shard=ctx.shard,
-                                desc="teacher" if ctx.shard.whole else f"teacher {ctx.shard}")
-        if summary.stopped:
-            raise StageError(f"teacher: {summary.stopped}; {summary.left} charts left without a record "
-                             "(finished ones are kept; rerun to continue)")
-        if summary.errors:
-            raise StageError(f"teacher: {len(summary.errors)} charts failed without a record (first: "
-                             f"{summary.errors[0]}); rerun to retry them")
+        run_stage_items(ctx, cfg, charts, make_handler(ctx), item_id=lambda c: c["id"], noun="charts")
     missing = records.pending(ids)
     if missing:
         ctx.log.info("teacher: %d of %d charts still without a record (other shards)", len(missing), len(ids))
