@@ -1,7 +1,8 @@
 """``ielts-distill write``: an essay for a new chart from the student (base model + optional LoRA adapter).
 
 The base model comes from ``--model`` or, with only ``--adapter``, from the adapter's
-``adapter_config.json`` (``base_model_name_or_path``). Every failure a user can cause (missing or
+``adapter_config.json`` (``base_model_name_or_path``). Either may be an ``s3://`` folder (the tiny
+student's store URL, which finetune writes into its adapters): it is copied to a temporary folder first. Every failure a user can cause (missing or
 undecodable image, adapter folder without a config, base not found, adapter trained on another base) is a
 one-line PipelineError.
 """
@@ -9,6 +10,7 @@ one-line PipelineError.
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,11 +61,30 @@ def _adapter_keys(adapter: Path) -> set[str]:
         return set(fh.keys())
 
 
-def load(model: str | None, adapter: str | None, device: str, image_longest_edge: int | None) -> tuple[Any, Any]:
+def local_copy(ref: str, tmp: Path, name: str) -> str:
+    """``ref`` itself, or for an ``s3://bucket/key`` folder (the tiny student's store URL in an adapter's
+    config, an adapter in the store) a local copy of it; credentials and endpoint from the environment."""
+    if not ref.startswith("s3://"):
+        return ref
+    from urllib.parse import urlparse
+
+    from pipeline.store import open_store
+
+    url = urlparse(ref)
+    key = url.path.strip("/")
+    if not key:
+        raise PipelineError(f"{ref}: expected s3://bucket/path/to/folder")
+    return str(open_store(f"s3://{url.netloc}").download_dir(key, tmp / name))
+
+
+def load(model: str | None, adapter: str | None, device: str, image_longest_edge: int | None,
+         tmp: Path) -> tuple[Any, Any]:
     """(model, processor); an adapter that does not fit the base is a one-line error."""
     from pipeline.models import load_student
 
+    adapter = local_copy(adapter, tmp, "adapter") if adapter else None
     base = model or (adapter_base(adapter) if adapter else None)
+    base = local_copy(base, tmp, "base") if base else None
     if base is None:
         raise PipelineError("write needs --model or --adapter (to find the base model)")
     if adapter is None:
@@ -91,7 +112,9 @@ def _check_all_weights_loaded(model, adapter_dir: Path, base: str) -> None:
     stored = _adapter_keys(adapter_dir)
     if not stored:
         return
-    expected = {k.removeprefix("base_model.model.") for k in get_peft_model_state_dict(model)}
+    with warnings.catch_warnings():  # peft looks for the base's config to check the vocabulary: not needed here
+        warnings.simplefilter("ignore")
+        expected = {k.removeprefix("base_model.model.") for k in get_peft_model_state_dict(model)}
     unused = {k.removeprefix("base_model.model.") for k in stored} - expected
     if unused:
         raise PipelineError(f"adapter {adapter_dir} does not fit base model {base}: {len(unused)} adapter weights "
@@ -109,7 +132,8 @@ def write_essay(image: str | Path, title: str, *, adapter: str | None = None, mo
     if not title.strip():
         raise PipelineError("--title is empty")
     picture = load_image(image)
-    loaded, processor = load(model, adapter, device, image_longest_edge)
+    with tempfile.TemporaryDirectory(prefix="ielts-write-") as tmp:
+        loaded, processor = load(model, adapter, device, image_longest_edge, Path(tmp))
     [result] = generate_essays(loaded, processor, [(picture, title.strip())], max_new_tokens=max_new_tokens,
                                batch_size=1)
     return result.text

@@ -34,9 +34,11 @@ def loss_png() -> bytes:
     return buf.getvalue()
 
 
-METRICS = [{"step": 2, "loss": 5.0}, {"step": 4, "loss": 4.0}, {"step": 4, "eval_loss": 4.5},
-           {"step": 6, "loss": 3.0}, {"step": 8, "loss": 2.5}, {"step": 8, "eval_loss": 3.9},
-           {"step": 10, "loss": 2.2}, {"step": 10, "eval_loss": 4.1}]
+# finetune's metrics.jsonl rows: training windows and validation evaluations
+METRICS = [{"step": 2, "epoch": 0.2, "train_loss": 5.0, "lr": 1e-3}, {"step": 4, "epoch": 0.4, "train_loss": 4.0},
+           {"step": 4, "epoch": 0.4, "val_loss": 4.5}, {"step": 6, "epoch": 0.6, "train_loss": 3.0},
+           {"step": 8, "epoch": 0.8, "train_loss": 2.5}, {"step": 8, "epoch": 0.8, "val_loss": 3.9},
+           {"step": 10, "epoch": 1.0, "train_loss": 2.2}, {"step": 10, "epoch": 1.0, "val_loss": 4.1}]
 
 
 @pytest.fixture(scope="module")

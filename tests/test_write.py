@@ -91,3 +91,23 @@ def test_adapter_with_unknown_modules_or_missing_base(student, tmp_path):
 
     code, _, err = write(str(student / "chart.png"), "--title", "T", "--adapter", str(tmp_path))
     assert code != 0 and "no adapter_config.json" in err
+
+
+def test_adapter_and_base_in_s3(student, s3_bucket, tmp_path):
+    """As finetune leaves them for the tiny student: the adapter's config names the base by its store URL."""
+    from pipeline.store import open_store
+
+    store = open_store(s3_bucket)
+    store.upload_dir(student / "student", "demo/finetune/student")
+    adapter = shutil.copytree(student / "adapter", tmp_path / "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = store.url("demo/finetune/student")
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    store.upload_dir(adapter, "demo/finetune/unstructured/adapter")
+    code, from_s3, err = write(str(student / "chart.png"), "--title", "Share of people",
+                               "--adapter", store.url("demo/finetune/unstructured/adapter"))
+    assert code == 0, err
+    _, local, _ = write(str(student / "chart.png"), "--title", "Share of people", "--adapter", str(student / "adapter"))
+    assert from_s3 == local
+    code, _, err = write(str(student / "chart.png"), "--title", "T", "--adapter", store.url("demo/nothing-here"))
+    assert code != 0 and err.startswith("error: nothing stored under")

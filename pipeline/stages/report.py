@@ -94,7 +94,7 @@ def loss_series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, float
             if r.get("loss") is not None:
                 val.append((step, float(r["loss"])))
             continue
-        for key in ("eval_loss", "val_loss", "validation_loss"):
+        for key in ("val_loss", "eval_loss", "validation_loss"):
             if r.get(key) is not None:
                 val.append((step, float(r[key])))
         for key in ("train_loss", "loss"):
