@@ -173,7 +173,7 @@ def progress(ctx: StageContext) -> tuple[int, int | None]:
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.llm import LLMClient, embedded_server, run_items
+    from pipeline.llm import run_stage_items
 
     plan = make_plan(ctx)
     if not plan.items:
@@ -196,18 +196,8 @@ def run(ctx: StageContext) -> None:
         return await judge_one(client, item, messages_for(prompt, image, chart.get("image_format", "png")))
 
     if pending:
-        budget = llm_cfg.budget_usd / ctx.shard.count if llm_cfg.budget_usd else None  # shards share it
-        with embedded_server(llm_cfg) as live:
-            client = LLMClient(live, name="judge", budget_usd=budget)
-            summary = run_items(plan.items, handle, records=records, client=client, item_id=lambda i: i.id,
-                                shard=ctx.shard, desc="judge" if ctx.shard.whole else f"judge {ctx.shard}",
-                                outcome=lambda r: r["verdict"], reason=lambda r: r.get("reason"))
-        if summary.stopped:
-            raise StageError(f"judge: {summary.stopped}; {summary.left} requests left without a record "
-                             "(finished ones are kept; rerun to continue)")
-        if summary.errors:
-            raise StageError(f"judge: {len(summary.errors)} requests failed without a record (first: "
-                             f"{summary.errors[0]}); rerun to retry them")
+        run_stage_items(ctx, llm_cfg, plan.items, handle, item_id=lambda i: i.id, noun="requests",
+                        outcome=lambda r: r["verdict"], reason=lambda r: r.get("reason"))
     finish(ctx, plan)
 
 
