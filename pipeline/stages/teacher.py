@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.context import StageContext
 
 MAX_TABLE_ROWS = 40  # rows of the data table given to the teacher (the gate still checks them all)
+MAX_OCR_CHARS = 1000  # Pew charts have OCR text instead of a table: noisy, so only its start
 _MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
 
 
@@ -37,7 +38,7 @@ def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
     if chart.get("table"):
         extra.append("Data table of the chart (quote only figures from it):\n" + table_text(chart["table"]))
     elif chart.get("ocr_text"):
-        extra.append("Text read from the chart image (OCR):\n" + chart["ocr_text"][:2000])
+        extra.append("Text read from the chart image (OCR):\n" + chart["ocr_text"][:MAX_OCR_CHARS])
     if feedback:
         extra.append("Your previous answer was rejected: " + "; ".join(feedback) +
                      ". Write a new essay that fixes this, following the structure above.")
