@@ -67,7 +67,8 @@ def student_config(store_uri: str, **overrides):
     """A run config for the tiny student on CPU; ``overrides`` are dotted keys (``finetune__max_steps``)."""
     sets = {"run.id": "t", "store.uri": store_uri, "student.tiny": True, "student.device": "cpu",
             "finetune.batch_size": 4, "finetune.max_steps": 6, "finetune.eval_every": 3, "finetune.save_every": 3,
-            "finetune.log_every": 1, "finetune.learning_rate": 0.003, "finetune.max_length": 512,
+            "finetune.log_every": 1, "finetune.learning_rate": 0.01, "finetune.max_length": 512,
+            "finetune.target_modules": "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",
             "finetune.warmup_ratio": 0.0, "generate.max_new_tokens": 12, "generate.batch_size": 4}
     sets.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()])
@@ -92,3 +93,15 @@ def tiny_loaded(tiny_student):
     from pipeline.models import load_student
 
     return load_student(tiny_student, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trained_run(sample_dir, tmp_path_factory):
+    """A local store with a dataset and a finished finetune stage (both variants, a few steps each)."""
+    from pipeline.stages import finetune
+
+    store_uri = str(tmp_path_factory.mktemp("trained") / "store")
+    config = student_config(store_uri, finetune__max_steps=8, finetune__eval_every=4, finetune__save_every=4)
+    write_dataset(open_store(store_uri), config.run.id, sample_dir)
+    finetune.run(stage_ctx(config, "finetune"))
+    return config

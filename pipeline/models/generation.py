@@ -66,7 +66,9 @@ def _prefill(model, items: list[Encoded], pad_id: int, micro: int, cache_kwarg: 
     parts = []
     for start in range(0, len(items), micro):
         batch = _to_device(collate(items[start:start + micro], pad_id, side="left"), model)
-        out = model(**batch, use_cache=True, logits_to_keep=1)
+        # positions count real tokens only, as generate's own do: left padding must not shift RoPE
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        out = model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None) or out.past_key_values
         parts.append((batch["input_ids"], batch["attention_mask"], [tuple(layer[:2]) for layer in cache],
                       out.logits[:, -1].argmax(-1)))
