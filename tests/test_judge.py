@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +168,24 @@ def test_unknown_model_in_comparisons_is_one_line(tmp_path, sample_dir):
         with pytest.raises(StageError, match="names 'teacher-v2' but generate has no essays for it"):
             run_stage(config, store, "judge")
     assert llm.total == 0
+
+
+@pytest.mark.parametrize("answer, choice", [
+    ("<FIRST>", "first"), ("<SECOND>", "second"), ("< second >", "second"), ("SECOND.", "second"),
+    ("The first essay is better.", "first"), ("<FIRST> (the first one is better)", "first"),  # tags decide
+    ("<FIRST> is better than <SECOND>", None), ("First or second? Hard to say", None), ("", None),
+    ("Neither.", None), ("firstly", None)])
+def test_parse_choice(answer, choice):
+    assert judge.parse_choice(answer) == choice
+
+
+def test_prompt_is_the_seed_prompt_verbatim():
+    seed = (Path(__file__).resolve().parents[2] / "shared" / "seed" / "000_6b7e448075d0490f.txt")
+    template = judge.load_template("seed_v1")
+    if seed.is_file():  # the design card, when present in the workspace
+        text = seed.read_text()
+        assert text[text.index("### Evaluation prompt:"):].split('"""')[1] == template
+    prompt = judge.build_prompt(template, "T {x}", "G", "F", "S")
+    assert "    T {x}\n    G\n\n    <FIRST>\n    F\n\n    <SECOND>\n    S\n" in prompt
+    with pytest.raises(StageError, match="no pipeline/prompts/judge_v9.txt"):
+        judge.load_template("v9")
