@@ -150,7 +150,8 @@ class LLMClient:
         self.usage = Usage()
         self._consecutive_failures = 0
         self._sem = asyncio.Semaphore(cfg.concurrency)
-        self._limiter = AsyncLimiter(cfg.requests_per_minute, 60) if cfg.requests_per_minute else None
+        # one request per 60/rpm seconds, no initial burst of a whole minute's worth
+        self._limiter = AsyncLimiter(1, 60 / cfg.requests_per_minute) if cfg.requests_per_minute else None
         for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one line per request otherwise
             logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
         self._client = AsyncOpenAI(api_key=self._api_key(), base_url=cfg.base_url, timeout=cfg.timeout_s,
