@@ -231,7 +231,7 @@ class LLMClient:
                                 "consecutive requests failed after retries); stopped")
         params = {"model": self.cfg.model, "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens,
                   **{k: v for k, v in overrides.items() if k != "n"}, "n": 1}
-        started, retries_before = time.monotonic(), self.usage.retries
+        started = time.monotonic()
         retrying = AsyncRetrying(stop=stop_after_attempt(self.cfg.max_retries + 1), wait=self._wait,
                                  retry=retry_if_exception(self._retryable), before_sleep=self._count_retry,
                                  reraise=True)
@@ -245,7 +245,7 @@ class LLMClient:
         except Exception as exc:  # noqa: BLE001 - every other failure ends this item with its reason
             self.usage.failed += 1
             self._consecutive_failures += 1
-            attempts = self.usage.retries - retries_before + 1
+            attempts = retrying.statistics.get("attempt_number", 1)
             raise LLMError(f"{_describe(exc)} (after {attempts} attempt{'s' * (attempts > 1)})") from None
         self._consecutive_failures = 0
         raw = resp.choices[0].message.content or ""
@@ -260,7 +260,7 @@ class LLMClient:
         self.usage.completion_tokens += c_tok
         self.usage.cost_usd += cost
         return Completion(text=strip_think(raw), raw_text=raw, prompt_tokens=p_tok, completion_tokens=c_tok,
-                          cost_usd=cost, retries=self.usage.retries - retries_before,
+                          cost_usd=cost, retries=retrying.statistics.get("attempt_number", 1) - 1,
                           seconds=time.monotonic() - started, finish_reason=resp.choices[0].finish_reason)
 
 
