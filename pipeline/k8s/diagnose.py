@@ -1,0 +1,138 @@
+"""Reading Job and Pod state (plain camelCase dicts, as the API returns them) into verdicts.
+
+A waiter needs explicit success and failure conditions (the lightkube/kr8s lesson): ``job_verdict`` says
+whether a Job finished and how; ``pod_problem`` spots pods that will never get anywhere on their own
+(image pull failures, missing Secrets, no node with a GPU). Each failure reads as one line that names the
+cause, the pod, and the kubectl command to look closer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+# Container waiting reasons that never resolve by waiting (after the grace period for pull errors).
+_PULL = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
+_CONFIG = ("CreateContainerConfigError", "CreateContainerError")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str  # Complete | OOMKilled | ImagePullBackOff | Unschedulable | DeadlineExceeded | ...
+    message: str = ""
+    pod: str | None = None
+
+    def line(self, stage: str, namespace: str, job: str) -> str:
+        """``stage finetune failed: OOMKilled — ...; inspect: kubectl ...``"""
+        if self.ok:
+            return f"stage {stage} complete (job {job})"
+        where = f" in pod {self.pod}" if self.pod else f" (job {job})"
+        msg = f": {self.message}" if self.message else ""
+        inspect = (f"kubectl -n {namespace} describe pod {self.pod}; kubectl -n {namespace} logs {self.pod}"
+                   if self.pod else f"kubectl -n {namespace} describe job {job}")
+        return f"stage {stage} failed: {self.reason}{where}{msg}; inspect: {inspect}"
+
+
+def _conditions(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    return (obj.get("status") or {}).get("conditions") or []
+
+
+def _true(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    return next((c for c in _conditions(obj) if c.get("type") == ctype and c.get("status") == "True"), None)
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return (obj.get("metadata") or {}).get("name", "?")
+
+
+def _one_line(text: str | None, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    return last if len(last) <= limit else last[:limit - 1] + "…"
+
+
+def _statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    status = pod.get("status") or {}
+    return (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+
+
+def _memory_limit(pod: dict[str, Any], container: str) -> str | None:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if c.get("name") == container:
+            return ((c.get("resources") or {}).get("limits") or {}).get("memory")
+    return None
+
+
+def pod_failure(pod: dict[str, Any]) -> Verdict | None:
+    """Why a terminated pod failed: OOMKilled, or the exit code with the container's last log line."""
+    for cs in _statuses(pod):
+        term = ((cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated"))
+        if not term or term.get("exitCode", 0) == 0:
+            continue
+        if term.get("reason") == "OOMKilled":
+            limit = _memory_limit(pod, cs.get("name", ""))
+            return Verdict(False, "OOMKilled", f"container {cs.get('name')} exceeded its memory limit"
+                           + (f" ({limit}); raise k8s.resources.<stage>.memory" if limit else ""), _name(pod))
+        detail = _one_line(term.get("message")) or term.get("reason") or ""
+        return Verdict(False, f"exit code {term.get('exitCode')}", detail, _name(pod))
+    status = pod.get("status") or {}
+    if status.get("phase") == "Failed":
+        return Verdict(False, status.get("reason") or "PodFailed", _one_line(status.get("message")), _name(pod))
+    return None
+
+
+def _age_s(timestamp: str | None, now: datetime) -> float:
+    if not timestamp:
+        return float("inf")
+    try:
+        then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return float("inf")
+    return (now - then).total_seconds()
+
+
+def pod_problem(pod: dict[str, Any], grace_s: float, now: datetime | None = None) -> Verdict | None:
+    """A pending pod that will not start by itself: bad image, missing Secret/ConfigMap, no fitting node."""
+    now = now or datetime.now(timezone.utc)
+    status = pod.get("status") or {}
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    for cs in _statuses(pod):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason in _CONFIG:
+            return Verdict(False, reason, _one_line(waiting.get("message")), _name(pod))
+        if reason in _PULL:
+            created = (pod.get("metadata") or {}).get("creationTimestamp")
+            if _age_s(created, now) >= grace_s:
+                image = cs.get("image") or ""
+                return Verdict(False, reason, f"cannot pull image {image}: {_one_line(waiting.get('message'))}"
+                               .rstrip(": "), _name(pod))
+    sched = next((c for c in _conditions(pod) if c.get("type") == "PodScheduled"), None)
+    if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
+        if _age_s(sched.get("lastTransitionTime"), now) >= grace_s:
+            return Verdict(False, "Unschedulable", _one_line(sched.get("message")), _name(pod))
+    return None
+
+
+def job_verdict(job: dict[str, Any], pods: list[dict[str, Any]] = ()) -> Verdict | None:
+    """Complete, Failed (with the root cause from its pods where one is known), or None while running."""
+    if _true(job, "Complete") or _true(job, "SuccessCriteriaMet"):
+        return Verdict(True, "Complete")
+    failed = _true(job, "Failed") or _true(job, "FailureTarget")
+    if not failed:
+        return None
+    reason = failed.get("reason") or "Failed"
+    message = _one_line(failed.get("message"))
+    if reason != "DeadlineExceeded":  # a deadline is the root cause whatever the pods were doing
+        causes = [v for v in (pod_failure(p) for p in _newest_first(pods)) if v]
+        if causes:
+            cause = causes[0]
+            return Verdict(False, cause.reason, f"{cause.message} ({reason})".lstrip(" "), cause.pod)
+    return Verdict(False, reason, message)
+
+
+def _newest_first(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)

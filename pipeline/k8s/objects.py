@@ -1,0 +1,298 @@
+"""Every Kubernetes object a run needs, built with the ``kubernetes`` client models (never templated YAML).
+
+``build_run(config)`` returns the ConfigMap holding the resolved run config and one Job per stage. A Job
+runs the stage's image, whose entrypoint (jobs/entrypoint.sh) runs ``ielts-distill stage <name>``: the
+same code as the local executor. Secrets are only *referenced* (secretKeyRef / envFrom): no object built
+here ever holds a secret value.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+from kubernetes import client as k
+
+from pipeline import __version__
+from pipeline.config import RunConfig, dump_config
+from pipeline.errors import ConfigError
+from pipeline.stages import STAGES
+
+CONFIG_DIR = "/etc/ielts-distill"
+CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
+CACHE_DIR = "/var/cache/ielts-distill"
+UID = 10001  # the non-root user of every image (images/base/Dockerfile)
+SHARDED = ("teacher", "generate", "judge")  # Indexed Jobs over items; finetune is Indexed over variants
+GPU = "nvidia.com/gpu"
+EXIT_CONFIG_ERROR = 2  # pipeline.errors.ConfigError.exit_code: retrying cannot help
+
+# Requests (= limits) per stage; k8s.resources overrides any of them. cpu: the kind/minikube profile.
+_RESOURCES: dict[str, dict[str, dict[str, str]]] = {
+    "cloud": {
+        "ingest": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "4Gi"},
+        "teacher": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"},
+        "dataset": {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "8Gi"},
+        "finetune": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "60Gi"},
+        "generate": {"cpu": "4", "memory": "32Gi", "ephemeral-storage": "40Gi"},
+        "judge": {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "2Gi"},
+        "report": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"},
+    },
+    "cpu": {
+        "ingest": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "2Gi"},
+        "teacher": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"},
+        "dataset": {"cpu": "500m", "memory": "2Gi", "ephemeral-storage": "2Gi"},
+        "finetune": {"cpu": "2", "memory": "6Gi", "ephemeral-storage": "6Gi"},
+        "generate": {"cpu": "2", "memory": "6Gi", "ephemeral-storage": "6Gi"},
+        "judge": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"},
+        "report": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"},
+    },
+}
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+
+
+# --------------------------------------------------------------------------- names and labels
+
+
+def job_name(config: RunConfig, stage: str) -> str:
+    return f"ielts-{config.run.id}-{stage}"
+
+
+def configmap_name(config: RunConfig) -> str:
+    return f"ielts-{config.run.id}-config"
+
+
+def run_selector(config: RunConfig) -> str:
+    return f"ielts-distill/run={config.run.id}"
+
+
+def labels(config: RunConfig, stage: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "ielts-distill",
+        "app.kubernetes.io/instance": config.run.id,
+        "app.kubernetes.io/version": _label_value(config.k8s.image_tag),
+        "app.kubernetes.io/part-of": "ielts-distill",
+        "app.kubernetes.io/managed-by": "ielts-distill",
+        "ielts-distill/run": config.run.id,
+    }
+    if stage:
+        out.update({"app.kubernetes.io/component": stage, "ielts-distill/stage": stage})
+    return out
+
+
+def _label_value(text: str) -> str:
+    value = re.sub(r"[^A-Za-z0-9._-]", "-", text)[:63].strip("-._")
+    return value or "unknown"
+
+
+# --------------------------------------------------------------------------- per-stage choices
+
+
+def shard_count(config: RunConfig, stage: str) -> int | None:
+    """Indexed completions of a stage's Job, or None for a single-pod Job."""
+    return {
+        "teacher": config.teacher.parallelism,
+        "generate": config.generate.parallelism,
+        "judge": config.judge.parallelism,
+        "finetune": len(config.finetune.variants),  # one index per variant: both train at once
+    }.get(stage)
+
+
+def gpus(config: RunConfig, stage: str) -> int:
+    if config.k8s.profile == "cpu":
+        return 0
+    return {"finetune": config.finetune.gpus, "generate": config.generate.gpus}.get(stage, 0)
+
+
+def image(config: RunConfig, stage: str) -> str:
+    """``<registry>/<stage>:<tag>``; GPU Jobs run the CUDA build, tagged ``<tag>-cuda``."""
+    tag = config.k8s.image_tag + ("-cuda" if gpus(config, stage) else "")
+    return f"{config.k8s.image_registry.rstrip('/')}/{stage}:{tag}"
+
+
+def stage_resources(config: RunConfig, stage: str) -> dict[str, str]:
+    unknown = set(config.k8s.resources) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"k8s.resources.{sorted(unknown)[0]}: unknown stage (stages: {', '.join(STAGES)})")
+    res = dict(_RESOURCES[config.k8s.profile][stage])
+    for key, value in config.k8s.resources.get(stage, {}).items():
+        if key not in res:
+            raise ConfigError(f"k8s.resources.{stage}.{key}: unknown resource (use cpu, memory, ephemeral-storage)")
+        if not _QUANTITY.match(str(value)):
+            raise ConfigError(f"k8s.resources.{stage}.{key}: {value!r} is not a Kubernetes quantity")
+        res[key] = str(value)
+    return res
+
+
+def _api_key_envs(config: RunConfig, stage: str) -> list[tuple[str, bool]]:
+    """(env var name, optional) of the LLM key a stage needs; optional when the server is embedded."""
+    llm = {"teacher": config.teacher, "judge": config.judge_llm()}.get(stage)
+    if llm is None or not llm.api_key_env:
+        return []
+    return [(llm.api_key_env, bool(llm.embedded))]
+
+
+def _is_s3(config: RunConfig) -> bool:
+    return config.store.uri.startswith("s3://")
+
+
+def _store_path(config: RunConfig) -> str | None:
+    """The store directory to mount the k8s.store_claim PVC at (None for S3)."""
+    if _is_s3(config):
+        return None
+    path = config.store.uri.removeprefix("file://")
+    if not config.k8s.store_claim or not PurePosixPath(path).is_absolute():
+        raise ConfigError(f"store.uri {config.store.uri!r}: Jobs need a store they all reach: use s3://bucket/prefix, "
+                          "or an absolute path together with k8s.store_claim (a ReadWriteMany PVC)")
+    return path
+
+
+# --------------------------------------------------------------------------- objects
+
+
+def build_configmap(config: RunConfig) -> k.V1ConfigMap:
+    return k.V1ConfigMap(
+        api_version="v1", kind="ConfigMap",
+        metadata=k.V1ObjectMeta(name=configmap_name(config), namespace=config.k8s.namespace, labels=labels(config)),
+        data={"config.yaml": dump_config(config)})
+
+
+def _env(config: RunConfig, stage: str, shards: int | None) -> list[k.V1EnvVar]:
+    env = [
+        k.V1EnvVar(name="IELTS_STAGE", value=stage),
+        k.V1EnvVar(name="IELTS_CONFIG", value=CONFIG_FILE),
+        k.V1EnvVar(name="HOME", value="/tmp"),
+        k.V1EnvVar(name="XDG_CACHE_HOME", value=CACHE_DIR),
+        k.V1EnvVar(name="HF_HOME", value=f"{CACHE_DIR}/huggingface"),
+        k.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"),
+    ]
+    if shards is not None:  # Kubernetes sets JOB_COMPLETION_INDEX itself; Shard.from_env needs the count
+        env.append(k.V1EnvVar(name="JOB_COMPLETION_COUNT", value=str(shards)))
+    if config.k8s.s3_endpoint:
+        env.append(k.V1EnvVar(name="AWS_ENDPOINT_URL_S3", value=config.k8s.s3_endpoint))
+    for name, optional in _api_key_envs(config, stage):
+        ref = k.V1SecretKeySelector(name=config.k8s.llm_secret, key=name, optional=optional or None)
+        env.append(k.V1EnvVar(name=name, value_from=k.V1EnvVarSource(secret_key_ref=ref)))
+    return env
+
+
+def _volumes(config: RunConfig, stage: str, res: dict[str, str]) -> tuple[list[k.V1Volume], list[k.V1VolumeMount]]:
+    cache_limit = res["ephemeral-storage"]
+    volumes = [
+        k.V1Volume(name="config", config_map=k.V1ConfigMapVolumeSource(name=configmap_name(config))),
+        k.V1Volume(name="tmp", empty_dir=k.V1EmptyDirVolumeSource(size_limit="1Gi")),
+        k.V1Volume(name="cache", empty_dir=k.V1EmptyDirVolumeSource(size_limit=cache_limit)),
+    ]
+    mounts = [
+        k.V1VolumeMount(name="config", mount_path=CONFIG_DIR, read_only=True),
+        k.V1VolumeMount(name="tmp", mount_path="/tmp"),
+        k.V1VolumeMount(name="cache", mount_path=CACHE_DIR),
+    ]
+    if stage in ("finetune", "generate"):  # torch data loaders and NCCL use shared memory
+        volumes.append(k.V1Volume(name="dshm", empty_dir=k.V1EmptyDirVolumeSource(medium="Memory", size_limit="2Gi")))
+        mounts.append(k.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
+    store_path = _store_path(config)
+    if store_path:
+        claim = k.V1PersistentVolumeClaimVolumeSource(claim_name=config.k8s.store_claim)
+        volumes.append(k.V1Volume(name="store", persistent_volume_claim=claim))
+        mounts.append(k.V1VolumeMount(name="store", mount_path=store_path))
+    if stage == "ingest" and config.k8s.data_claim:
+        if not PurePosixPath(config.data.source).is_absolute():
+            raise ConfigError(f"data.source {config.data.source!r}: must be an absolute path when k8s.data_claim is set")
+        claim = k.V1PersistentVolumeClaimVolumeSource(claim_name=config.k8s.data_claim, read_only=True)
+        volumes.append(k.V1Volume(name="data", persistent_volume_claim=claim))
+        mounts.append(k.V1VolumeMount(name="data", mount_path=config.data.source, read_only=True))
+    return volumes, mounts
+
+
+def _container(config: RunConfig, stage: str, shards: int | None) -> tuple[k.V1Container, list[k.V1Volume]]:
+    res = stage_resources(config, stage)
+    quantities = dict(res)
+    if gpus(config, stage):
+        quantities[GPU] = str(gpus(config, stage))
+    volumes, mounts = _volumes(config, stage, res)
+    env_from = [k.V1EnvFromSource(secret_ref=k.V1SecretEnvSource(name=config.k8s.s3_secret))] if _is_s3(config) else None
+    container = k.V1Container(
+        name=stage,
+        image=image(config, stage),
+        image_pull_policy=config.k8s.image_pull_policy,
+        args=[stage],
+        env=_env(config, stage, shards),
+        env_from=env_from,
+        resources=k.V1ResourceRequirements(requests=dict(quantities), limits=dict(quantities)),
+        volume_mounts=mounts,
+        termination_message_policy="FallbackToLogsOnError",  # the last log lines say why it failed
+        security_context=k.V1SecurityContext(
+            allow_privilege_escalation=False, read_only_root_filesystem=True, run_as_non_root=True,
+            capabilities=k.V1Capabilities(drop=["ALL"]), seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
+    )
+    return container, volumes
+
+
+def build_job(config: RunConfig, stage: str) -> k.V1Job:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    kc = config.k8s
+    shards = shard_count(config, stage)
+    container, volumes = _container(config, stage, shards)
+    gpu = gpus(config, stage) > 0
+    pod = k.V1PodSpec(
+        restart_policy="Never",
+        containers=[container],
+        volumes=volumes,
+        service_account_name=kc.service_account,
+        automount_service_account_token=False,
+        enable_service_links=False,
+        security_context=k.V1PodSecurityContext(
+            run_as_non_root=True, run_as_user=UID, run_as_group=UID, fs_group=UID,
+            seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
+        node_selector=dict(kc.gpu_node_selector) if gpu and kc.gpu_node_selector else None,
+        tolerations=[k.V1Toleration(key=GPU, operator="Exists", effect="NoSchedule")] if gpu else None,
+    )
+    failure_policy = k.V1PodFailurePolicy(rules=[
+        k.V1PodFailurePolicyRule(action="FailJob", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
+            container_name=stage, operator="In", values=[EXIT_CONFIG_ERROR])),
+        k.V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[
+            k.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
+    ])
+    spec = k.V1JobSpec(
+        backoff_limit=kc.backoff_limit,
+        active_deadline_seconds=kc.active_deadline_s,
+        ttl_seconds_after_finished=kc.ttl_after_finished_s,
+        pod_failure_policy=failure_policy,
+        template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=labels(config, stage)), spec=pod),
+    )
+    if shards is not None:
+        spec.completion_mode, spec.completions, spec.parallelism = "Indexed", shards, shards
+    return k.V1Job(
+        api_version="batch/v1", kind="Job",
+        metadata=k.V1ObjectMeta(name=job_name(config, stage), namespace=kc.namespace, labels=labels(config, stage),
+                                annotations={"ielts-distill/version": __version__}),
+        spec=spec)
+
+
+def build_run(config: RunConfig, stages: list[str] | tuple[str, ...] = STAGES) -> list[Any]:
+    """The ConfigMap, then one Job per stage, in pipeline order."""
+    return [build_configmap(config), *(build_job(config, s) for s in STAGES if s in stages)]
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A client model as the plain camelCase dict the API server (and kubectl) expects."""
+    return k.ApiClient().sanitize_for_serialization(obj)
+
+
+def write_manifests(config: RunConfig, out_dir: str | Path) -> list[Path]:
+    """One YAML file per object plus a kustomization.yaml listing them (``kubectl apply -k DIR``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, obj in enumerate(build_run(config)):
+        stage = obj.metadata.labels.get("ielts-distill/stage", "config")
+        path = out / f"{n:02d}-{obj.kind.lower()}-{stage}.yaml"
+        path.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False), encoding="utf-8")
+        written.append(path)
+    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                     "resources": [p.name for p in written]}
+    (out / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False), encoding="utf-8")
+    return written

@@ -1,0 +1,324 @@
+"""The Kubernetes driver against kmock's API emulator, through the real ``kubernetes`` client.
+
+kmock has no controllers, so a small fake "job controller + kubelet" thread plays the cluster: it sees
+each new Job, creates its pods and sets Pod and Job status for the scenario under test (success writes the
+stage's ``_SUCCESS`` into the store, as the real Job would).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import kmock
+import pytest
+import yaml
+from click.testing import CliRunner
+from kubernetes import client as k
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.context import StageContext, store_for
+from pipeline.errors import StageError
+from pipeline.executors.k8s import KubeBackend, run_pipeline
+from pipeline.k8s.objects import job_name
+
+NS = "ielts-test"
+pytestmark = pytest.mark.timeout(60)
+
+
+class Emulator:
+    """kmock's KubernetesEmulator on a loopback port, in its own event-loop thread."""
+
+    def __init__(self) -> None:
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+        self._ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.logs: dict[str, str] = {}
+        self._thread = threading.Thread(target=self.loop.run_until_complete, args=(self._main(),), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(20), "kmock did not start"
+
+    async def _main(self) -> None:
+        async with kmock.KubernetesEmulator() as emu, kmock.Server(emu) as server:
+            emu.resources.load_bundled()
+            emu[kmock.subresource("log")] << (lambda req: self.logs.get(req.name, "").encode())
+            self.emu, self.url = emu, str(server.url).rstrip("/")
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self._stop.wait()
+
+    def expire_next_job_watch(self) -> None:
+        gone = {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                            "code": 410, "reason": "Expired", "message": "too old resource version"}}
+        self.loop.call_soon_threadsafe(
+            lambda: self.emu["watch", kmock.resource("batch/v1/jobs")][:1] << (json.dumps(gone) + "\n").encode())
+
+    def requests(self, action: str) -> int:
+        return len(self.emu[action, kmock.resource("batch/v1/jobs")])
+
+    def driver_job_calls(self) -> list[str]:
+        """list/watch calls on Jobs by name (the driver's; the fake cluster lists them all)."""
+        return [str(r.action.value).lower() for r in list(self.emu[kmock.resource("batch/v1/jobs")])
+                if "fieldSelector" in (r.params or {})]
+
+    def api(self) -> k.ApiClient:
+        cfg = k.Configuration()
+        cfg.host = self.url
+        return k.ApiClient(cfg)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def _ts(seconds_ago: float = 0) -> str:
+    return (datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _waiting(reason: str, message: str) -> dict:
+    return {"phase": "Pending", "containerStatuses": [
+        {"name": "c", "image": "ghcr.io/x/finetune:0.1.0", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"waiting": {"reason": reason, "message": message}}}]}
+
+
+def _terminated(stage: str, code: int, reason: str, message: str = "") -> dict:
+    return {"phase": "Failed" if code else "Succeeded", "containerStatuses": [
+        {"name": stage, "image": "img", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"terminated": {"exitCode": code, "reason": reason, "message": message}}}]}
+
+
+class FakeCluster(threading.Thread):
+    """Plays the Job controller and kubelet. ``scenarios[stage]`` picks what happens to that stage's Job."""
+
+    def __init__(self, emulator: Emulator, config, scenarios: dict[str, str]):
+        super().__init__(daemon=True)
+        self.emulator, self.config, self.scenarios = emulator, config, scenarios
+        self.batch, self.core = k.BatchV1Api(emulator.api()), k.CoreV1Api(emulator.api())
+        self.seen: list[str] = []
+        self.done = threading.Event()
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.done.is_set():
+                jobs = json.loads(self.batch.list_namespaced_job(NS, _preload_content=False).data)["items"]
+                for job in jobs:
+                    if job["metadata"]["name"] not in self.seen:
+                        self.seen.append(job["metadata"]["name"])
+                        self.play(job["metadata"]["labels"]["ielts-distill/stage"], job)
+                time.sleep(0.05)
+        except Exception as exc:  # surfaced by _drive: a broken fake must fail the test, not hang it
+            self.error = exc
+            raise
+
+    def pod(self, job, stage: str, index: int, status: dict) -> str:
+        name = f"{job['metadata']['name']}-{index}-x{len(self.seen)}"
+        self.emulator.logs[name] = f"{stage} shard {index} working\nielts-distill job: stage {stage} finished OK\n"
+        labels = {"job-name": job["metadata"]["name"], "batch.kubernetes.io/job-completion-index": str(index)}
+        self.core.create_namespaced_pod(NS, {"metadata": {"name": name, "namespace": NS, "labels": labels,
+                                                          "creationTimestamp": _ts(5)},
+                                             "spec": job["spec"]["template"]["spec"], "status": status},
+                                     _preload_content=False)
+        return name
+
+    def job_status(self, job, status: dict) -> None:
+        self.batch.patch_namespaced_job_status(job["metadata"]["name"], NS, {"status": status}, _preload_content=False)
+
+    def play(self, stage: str, job) -> None:
+        scenario = self.scenarios.get(stage, "success")
+        shards = job["spec"].get("completions") or 1
+        if scenario == "success":
+            pods = [self.pod(job, stage, i, {"phase": "Running"}) for i in range(shards)]
+            time.sleep(0.3)  # the driver is watching by now
+            StageContext(config=self.config, store=store_for(self.config), stage=stage).complete({"items": shards})
+            for name in pods:
+                self.core.patch_namespaced_pod_status(name, NS, {"status": _terminated(stage, 0, "Completed")},
+                                                      _preload_content=False)
+            self.job_status(job, {"succeeded": shards, "conditions": [
+                {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]})
+        elif scenario == "oom":
+            self.pod(job, stage, 0, _terminated(stage, 137, "OOMKilled"))
+            self.job_status(job, {"failed": 1, "conditions": [
+                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                 "message": "Job has reached the specified backoff limit"}]})
+        elif scenario == "crash":
+            self.pod(job, stage, 0, _terminated(stage, 1, "Error", "Traceback...\nerror: stage 'dataset' needs "
+                                                                   "stage 'teacher' to have completed"))
+            self.job_status(job, {"failed": 3, "conditions": [
+                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                 "message": "Job has reached the specified backoff limit"}]})
+        elif scenario == "deadline":
+            self.pod(job, stage, 0, {"phase": "Running"})
+            self.job_status(job, {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                                                  "message": "Job was active longer than specified deadline"}]})
+        elif scenario == "imagepull":
+            self.pod(job, stage, 0, _waiting("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/finetune:0.1.0"'))
+        elif scenario == "secret":
+            self.pod(job, stage, 0, _waiting("CreateContainerConfigError", 'secret "ielts-distill-llm" not found'))
+        elif scenario == "unschedulable":
+            self.pod(job, stage, 0, {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": _ts(60),
+                 "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]})
+        elif scenario == "hang":
+            self.pod(job, stage, 0, {"phase": "Running"})
+
+
+@pytest.fixture
+def emulator():
+    emu = Emulator()
+    yield emu
+    emu.close()
+
+
+def _config(tmp_path, *extra: str):
+    return load_config(None, [f"run.id=t1", f"store.uri={tmp_path / 'store'}", "k8s.store_claim=ielts-store",
+                              f"k8s.namespace={NS}", "k8s.poll_s=0.2", "k8s.pending_grace_s=0", "k8s.wait_timeout_s=20",
+                              "teacher.parallelism=2", "k8s.profile=cloud", *extra])
+
+
+def _drive(emulator, config, scenarios=None, stages=("ingest", "teacher", "dataset"), **kwargs):
+    lines: list[str] = []
+    cluster = FakeCluster(emulator, config, scenarios or {})
+    cluster.start()
+    try:
+        run_pipeline(config, list(stages), backend=KubeBackend(NS, emulator.api()), echo=lines.append, **kwargs)
+        return lines, cluster, None
+    except StageError as exc:
+        return lines, cluster, str(exc)
+    finally:
+        cluster.done.set()
+        cluster.join(5)
+        assert cluster.error is None, cluster.error
+
+
+def test_success_runs_stages_in_order_streams_logs_and_status_reads_the_store(emulator, tmp_path):
+    config = _config(tmp_path)
+    lines, cluster, error = _drive(emulator, config)
+    assert error is None
+    assert cluster.seen == [job_name(config, s) for s in ("ingest", "teacher", "dataset")]
+    assert "[teacher/1] ielts-distill job: stage teacher finished OK" in lines
+    assert "[dataset] complete" in lines or "[dataset/0] dataset shard 0 working" in lines
+    # the Indexed teacher Job as submitted: two completions, JOB_COMPLETION_COUNT set
+    job = k.BatchV1Api(emulator.api()).read_namespaced_job(job_name(config, "teacher"), NS)
+    assert (job.spec.completion_mode, job.spec.completions) == ("Indexed", 2)
+    assert {"name": "JOB_COMPLETION_COUNT", "value": "2"} in [
+        {"name": e.name, "value": e.value} for e in job.spec.template.spec.containers[0].env]
+    # the run's config reached the cluster as a ConfigMap
+    cm = k.CoreV1Api(emulator.api()).read_namespaced_config_map("ielts-t1-config", NS)
+    assert yaml.safe_load(cm.data["config.yaml"])["run"]["id"] == "t1"
+    result = CliRunner().invoke(main, ["status", "--json", "--set", f"store.uri={tmp_path / 'store'}",
+                                       "--set", "run.id=t1"])
+    states = {row["stage"]: row["state"] for row in json.loads(result.output)}
+    assert states["ingest"] == states["teacher"] == states["dataset"] == "done"
+    assert states["finetune"] == "not started"
+
+
+def test_stages_complete_in_the_store_are_skipped(emulator, tmp_path):
+    config = _config(tmp_path)
+    store = store_for(config)
+    for stage in ("ingest", "teacher"):
+        StageContext(config=config, store=store, stage=stage).complete({})
+    lines, cluster, error = _drive(emulator, config)
+    assert error is None
+    assert cluster.seen == [job_name(config, "dataset")]
+    assert any(line.startswith("[ingest] already complete") for line in lines)
+
+
+@pytest.mark.parametrize("scenario, stage, expected", [
+    ("oom", "dataset", ["OOMKilled", "memory limit (8Gi)", "BackoffLimitExceeded"]),
+    ("crash", "dataset", ["exit code 1", "needs stage 'teacher'", "BackoffLimitExceeded"]),
+    ("deadline", "dataset", ["DeadlineExceeded", "active longer than specified deadline",
+                             f"kubectl -n {NS} describe job ielts-t1-dataset"]),
+    ("imagepull", "dataset", ["ImagePullBackOff", "cannot pull image"]),
+    ("secret", "teacher", ["CreateContainerConfigError", 'secret "ielts-distill-llm" not found']),
+    ("unschedulable", "dataset", ["Unschedulable", "Insufficient nvidia.com/gpu"]),
+])
+def test_each_failure_class_is_one_line_with_pod_and_command(emulator, tmp_path, scenario, stage, expected):
+    config = _config(tmp_path)
+    lines, cluster, error = _drive(emulator, config, {stage: scenario})
+    assert error is not None and "\n" not in error
+    assert error.startswith(f"stage {stage} failed: ")
+    for text in expected:
+        assert text in error, (text, error)
+    if scenario != "deadline":
+        assert f"in pod ielts-t1-{stage}-0-" in error and f"kubectl -n {NS} describe pod ielts-t1-{stage}-0-" in error
+    assert cluster.seen[-1] == job_name(config, stage)  # nothing submitted after the failing stage
+
+
+def test_watch_relists_after_410_gone(emulator, tmp_path):
+    config = _config(tmp_path)
+    emulator.expire_next_job_watch()
+    lines, cluster, error = _drive(emulator, config, stages=("ingest",))
+    assert error is None and "[ingest] complete" in lines
+    calls = emulator.driver_job_calls()  # the first watch gets 410 Gone: list again before watching again
+    assert calls[calls.index("watch"):][:3] == ["watch", "list", "watch"], calls
+
+
+def test_timeout_leaves_the_job_running(emulator, tmp_path):
+    config = _config(tmp_path, "k8s.wait_timeout_s=1")
+    lines, cluster, error = _drive(emulator, config, {"ingest": "hang"}, stages=("ingest",))
+    assert error.startswith("stage ingest failed: Timeout") and "k8s.wait_timeout_s" in error
+
+
+@pytest.mark.parametrize("cleanup", [False, True])
+def test_ctrl_c_reports_or_deletes_running_jobs(emulator, tmp_path, cleanup):
+    config = _config(tmp_path)
+    batch = k.BatchV1Api(emulator.api())
+
+    def interrupt_once_running():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not batch.list_namespaced_job(NS).items:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        _drive(emulator, config, {"ingest": "hang"}, stages=("ingest",), cleanup=cleanup)
+    names = [j.metadata.name for j in batch.list_namespaced_job(NS).items]
+    if cleanup:
+        assert names == []
+    else:
+        assert names == ["ielts-t1-ingest"]
+
+
+def test_running_job_is_reattached_not_resubmitted(emulator, tmp_path):
+    config = _config(tmp_path)
+    from pipeline.k8s.objects import build_job
+
+    KubeBackend(NS, emulator.api()).create_job(build_job(config, "ingest"))
+    lines, cluster, error = _drive(emulator, config, stages=("ingest",))
+    assert error is None
+    assert any("already running: attaching" in line for line in lines)
+    assert emulator.requests("create") == 1
+
+
+def test_cli_run_executor_k8s_uses_kubeconfig(emulator, tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": emulator.url}}],
+        "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u", "namespace": NS}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    config = _config(tmp_path)
+    cluster = FakeCluster(emulator, config, {})
+    cluster.start()
+    try:
+        args = ["run", "--executor", "k8s", "--only", "ingest"]
+        for item in ("run.id=t1", f"store.uri={tmp_path / 'store'}", "k8s.store_claim=ielts-store",
+                     f"k8s.namespace={NS}", "k8s.poll_s=0.2"):
+            args += ["--set", item]
+        result = CliRunner().invoke(main, args)
+    finally:
+        cluster.done.set()
+        cluster.join(5)
+    assert result.exit_code == 0, result.output
+    assert "[ingest] complete" in result.output
