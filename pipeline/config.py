@@ -172,6 +172,12 @@ class K8sSection(Section):
     active_deadline_s: int = Field(86_400, ge=60)
     ttl_after_finished_s: int = Field(86_400, ge=0)
     wait_timeout_s: int = Field(172_800, ge=1)
+    s3_endpoint: str | None = None  # S3 endpoint seen from inside the cluster (Jobs' AWS_ENDPOINT_URL_S3)
+    store_claim: str | None = None  # RWX PVC mounted at store.uri when the store is a directory
+    data_claim: str | None = None  # PVC holding data.source, mounted read-only in the ingest Job
+    resources: dict[str, dict[str, str]] = {}  # per stage: {cpu, memory, ephemeral-storage} overrides
+    pending_grace_s: int = Field(600, ge=0)  # driver gives up on an unschedulable / image-pull-failing pod
+    poll_s: float = Field(5.0, gt=0)  # watch window between pod checks (log streams, stuck pods)
 
 
 class RunConfig(Section):
