@@ -1,0 +1,13 @@
+"""Print the runtime requirements from pyproject.toml (torch excluded: installed from its own index).
+
+Usage: python images/base/deps.py [extra,extra...]  -> one requirement per line, for pip -r.
+"""
+
+import sys
+import tomllib
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+deps = [d for d in project["dependencies"] if not d.startswith("torch")]
+for extra in filter(None, (sys.argv[1] if len(sys.argv) > 1 else "").split(",")):
+    deps += project["optional-dependencies"][extra]
+print("\n".join(deps))
