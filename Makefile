@@ -44,3 +44,7 @@ render: $(STAMP)
 
 clean:
 	rm -rf artifacts build .pytest_cache
+
+# One image per stage (+ CUDA variants of finetune/generate) with docker or buildah; see docs/kubernetes.md.
+images:
+	images/build.sh
