@@ -4,13 +4,28 @@ On CPUs that report AMX, llama.cpp puts weights in its AMX buffer type; inside V
 tile state (e.g. Firecracker) the first matrix multiply dies with a general protection fault (SIGSEGV at
 ``ldtilecfg``). Loading the model without llama.cpp's "extra" buffer types avoids that path; it only
 costs some speed, which a 135M demo model does not need. ``IELTS_LLAMA_EXTRA_BUFTS=1`` keeps them.
+
+It also dies with the process that started it (``IELTS_LLAMA_PARENT``): a stage killed by SIGTERM or
+kill -9 never leaves an orphaned server behind.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
+
+
+def _die_with_parent() -> None:
+    parent = int(os.environ.get("IELTS_LLAMA_PARENT") or 0)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
 
 
 def _cpu_has_amx() -> bool:
@@ -21,6 +36,7 @@ def _cpu_has_amx() -> bool:
 
 
 def main() -> None:
+    _die_with_parent()
     import llama_cpp.llama_cpp as lib
 
     if os.environ.get("IELTS_LLAMA_EXTRA_BUFTS") != "1" and _cpu_has_amx():

@@ -476,7 +476,7 @@ def embedded_server(cfg: LLMSection, *, ready_timeout: float = 180.0, n_ctx: int
     logfile = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
     log.info("embedded LLM: starting llama.cpp server for %s on 127.0.0.1:%d (log %s)", model.name, port, logfile.name)
     proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "IELTS_LLAMA_PARENT": str(os.getpid())})
     try:
         deadline = time.monotonic() + ready_timeout
         while True:

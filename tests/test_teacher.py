@@ -341,6 +341,30 @@ def test_embedded_server_starts_and_stops():
         urllib.request.urlopen(f"{live.base_url}/models", timeout=2)
 
 
+@pytest.mark.llm
+def test_embedded_server_dies_with_a_killed_stage(tmp_path):
+    pytest.importorskip("llama_cpp")
+    import urllib.error
+    import urllib.request
+
+    script = ("import sys, time; from pipeline.config import load_config; from pipeline.llm import embedded_server\n"
+              "with embedded_server(load_config('configs/local.yaml').teacher) as live:\n"
+              "    print(live.base_url, flush=True); time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    url = proc.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:")
+    proc.kill()  # kill -9: no finally block runs in the stage
+    proc.wait(10)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=1)
+        except urllib.error.URLError:
+            break  # the server went with its parent
+        assert time.monotonic() < deadline, "llama.cpp server outlived the killed stage"
+        time.sleep(0.3)
+
+
 def test_progress_counts_records(tmp_path, llm, sample_dir):
     from pipeline.stages import teacher
 
