@@ -75,7 +75,7 @@ def test_unknown_variant_is_one_line_error(tmp_path, sample_dir):
 def _run_config(tmp_path, run_id: str, **extra) -> dict:
     return {"run": {"id": run_id}, "store": {"uri": str(tmp_path / "store")},
             "student": {"tiny": True, "device": "cpu"},
-            "finetune": {"variants": ["unstructured"], "batch_size": 4, "max_steps": 30, "save_every": 2,
+            "finetune": {"variants": ["unstructured"], "batch_size": 4, "max_steps": 40, "save_every": 2,
                          "eval_every": 100, "log_every": 1, "learning_rate": 0.003, "max_length": 512,
                          "grad_accum": 2, "lora_dropout": 0.1, **extra}}
 
@@ -104,20 +104,20 @@ def test_kill_9_mid_training_resumes_from_checkpoint(tmp_path, sample_dir, caplo
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     checkpoint = json.loads(latest.read_text())["step"]
-    assert 6 <= checkpoint < 30 and not store.exists("killed/finetune/unstructured/summary.json")
+    assert 6 <= checkpoint < 40 and not store.exists("killed/finetune/unstructured/summary.json")
 
     from pipeline.config import load_config
 
     caplog.set_level("INFO", logger="ielts_distill")
     finetune.run(stage_ctx(load_config(cfg_file), "finetune"))
-    assert f"resuming from checkpoint step {checkpoint} of 30" in caplog.text
+    assert f"resuming from checkpoint step {checkpoint} of 40" in caplog.text
     (tmp_path / "straight.yaml").write_text(yaml.safe_dump(_run_config(tmp_path, "straight")))
     finetune.run(stage_ctx(load_config(tmp_path / "straight.yaml"), "finetune"))
 
     resumed = store.get_jsonl("killed/finetune/unstructured/metrics.jsonl")
     straight = store.get_jsonl("straight/finetune/unstructured/metrics.jsonl")
     steps = [r["step"] for r in resumed if "train_loss" in r]
-    assert steps == list(range(1, 31))  # no step lost or repeated
+    assert steps == list(range(1, 41))  # no step lost or repeated
     for a, b in zip(resumed, straight):
         assert a["step"] == b["step"]
         for key in ("train_loss", "val_loss", "lr"):

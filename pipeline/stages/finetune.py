@@ -21,6 +21,7 @@ import math
 import random
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,21 @@ def tiny_student_texts(ctx: StageContext) -> list[str]:
 def fetch_adapter(ctx: StageContext, variant: str, local_dir: str | Path) -> Path:
     prefix = ctx.input_key("finetune", variant, "adapter")
     return ctx.store.download_dir(prefix, Path(local_dir) / f"adapter-{variant}")
+
+
+@contextmanager
+def cpu_threads(ctx: StageContext):
+    """The tiny student gains nothing from intra-op threads and loses a lot to their synchronisation on a
+    busy machine: run it on one thread (restored afterwards)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if ctx.config.student.tiny:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------- samples and batches
@@ -421,7 +437,7 @@ def run(ctx: StageContext) -> None:
     if missing:
         raise StageError(f"finetune.variants: {', '.join(missing)} not built by the dataset stage "
                          f"(dataset.variants: {', '.join(ctx.config.dataset.variants)})")
-    with tempfile.TemporaryDirectory(prefix="ielts-finetune-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ielts-finetune-") as tmp, cpu_threads(ctx):
         base = None
         for variant in ctx.shard.select(variants):
             if variant_done(ctx, variant):

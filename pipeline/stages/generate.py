@@ -89,7 +89,7 @@ def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.stages.finetune import student_base
+    from pipeline.stages.finetune import cpu_threads, student_base
 
     ctx.require("dataset", "finetune")
     ids = test_ids(ctx)
@@ -100,7 +100,7 @@ def run(ctx: StageContext) -> None:
     todo = sorted({i for ids_ in pending.values() for i in ids_})
     if todo:
         charts = load_test_charts(ctx, todo)
-        with tempfile.TemporaryDirectory(prefix="ielts-generate-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="ielts-generate-") as tmp, cpu_threads(ctx):
             base = student_base(ctx, tmp)
             for name in names:
                 if pending[name]:
