@@ -1,5 +1,5 @@
 #!/bin/sh
-# Build the base image and every stage image; CUDA variants (tag <tag>-cuda) for finetune and generate.
+# Build the base image and every stage image; CUDA variants (<stage>-cuda:<tag>) for finetune and generate.
 #   IMAGE_REGISTRY (ghcr.io/ielts-distill)  IMAGE_TAG (0.1.0)  IMAGE_EXTRAS (e.g. local-llm)
 #   CUDA_STAGES ("finetune generate"; empty: no CUDA builds)  TORCH_CUDA_INDEX (.../whl/cu128)
 #   BUILDER: docker | buildah (default: docker when its daemon answers, else buildah). Rootless buildah
@@ -35,8 +35,8 @@ for stage in $STAGES; do
   build "$REGISTRY/$stage:$TAG" "images/$stage/Dockerfile" --build-arg "BASE_IMAGE=$REGISTRY/base:$TAG"
 done
 if [ -n "$CUDA_STAGES" ]; then
-  build "$REGISTRY/base:$TAG-cuda" images/base/Dockerfile --build-arg "TORCH_INDEX=$CUDA_INDEX"
+  build "$REGISTRY/base-cuda:$TAG" images/base/Dockerfile --build-arg "TORCH_INDEX=$CUDA_INDEX"
   for stage in $CUDA_STAGES; do
-    build "$REGISTRY/$stage:$TAG-cuda" "images/$stage/Dockerfile" --build-arg "BASE_IMAGE=$REGISTRY/base:$TAG-cuda"
+    build "$REGISTRY/$stage-cuda:$TAG" "images/$stage/Dockerfile" --build-arg "BASE_IMAGE=$REGISTRY/base-cuda:$TAG"
   done
 fi

@@ -106,9 +106,9 @@ def gpus(config: RunConfig, stage: str) -> int:
 
 
 def image(config: RunConfig, stage: str) -> str:
-    """``<registry>/<stage>:<tag>``; GPU Jobs run the CUDA build, tagged ``<tag>-cuda``."""
-    tag = config.k8s.image_tag + ("-cuda" if gpus(config, stage) else "")
-    return f"{config.k8s.image_registry.rstrip('/')}/{stage}:{tag}"
+    """``<registry>/<stage>:<tag>``; GPU Jobs run the CUDA build ``<registry>/<stage>-cuda:<tag>``."""
+    name = stage + ("-cuda" if gpus(config, stage) else "")
+    return f"{config.k8s.image_registry.rstrip('/')}/{name}:{config.k8s.image_tag}"
 
 
 def stage_resources(config: RunConfig, stage: str) -> dict[str, str]:
