@@ -21,7 +21,7 @@ log = logging.getLogger("ielts_distill")
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-5s %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "openai", "s3transfer", "filelock"):
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpx2", "httpcore", "openai", "s3transfer", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
