@@ -322,3 +322,20 @@ def test_cli_run_executor_k8s_uses_kubeconfig(emulator, tmp_path, monkeypatch):
         cluster.join(5)
     assert result.exit_code == 0, result.output
     assert "[ingest] complete" in result.output
+
+
+def test_pending_pods_get_a_grace_period_and_deadline_wins():
+    from pipeline.k8s.diagnose import job_verdict, pod_problem
+
+    pulling = {"metadata": {"name": "p", "creationTimestamp": _ts(30)},
+               "status": _waiting("ErrImagePull", "registry timeout")}
+    assert pod_problem(pulling, grace_s=300) is None  # a registry hiccup may resolve itself
+    assert pod_problem(pulling, grace_s=10).reason == "ErrImagePull"
+    stale = {"metadata": {"name": "old", "labels": {"batch.kubernetes.io/controller-uid": "u1"}},
+             "status": _terminated("x", 137, "OOMKilled")}
+    failed = {"metadata": {"uid": "u2"}, "status": {"conditions": [
+        {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "too long"}]}}
+    assert job_verdict(failed, [stale]).reason == "DeadlineExceeded"
+    from pipeline.executors.k8s import _owned_by
+
+    assert not _owned_by(stale, failed) and _owned_by(stale, {"metadata": {"uid": "u1"}})

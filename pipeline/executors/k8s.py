@@ -201,6 +201,14 @@ class LogFollower:
             thread.join(timeout_s)
 
 
+def _owned_by(pod: dict[str, Any], job: dict[str, Any]) -> bool:
+    """False for pods left over from an earlier Job of the same name (another controller uid)."""
+    uid = (job.get("metadata") or {}).get("uid")
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    owner = labels.get("batch.kubernetes.io/controller-uid") or labels.get("controller-uid")
+    return not uid or not owner or owner == uid
+
+
 class Driver:
     def __init__(self, config: RunConfig, store: ArtifactStore, backend: KubeBackend,
                  echo: Callable[[str], None] = click.echo):
@@ -245,7 +253,7 @@ class Driver:
                     job, rv = self.backend.read_job(name)
                     if job is None:
                         raise StageError(f"stage {stage}: job {name} was deleted while the driver waited for it")
-                pods = self.backend.list_pods(name)
+                pods = [p for p in self.backend.list_pods(name) if _owned_by(p, job)]
                 logs.follow(pods)
                 verdict = job_verdict(job, pods) or next(
                     (v for v in (pod_problem(p, kc.pending_grace_s) for p in pods) if v), None)
@@ -268,8 +276,13 @@ class Driver:
 
     def interrupted(self, cleanup: bool) -> None:
         """After Ctrl-C: say which Jobs still run, or delete them (--cleanup)."""
-        running = [j["metadata"]["name"] for j in self.backend.list_jobs(run_selector(self.config))
-                   if job_verdict(j) is None]
+        try:
+            running = [j["metadata"]["name"] for j in self.backend.list_jobs(run_selector(self.config))
+                       if job_verdict(j) is None]
+        except (ApiException, PipelineError, urllib3.exceptions.HTTPError) as exc:
+            self.echo(f"could not list this run's jobs ({exc}); check: kubectl -n {self.ns} get jobs "
+                      f"-l {run_selector(self.config)}")
+            return
         if not running:
             self.echo("no jobs of this run are still running")
             return
