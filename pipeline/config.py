@@ -152,6 +152,9 @@ class JudgeSection(LLMSection):
         ("unstructured", "structured"),
     ]
     limit: int | None = Field(None, ge=1)
+    # Constrain the answer to exactly "<FIRST>" or "<SECOND>" with a GBNF grammar in the request body
+    # (llama.cpp servers, e.g. the embedded demo judge, which cannot follow the format otherwise).
+    answer_grammar: bool = False
 
 
 class ReportSection(Section):

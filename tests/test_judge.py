@@ -66,6 +66,7 @@ def test_fair_judge_both_orders_with_image(store_uri, sample_dir, tmp_path):
     with FakeLLM(reply=fair, key_pattern=TITLE_KEY) as llm:
         config, store = setup_run(store_uri, sample_dir, tmp_path, llm, "judge.vision=true")
         assert run_stage(config, store, "judge")
+    assert not any("grammar" in r for r in llm.requests)  # only when asked for
     charts = {c["id"]: c for c in split_charts(store, config)}
     rows = verdicts(store, config)
     assert len(rows) == len(llm.requests) == 3 * len(charts) * 2  # one request per (comparison, chart, order)
@@ -92,9 +93,11 @@ def test_fair_judge_both_orders_with_image(store_uri, sample_dir, tmp_path):
 
 def test_position_biased_judge_gives_ties(tmp_path, sample_dir):
     with FakeLLM(reply=lambda request, key: "<FIRST>", key_pattern=TITLE_KEY) as llm:
-        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm, "judge.vision=false")
+        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm, "judge.vision=false",
+                                  "judge.answer_grammar=true")
         assert run_stage(config, store, "judge")
     assert all(isinstance(r["messages"][0]["content"], str) for r in llm.requests)  # no image without vision
+    assert all(r["grammar"] == judge.GRAMMAR for r in llm.requests)  # llama.cpp's constrained answer
     rows = verdicts(store, config)
     assert {(r["order"], r["verdict"]) for r in rows} == {("ab", "a"), ("ba", "b")}
     by_pair: dict[tuple, list[str]] = {}

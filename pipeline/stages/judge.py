@@ -87,8 +87,12 @@ def messages_for(prompt: str, image: bytes | None, image_format: str = "png") ->
                                          {"type": "image_url", "image_url": {"url": url}}]}]
 
 
-async def judge_one(client, item: Item, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ask, parse, ask once more with a reminder if the answer names neither or both; the record."""
+GRAMMAR = 'root ::= "<FIRST>" | "<SECOND>"'  # GBNF (llama.cpp) for judge.answer_grammar
+
+
+async def judge_one(client, item: Item, messages: list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:
+    """Ask, parse, ask once more with a reminder if the answer names neither or both; the record.
+    ``overrides`` go to every ``client.chat`` call (e.g. the grammar's ``extra_body``)."""
     from pipeline.llm import FatalLLMError, LLMError
 
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -96,7 +100,7 @@ async def judge_one(client, item: Item, messages: list[dict[str, Any]]) -> dict[
     convo = list(messages)
     for attempts in (1, 2):
         try:
-            done = await client.chat(convo)
+            done = await client.chat(convo, **overrides)
         except FatalLLMError:
             raise
         except LLMError as exc:  # failed for good after the client's retries: keep why, never guess
@@ -185,6 +189,7 @@ def run(ctx: StageContext) -> None:
     ctx.log.info("judge: %d requests planned (%d comparisons x 2 orders), %d pending in shard %s; judge %s%s",
                  len(plan.items), len(ctx.config.judge.comparisons), len(pending), ctx.shard, llm_cfg.model,
                  " with the chart image" if llm_cfg.vision else "")
+    overrides = {"extra_body": {"grammar": GRAMMAR}} if ctx.config.judge.answer_grammar else {}
     image_of = functools.lru_cache(maxsize=256)(lambda key: ctx.store.get_bytes(key))
 
     async def handle(item: Item, client) -> dict[str, Any]:
@@ -193,7 +198,8 @@ def run(ctx: StageContext) -> None:
         prompt = build_prompt(template, chart["title"], plan.golden[item.chart_id],
                               plan.essays[first][item.chart_id], plan.essays[second][item.chart_id])
         image = await asyncio.to_thread(image_of, chart["image"]) if llm_cfg.vision else None
-        return await judge_one(client, item, messages_for(prompt, image, chart.get("image_format", "png")))
+        return await judge_one(client, item, messages_for(prompt, image, chart.get("image_format", "png")),
+                               **overrides)
 
     if pending:
         run_stage_items(ctx, llm_cfg, plan.items, handle, item_id=lambda i: i.id, noun="requests",
