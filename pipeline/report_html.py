@@ -40,6 +40,21 @@ def verdict_sentence(c: dict[str, Any]) -> str:
     return f"{c['a']} vs {c['b']}: the 95 % interval {_ci(c['ci95'])} excludes 50 %: {better} is preferred."
 
 
+def caveats(c: dict[str, Any]) -> list[str]:
+    """Warnings a reader needs before trusting the rate: position bias, invalid answers, length control."""
+    out = []
+    swap = c["swap_consistency"]
+    if swap is not None and swap < 0.5:
+        out.append(f"{c['a']} vs {c['b']}: swap consistency {_pct(swap)}: most verdicts follow the position, "
+                   "not the essays (they count as ties); a stronger judge is needed.")
+    if c["n"] and c["invalid"] / c["n"] > 0.2:
+        out.append(f"{c['a']} vs {c['b']}: {c['invalid']} of {c['n']} pairs invalid: the judge does not follow "
+                   "the answer format.")
+    if c["length_controlled"]["note"]:
+        out.append(f"{c['a']} vs {c['b']}: length-controlled rate: {c['length_controlled']['note']}")
+    return out
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -151,9 +166,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         for t, tc in c["by_type"].items():
             lines.append(_comparison_rows(tc, f"&nbsp;&nbsp;{t}"))
     lines += [""] + [f"- {verdict_sentence(c)}" for c in summary["comparisons"]]
-    lc_notes = [f"- {c['a']} vs {c['b']}: length-controlled rate: {c['length_controlled']['note']}"
-                for c in summary["comparisons"] if c["length_controlled"]["note"]]
-    lines += lc_notes + ["", "![win rates](win_rates.png)", ""]
+    lines += [f"- {line}" for c in summary["comparisons"] for line in caveats(c)]
+    lines += ["", "![win rates](win_rates.png)", ""]
     lines += _markdown_quality(summary) + _markdown_training(summary)
     return "\n".join(lines) + "\n"
 
@@ -241,9 +255,7 @@ def _section_comparisons(summary: dict[str, Any], figures: dict[str, bytes]) -> 
     table = _html_table(["comparison / chart type", "n", "wins / losses / ties / invalid", "win rate",
                          "95 % CI (Wilson)", "length-controlled", "swap consistency", "CI includes 50 %"], rows)
     sentences = "".join(f"<li>{_e(verdict_sentence(c))}</li>" for c in summary["comparisons"])
-    sentences += "".join(f"<li class='note'>{_e(c['a'])} vs {_e(c['b'])}: length-controlled rate: "
-                         f"{_e(c['length_controlled']['note'])}</li>"
-                         for c in summary["comparisons"] if c["length_controlled"]["note"])
+    sentences += "".join(f"<li class='note'>{_e(line)}</li>" for c in summary["comparisons"] for line in caveats(c))
     fig = (f"<img class='fig' alt='win rates per comparison and chart type' src='{data_uri(figures['win_rates.png'])}'>"
            if "win_rates.png" in figures else "<p class='note'>No comparisons were judged.</p>")
     return (f"<h2>Win rates</h2>{table}<ul>{sentences}</ul>{fig}"

@@ -120,6 +120,8 @@ def test_markdown_says_when_the_interval_includes_half(report):
     md = (report["dir"] / "report.md").read_text()
     assert "unstructured vs structured: the 95 % interval [" in md and "includes 50 %" in md
     assert "structured vs baseline: the 95 % interval [64.6, 100.0] excludes 50 %: structured is preferred" in md
+    assert "unstructured vs structured: swap consistency 0.0 %: most verdicts follow the position" in md
+    assert "structured vs baseline: swap consistency" not in md
     assert "![win rates](win_rates.png)" in md and (report["dir"] / "win_rates.png").is_file()
 
 
