@@ -14,7 +14,6 @@ from typing import Any
 
 LABELS = {"teacher": "golden (teacher)", "baseline": "baseline", "structured": "fine-tuned structured",
           "unstructured": "fine-tuned unstructured"}
-MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
 
 
 def _pct(v: float | None) -> str:
@@ -315,6 +314,7 @@ def _essay_card(model: str, text: str | None, modes: list[str], words: int | Non
 def _section_gallery(summary: dict[str, Any], inputs, ctx) -> str:
     from pipeline.essays import word_count
     from pipeline.quality import failure_modes
+    from pipeline.stages.judge import image_mime
     from pipeline.stages.report import MODEL_VARIANT, ORDERS
     from pipeline.stats import combine
 
@@ -327,7 +327,7 @@ def _section_gallery(summary: dict[str, Any], inputs, ctx) -> str:
         chart = inputs.charts.get(cid, {})
         img = ""
         if chart.get("image") and ctx.store.exists(chart["image"]):
-            mime = MIME.get(str(chart.get("image_format", "png")).lower(), "image/png")
+            mime = image_mime(chart.get("image_format"))
             img = f"<img class='src' alt='chart {_e(cid)}' src='{data_uri(ctx.store.get_bytes(chart['image']), mime)}'>"
         essays = []
         for model in inputs.models:

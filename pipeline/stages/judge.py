@@ -30,7 +30,7 @@ ORDERS = ("ab", "ba")
 REMINDER = "Answer with exactly one word: <FIRST> or <SECOND>."
 _TAG = re.compile(r"<\s*(FIRST|SECOND)\s*>", re.I)
 _WORD = re.compile(r"\b(FIRST|SECOND)\b", re.I)
-MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
+MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,17 @@ class Item:
 
 
 def load_template(name: str) -> str:
-    path = resources.files("pipeline") / "prompts" / f"judge_{name}.txt"
-    if not path.is_file():
-        known = sorted(p.name[6:-4] for p in (resources.files("pipeline") / "prompts").iterdir()
+    from pipeline.prompts import read_prompt
+
+    if not (resources.files("pipeline.prompts") / f"judge_{name}.txt").is_file():
+        known = sorted(p.name[6:-4] for p in resources.files("pipeline.prompts").iterdir()
                        if p.name.startswith("judge_") and p.name.endswith(".txt"))
         raise StageError(f"judge.template {name!r}: no pipeline/prompts/judge_{name}.txt (known: {', '.join(known)})")
-    return path.read_text(encoding="utf-8")
+    return read_prompt(f"judge_{name}.txt")
+
+
+def image_mime(image_format: str | None) -> str:
+    return MIME.get(str(image_format or "png").lower(), "image/png")
 
 
 def build_prompt(template: str, title: str, golden: str, first: str, second: str) -> str:
@@ -82,7 +87,7 @@ def parse_choice(text: str) -> str | None:
 def messages_for(prompt: str, image: bytes | None, image_format: str = "png") -> list[dict[str, Any]]:
     if image is None:
         return [{"role": "user", "content": prompt}]
-    url = f"data:{MIME.get(image_format, 'image/png')};base64,{base64.b64encode(image).decode('ascii')}"
+    url = f"data:{image_mime(image_format)};base64,{base64.b64encode(image).decode('ascii')}"
     return [{"role": "user", "content": [{"type": "text", "text": prompt},
                                          {"type": "image_url", "image_url": {"url": url}}]}]
 
