@@ -81,9 +81,15 @@ class DatasetSection(Section):
     validation: float = Field(0.15, gt=0, lt=1)
     seed: str = "ielts-distill"  # salt of the stable hash that assigns charts to splits
     variants: list[Variant] = ["structured", "unstructured"]
-    # An accepted essay without step markers but with >= 3 prose paragraphs is read as description,
-    # body paragraphs, overview (first, middle, last); off: such essays are left out of both variants.
-    infer_structure: bool = True
+    # An accepted essay without step markers: "paragraphs" reads >= 3 prose paragraphs as description,
+    # body, overview (first, middle, last); "sentences" also splits shorter prose by sentences (for weak
+    # offline teachers); "off" leaves such essays out of both variants. true/false mean paragraphs/off.
+    infer_structure: Literal["off", "paragraphs", "sentences"] = "paragraphs"
+
+    @field_validator("infer_structure", mode="before")
+    @classmethod
+    def _bool_infer(cls, v: Any) -> Any:
+        return {True: "paragraphs", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _fractions_sum(self) -> "DatasetSection":

@@ -195,3 +195,19 @@ def test_push_dataset_cli_needs_a_built_dataset(tmp_path):
                           "--push-to-hub", "someone/essays"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and out.stderr.strip().startswith("error: ") and "dataset" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_sentence_inference_for_short_unmarked_prose():
+    from pipeline.essays import EssayFormatError
+    from pipeline.stages.dataset import structure_of
+
+    prose = ("The chart shows sales in 2019. Sales rose by 10% in May. They fell in June.\n\n"
+             "Overall, sales grew.")
+    steps, inferred = structure_of(prose, "sentences")
+    assert inferred and steps.description == "The chart shows sales in 2019."
+    assert steps.paragraphs == ["Sales rose by 10% in May. They fell in June."]
+    assert steps.overview == "Overall, sales grew."
+    with pytest.raises(EssayFormatError):
+        structure_of(prose, "paragraphs")  # two paragraphs are not enough without sentence inference
+    with pytest.raises(EssayFormatError):
+        structure_of("Only one sentence here.", "sentences")

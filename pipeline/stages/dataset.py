@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -58,15 +59,24 @@ def assign_splits(chart_ids: list[str], cfg: DatasetSection) -> dict[str, str]:
 # --------------------------------------------------------------------------- essays -> variants
 
 
-def structure_of(essay: str, infer: bool) -> tuple[StructuredEssay, bool]:
-    """(steps, inferred): with ``infer``, plain prose of >= 3 paragraphs is read as first/middle/last."""
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"”]?\s+(?=[\"“(]?[A-Z0-9])")
+
+
+def structure_of(essay: str, infer: str) -> tuple[StructuredEssay, bool]:
+    """(steps, inferred): an essay without step markers is read as first / middle / last paragraph
+    (``infer="paragraphs"``), or, when it has fewer than 3 paragraphs, first / middle / last sentence
+    (``infer="sentences"``)."""
     try:
         return parse_structured(essay), False
     except EssayFormatError:
-        paragraphs = essay_paragraphs(essay)
-        if not infer or len(paragraphs) < 3:
+        parts = essay_paragraphs(essay)
+        if infer == "sentences" and len(parts) < 3:
+            parts = [s.strip() for s in _SENTENCE_END.split(" ".join(parts)) if s.strip()]
+            if len(parts) >= 3:
+                return StructuredEssay(parts[0], [" ".join(parts[1:-1])], parts[-1]), True
+        if infer == "off" or len(parts) < 3:
             raise
-        return StructuredEssay(paragraphs[0], paragraphs[1:-1], paragraphs[-1]), True
+        return StructuredEssay(parts[0], parts[1:-1], parts[-1]), True
 
 
 def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg: DatasetSection
