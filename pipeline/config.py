@@ -34,7 +34,8 @@ class StoreSection(Section):
 
 class DataSection(Section):
     source: str = "../shared/data/chart2text-sample"  # manifest folder or Chart-to-Text checkout
-    limit: int | None = Field(None, ge=1)  # first N charts in a stable order
+    limit: int | None = Field(None, ge=1)  # first N charts in a stable order (after stride)
+    stride: int = Field(1, ge=1)  # take every k-th chart: a small run that still spans the chart types
     max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard per image
     min_side: int = Field(32, ge=1)  # smaller images are rejected as unreadable charts
 

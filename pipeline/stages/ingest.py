@@ -205,7 +205,7 @@ def run(ctx: StageContext) -> None:
     from tqdm import tqdm
 
     cfg = ctx.config.data
-    candidates = read_source(cfg.source)
+    candidates = read_source(cfg.source)[:: cfg.stride]
     if cfg.limit:
         candidates = candidates[: cfg.limit]
     counts = Counter(c.id for c in candidates)
