@@ -46,5 +46,6 @@ clean:
 	rm -rf artifacts build .pytest_cache
 
 # One image per stage (+ CUDA variants of finetune/generate) with docker or buildah; see docs/kubernetes.md.
+.PHONY: images
 images:
 	images/build.sh

@@ -2,6 +2,7 @@
 # Build the base image and every stage image; CUDA variants (<stage>-cuda:<tag>) for finetune and generate.
 #   IMAGE_REGISTRY (ghcr.io/ielts-distill)  IMAGE_TAG (0.1.0)  IMAGE_EXTRAS (e.g. local-llm)
 #   CUDA_STAGES ("finetune generate"; empty: no CUDA builds)  TORCH_CUDA_INDEX (.../whl/cu128)
+#   PYTHON_IMAGE, TORCH_VERSION, TORCH_INDEX (CPU wheels), PIP_FIND_LINKS: base build args, when set
 #   BUILDER: docker | buildah (default: docker when its daemon answers, else buildah). Rootless buildah
 #   inside a container: BUILDAH_STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot (the defaults here).
 set -eu
@@ -30,12 +31,21 @@ build() {  # build IMAGE DOCKERFILE [--build-arg K=V ...]
   esac
 }
 
-build "$REGISTRY/base:$TAG" images/base/Dockerfile --build-arg "EXTRAS=${IMAGE_EXTRAS:-}"
+# Optional base overrides, passed only when set: PYTHON_IMAGE, TORCH_VERSION, TORCH_INDEX (CPU), PIP_FIND_LINKS.
+set --
+for arg in PYTHON_IMAGE TORCH_VERSION PIP_FIND_LINKS; do
+  eval "value=\${$arg:-}"
+  if [ -n "$value" ]; then set -- "$@" --build-arg "$arg=$value"; fi
+done
+if [ -n "${TORCH_INDEX:-}" ]; then cpu_index="--build-arg TORCH_INDEX=$TORCH_INDEX"; else cpu_index=""; fi
+
+# shellcheck disable=SC2086  # cpu_index is one word or none
+build "$REGISTRY/base:$TAG" images/base/Dockerfile --build-arg "EXTRAS=${IMAGE_EXTRAS:-}" $cpu_index "$@"
 for stage in $STAGES; do
   build "$REGISTRY/$stage:$TAG" "images/$stage/Dockerfile" --build-arg "BASE_IMAGE=$REGISTRY/base:$TAG"
 done
 if [ -n "$CUDA_STAGES" ]; then
-  build "$REGISTRY/base-cuda:$TAG" images/base/Dockerfile --build-arg "TORCH_INDEX=$CUDA_INDEX"
+  build "$REGISTRY/base-cuda:$TAG" images/base/Dockerfile --build-arg "TORCH_INDEX=$CUDA_INDEX" "$@"
   for stage in $CUDA_STAGES; do
     build "$REGISTRY/$stage-cuda:$TAG" "images/$stage/Dockerfile" --build-arg "BASE_IMAGE=$REGISTRY/base-cuda:$TAG"
   done
