@@ -57,6 +57,9 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
         text = "---\n".join(f.read_text() for f in files)
         assert FAKE_KEY not in text and FAKE_S3 not in text
         out[name] = _docs(text)
+        if shutil.which("kubectl"):  # the folder is a kustomization: kubectl apply -k DIR
+            proc = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0 and len(_docs(proc.stdout)) == len(files), proc.stderr
     return out
 
 
