@@ -197,8 +197,10 @@ class LogFollower:
             log.debug("log stream of %s ended: %s", pod, exc)
 
     def close(self, timeout_s: float = 5.0) -> None:
+        """Let finished pods' streams drain, for ``timeout_s`` in all (running pods' threads are daemons)."""
+        deadline = time.monotonic() + timeout_s
         for thread in self.threads.values():
-            thread.join(timeout_s)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _owned_by(pod: dict[str, Any], job: dict[str, Any]) -> bool:
@@ -214,7 +216,6 @@ class Driver:
                  echo: Callable[[str], None] = click.echo):
         self.config, self.store, self.backend, self.echo = config, store, backend, echo
         self.ns = config.k8s.namespace
-        self.submitted: list[str] = []
 
     def run_stage(self, stage: str, force: bool) -> None:
         ctx = StageContext(config=self.config, store=self.store, stage=stage)
@@ -232,7 +233,6 @@ class Driver:
                 self.backend.delete_job(name)  # a finished (or forced) Job of an earlier attempt
             self.backend.create_job(build_job(self.config, stage))
             self.echo(f"[{stage}] submitted job {name} (namespace {self.ns})")
-        self.submitted.append(name)
         verdict = self.wait(stage, name)
         if not verdict.ok:
             raise StageError(verdict.line(stage, self.ns, name))
