@@ -78,3 +78,21 @@ def test_generate_needs_finetune(tmp_path, sample_dir):
     write_dataset(open_store(config.store.uri), "t", sample_dir, sizes=(2, 2, 2))
     with pytest.raises(StageError, match="needs stage 'finetune'"):
         generate.run(stage_ctx(config, "generate"))
+
+
+@pytest.mark.s3
+def test_finetune_then_generate_on_s3(s3_bucket, sample_dir):
+    """Both stages against a real S3 server: the tiny student, adapters and records go through the store."""
+    from pipeline.stages import finetune
+    from student_fixtures import student_config, write_dataset
+
+    config = student_config(s3_bucket, finetune__max_steps=2, finetune__eval_every=2, finetune__save_every=1,
+                            generate__limit=2)
+    store = open_store(s3_bucket)
+    write_dataset(store, "t", sample_dir, sizes=(6, 2, 3))
+    finetune.run(stage_ctx(config, "finetune"))
+    generate.run(stage_ctx(config, "generate"))
+    assert store.exists("t/finetune/student/model.safetensors")
+    assert store.exists("t/finetune/structured/adapter/adapter_model.safetensors")
+    rows = store.get_jsonl("t/generate/essays.jsonl")
+    assert len(rows) == 6 and {r["model"] for r in rows} == set(MODELS)

@@ -65,12 +65,22 @@ class Encoded:
         return len(self.input_ids)
 
 
+def shrink(image, processor):
+    """RGB, and box-filtered down to at most twice the processor's longest edge when it is far larger (a
+    cheap integer ``reduce`` before the processor's own LANCZOS resize; a no-op at SmolVLM's 1536 px)."""
+    size = processor.image_processor.size
+    edge = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+    image = image.convert("RGB")
+    factor = max(image.size) // (2 * edge) if edge else 0
+    return image.reduce(factor) if factor >= 2 else image
+
+
 def encode(processor, image, title: str, essay: str | None = None, max_length: int | None = None) -> Encoded:
     """Encode one chart (and, for training, its essay). Long answers are cut to ``max_length``; a prompt
     that alone exceeds it raises ValueError (the image tokens are never cut)."""
     import torch
 
-    batch = processor(text=[prompt_text(processor, title)], images=[[image.convert("RGB")]],
+    batch = processor(text=[prompt_text(processor, title)], images=[[shrink(image, processor)]],
                       return_tensors="pt")
     ids = batch["input_ids"][0].tolist()
     prompt_len = len(ids)

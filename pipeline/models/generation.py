@@ -2,9 +2,9 @@
 
 How a batch is run (greedy, the default):
 1. prompts are encoded once and sorted by length, so a batch holds prompts of similar length;
-2. prefill runs in micro-batches (``prefill_batch``: 1 on CPU, the whole batch on a GPU): on a CPU one
-   prompt at a time keeps the vision tower's and the text model's activations in cache and is faster than
-   one padded [B, L] pass;
+2. prefill runs in micro-batches (``prefill_batch``: the whole batch on a GPU; on a CPU as many prompts as
+   keep the activations within the CPU's caches, one at a time for SmolVLM: faster than one padded
+   [B, L] pass that spills to memory);
 3. the micro-batches' KV caches are left-padded to one length and stacked, and the whole batch decodes
    together with ``model.generate`` (the attention mask hides the padding).
 Each item's prefill is then exactly what a one-by-one run computes, and decoding is batched. Sampling
@@ -14,8 +14,10 @@ Each item's prefill is then exactly what a one-by-one run computes, and decoding
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,10 +37,14 @@ def stop_ids(processor) -> list[int]:
     return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
 
 
+def _base(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _cache_kwarg(model) -> str:
     """``cache`` in recent transformers 5.x, ``past_key_values`` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(_base(model).forward).parameters else "past_key_values"
 
 
 def _to_device(batch: dict[str, Any], model) -> dict[str, Any]:
@@ -58,7 +64,7 @@ def _left_pad(t, length: int, dim: int, value: float = 0):
     return F.pad(t, pad, value=value)
 
 
-def _prefill(model, items: list[Encoded], pad_id: int, micro: int, cache_kwarg: str):
+def _prefill(model, items: list[Encoded], pad_id: int, micro: int):
     """Run the prompts in micro-batches; return (input ids, attention mask, stacked cache, first tokens)."""
     import torch
     from transformers import DynamicCache
@@ -77,8 +83,8 @@ def _prefill(model, items: list[Encoded], pad_id: int, micro: int, cache_kwarg: 
     mask = torch.cat([_left_pad(p[1], width, 1) for p in parts])
     layers = [(torch.cat([_left_pad(p[2][n][0], width, 2) for p in parts]),
                torch.cat([_left_pad(p[2][n][1], width, 2) for p in parts])) for n in range(len(parts[0][2]))]
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    return ids, mask, DynamicCache(ddp_cache_data=layers, config=config), torch.cat([p[3] for p in parts])
+    cache = DynamicCache(ddp_cache_data=layers, config=_base(model).config)
+    return ids, mask, cache, torch.cat([p[3] for p in parts])
 
 
 def _generate_batch(model, items: list[Encoded], *, pad_id: int, stops: list[int], max_new_tokens: int,
@@ -92,7 +98,7 @@ def _generate_batch(model, items: list[Encoded], *, pad_id: int, stops: list[int
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, **common)
         return out[:, batch["input_ids"].shape[1]:].tolist()
     kwarg = _cache_kwarg(model)
-    ids, mask, cache, first = _prefill(model, items, pad_id, prefill_batch, kwarg)
+    ids, mask, cache, first = _prefill(model, items, pad_id, prefill_batch)
     if max_new_tokens == 1:
         return first[:, None].tolist()
     ids = torch.cat([ids, first[:, None]], dim=1)
@@ -102,22 +108,39 @@ def _generate_batch(model, items: list[Encoded], *, pad_id: int, stops: list[int
     return out[:, ids.shape[1] - 1:].tolist()
 
 
+CPU_PREFILL_BYTES = 4 << 20  # activations of one prefill micro-batch that still fit a CPU's caches
+
+
+def default_prefill_batch(model, items: list[Encoded], batch_size: int) -> int:
+    """The whole batch on a GPU; on a CPU as many prompts as keep the widest activation (the text MLP's or
+    the vision MLP's) within CPU_PREFILL_BYTES: 1 for SmolVLM-sized models, the whole batch for the tiny one."""
+    if next(model.parameters()).device.type != "cpu" or not items:
+        return batch_size
+    config = _base(model).config
+    text, vision = config.text_config, config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    widest = max(max(len(x) for x in items) * text.intermediate_size,
+                 max(x.pixel_values.shape[0] for x in items) * patches * vision.intermediate_size)
+    return max(1, min(batch_size, CPU_PREFILL_BYTES // (4 * widest)))
+
+
 def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_new_tokens: int,
                     batch_size: int, do_sample: bool = False, sort_by_length: bool = True,
                     prefill_batch: int | None = None,
                     on_batch: Callable[[list[int], list[GenerationResult]], None] | None = None
                     ) -> list[GenerationResult]:
-    """One essay per ``(PIL image, title)``, greedy unless ``do_sample``. ``prefill_batch`` defaults to 1
-    on CPU and ``batch_size`` on CUDA. ``on_batch(indices, results)`` runs after each batch (indices into
+    """One essay per ``(PIL image, title)``, greedy unless ``do_sample``. ``prefill_batch``: see
+    ``default_prefill_batch``. ``on_batch(indices, results)`` runs after each batch (indices into
     ``charts``), so a caller can store results as they come."""
     import torch
 
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stops = stop_ids(processor)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL resizes without the GIL
+        encoded = list(pool.map(lambda chart: encode(processor, *chart), charts))
     if prefill_batch is None:
-        prefill_batch = batch_size if next(model.parameters()).device.type == "cuda" else 1
-    encoded = [encode(processor, image, title) for image, title in charts]
+        prefill_batch = default_prefill_batch(model, encoded, batch_size)
     order = list(range(len(charts)))
     if sort_by_length:
         order.sort(key=lambda i: len(encoded[i]))
