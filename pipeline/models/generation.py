@@ -2,12 +2,11 @@
 
 How a batch is run (greedy, the default):
 1. prompts are encoded once and sorted by length, so a batch holds prompts of similar length;
-2. prefill runs in micro-batches (``prefill_batch``: the whole batch on a GPU; on a CPU as many prompts as
-   keep the activations within the CPU's caches, one at a time for SmolVLM: faster than one padded
-   [B, L] pass that spills to memory);
+2. the batch is prefilled (in micro-batches of ``prefill_batch`` when memory is short), with position ids
+   counting real tokens only, so left padding does not shift the rotary positions;
 3. the micro-batches' KV caches are left-padded to one length and stacked, and the whole batch decodes
    together with ``model.generate`` (the attention mask hides the padding).
-Each item's prefill is then exactly what a one-by-one run computes, and decoding is batched. Sampling
+Greedy outputs equal one-by-one generation token for token (tests/test_models.py). Sampling
 (``do_sample``) uses one plain ``generate`` call per batch. Results come back in the caller's order.
 """
 
@@ -108,29 +107,13 @@ def _generate_batch(model, items: list[Encoded], *, pad_id: int, stops: list[int
     return out[:, ids.shape[1] - 1:].tolist()
 
 
-CPU_PREFILL_BYTES = 4 << 20  # activations of one prefill micro-batch that still fit a CPU's caches
-
-
-def default_prefill_batch(model, items: list[Encoded], batch_size: int) -> int:
-    """The whole batch on a GPU; on a CPU as many prompts as keep the widest activation (the text MLP's or
-    the vision MLP's) within CPU_PREFILL_BYTES: 1 for SmolVLM-sized models, the whole batch for the tiny one."""
-    if next(model.parameters()).device.type != "cpu" or not items:
-        return batch_size
-    config = _base(model).config
-    text, vision = config.text_config, config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    widest = max(max(len(x) for x in items) * text.intermediate_size,
-                 max(x.pixel_values.shape[0] for x in items) * patches * vision.intermediate_size)
-    return max(1, min(batch_size, CPU_PREFILL_BYTES // (4 * widest)))
-
-
 def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_new_tokens: int,
                     batch_size: int, do_sample: bool = False, sort_by_length: bool = True,
                     prefill_batch: int | None = None,
                     on_batch: Callable[[list[int], list[GenerationResult]], None] | None = None
                     ) -> list[GenerationResult]:
-    """One essay per ``(PIL image, title)``, greedy unless ``do_sample``. ``prefill_batch``: see
-    ``default_prefill_batch``. ``on_batch(indices, results)`` runs after each batch (indices into
+    """One essay per ``(PIL image, title)``, greedy unless ``do_sample``. ``prefill_batch`` (default: the
+    whole batch) prefills a batch in smaller micro-batches, which bounds prefill memory. ``on_batch(indices, results)`` runs after each batch (indices into
     ``charts``), so a caller can store results as they come."""
     import torch
 
@@ -139,8 +122,7 @@ def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_
     stops = stop_ids(processor)
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL resizes without the GIL
         encoded = list(pool.map(lambda chart: encode(processor, *chart), charts))
-    if prefill_batch is None:
-        prefill_batch = default_prefill_batch(model, encoded, batch_size)
+    prefill_batch = prefill_batch or batch_size
     order = list(range(len(charts)))
     if sort_by_length:
         order.sort(key=lambda i: len(encoded[i]))
