@@ -139,7 +139,9 @@ def status(config: RunConfig, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    click.echo(f"run {config.run.id} in {rows[0]['store'] if rows else config.store.uri}")
+    from pipeline.context import store_for
+
+    click.echo(f"run {config.run.id} in {store_for(config).url(config.run.id)}")
     for row in rows:
         click.echo(f"  {row['stage']:<9} {row['state']:<12} {row['detail']}")
 
