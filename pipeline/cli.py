@@ -147,11 +147,13 @@ def status(config: RunConfig, as_json: bool) -> None:
 
 
 @main.command()
+@config_options
 @click.argument("source", type=click.File("rb"), default="-")
-def unstructure(source) -> None:
+def unstructure(config: RunConfig, source) -> None:
     """Filter: a structured essay (SOURCE or stdin) -> the plain-paragraph essay on stdout.
 
     Exits non-zero with a one-line reason when the input has no recognisable three-step structure.
+    (--config/--set are accepted like everywhere; the transform itself has no settings.)
     """
     from pipeline.essays import EssayFormatError
     from pipeline.essays import unstructure as strip_structure
