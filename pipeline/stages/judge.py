@@ -214,16 +214,14 @@ def run(ctx: StageContext) -> None:
 
 def finish(ctx: StageContext, plan: Plan) -> None:
     """Write verdicts.jsonl and _SUCCESS once every shard's records exist."""
-    from pipeline.records import safe_id
-
     records = ctx.records()
-    done = records.done_ids()
-    missing = [i.id for i in plan.items if safe_id(i.id) not in done]
+    ids = [i.id for i in plan.items]
+    missing = records.pending(ids)
     if missing:
         ctx.log.info("judge: %d of %d records exist; waiting for the other shards", len(plan.items) - len(missing),
                      len(plan.items))
         return
-    rows = list(records.read_all([i.id for i in plan.items]))
+    rows = list(records.read_all(ids))
     ctx.store.put_jsonl(ctx.key("verdicts.jsonl"), rows)
     counts = Counter(r["verdict"] for r in rows)
     ctx.complete({"requests": len(rows), "invalid": counts.get("invalid", 0),
