@@ -14,6 +14,7 @@ runner that turns "pending items" into "one final record per item".
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import logging
 import os
@@ -42,6 +43,7 @@ T = TypeVar("T")
 
 _THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+IMAGE_MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
 
 
 class LLMError(PipelineError):
@@ -95,6 +97,23 @@ def strip_think(text: str) -> str:
     if "<think>" in low:
         text = text[: low.index("<think>")]
     return text.strip()
+
+
+def image_mime(image_format: str | None) -> str:
+    return IMAGE_MIME.get(str(image_format or "png").lower(), "image/png")
+
+
+def image_data_url(data: bytes, image_format: str | None = "png") -> str:
+    """The image as a base64 ``data:`` URL for an ``image_url`` content part."""
+    return f"data:{image_mime(image_format)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def user_message(text: str, image_url: str | None = None) -> list[dict[str, Any]]:
+    """A one-message conversation: the text, with the image after it when ``image_url`` is given."""
+    if not image_url:
+        return [{"role": "user", "content": text}]
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": image_url}}]}]
 
 
 def _retry_after(exc: BaseException) -> float | None:

@@ -314,7 +314,7 @@ def _essay_card(model: str, text: str | None, modes: list[str], words: int | Non
 def _section_gallery(summary: dict[str, Any], inputs, ctx) -> str:
     from pipeline.essays import word_count
     from pipeline.quality import failure_modes
-    from pipeline.stages.judge import image_mime
+    from pipeline.llm import image_mime
     from pipeline.stages.report import MODEL_VARIANT, ORDERS
     from pipeline.stats import combine
 

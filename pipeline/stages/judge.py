@@ -15,7 +15,6 @@ shards, budget: :func:`pipeline.llm.run_items`). When every record exists: ``ver
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import re
 from collections import Counter
@@ -30,7 +29,6 @@ ORDERS = ("ab", "ba")
 REMINDER = "Answer with exactly one word: <FIRST> or <SECOND>."
 _TAG = re.compile(r"<\s*(FIRST|SECOND)\s*>", re.I)
 _WORD = re.compile(r"\b(FIRST|SECOND)\b", re.I)
-MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
 
 
 @dataclass(frozen=True)
@@ -68,10 +66,6 @@ def load_template(name: str) -> str:
     return read_prompt(f"judge_{name}.txt")
 
 
-def image_mime(image_format: str | None) -> str:
-    return MIME.get(str(image_format or "png").lower(), "image/png")
-
-
 def build_prompt(template: str, title: str, golden: str, first: str, second: str) -> str:
     return template.format(golden_title=title, golden_essay=golden, first_essay=first, second_essay=second)
 
@@ -85,11 +79,9 @@ def parse_choice(text: str) -> str | None:
 
 
 def messages_for(prompt: str, image: bytes | None, image_format: str = "png") -> list[dict[str, Any]]:
-    if image is None:
-        return [{"role": "user", "content": prompt}]
-    url = f"data:{image_mime(image_format)};base64,{base64.b64encode(image).decode('ascii')}"
-    return [{"role": "user", "content": [{"type": "text", "text": prompt},
-                                         {"type": "image_url", "image_url": {"url": url}}]}]
+    from pipeline.llm import image_data_url, user_message
+
+    return user_message(prompt, None if image is None else image_data_url(image, image_format))
 
 
 GRAMMAR = 'root ::= "<FIRST>" | "<SECOND>"'  # GBNF (llama.cpp) for judge.answer_grammar

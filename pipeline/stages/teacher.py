@@ -12,7 +12,6 @@ the charts without a record. Once every chart has one: ``essays.jsonl`` then ``_
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,7 +20,6 @@ from pipeline.context import StageContext
 
 MAX_TABLE_ROWS = 40  # rows of the data table given to the teacher (the gate still checks them all)
 MAX_OCR_CHARS = 1000  # Pew charts have OCR text instead of a table: noisy, so only its start
-_MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
 
 
 def table_text(rows: list[list[Any]]) -> str:
@@ -34,6 +32,8 @@ def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
                    feedback: list[str] | None = None) -> list[dict[str, Any]]:
     """The user message for one attempt: the filled template (+ data, + last attempt's failures) and,
     when ``image_url`` is given, the image."""
+    from pipeline.llm import user_message
+
     extra = []
     if chart.get("table"):
         extra.append("Data table of the chart (quote only figures from it):\n" + table_text(chart["table"]))
@@ -43,16 +43,12 @@ def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
         extra.append("Your previous answer was rejected: " + "; ".join(feedback) +
                      ". Write a new essay that fixes this, following the structure above.")
     image_name = "IMAGE_LAST" if image_url else "no image: use the title and the data given"
-    text = template.render(chart["title"], image_name, "\n\n".join(extra))
-    if not image_url:
-        return [{"role": "user", "content": text}]
-    return [{"role": "user", "content": [{"type": "text", "text": text},
-                                         {"type": "image_url", "image_url": {"url": image_url}}]}]
+    return user_message(template.render(chart["title"], image_name, "\n\n".join(extra)), image_url)
 
 
 def make_handler(ctx: StageContext):
     """The async per-chart function for pipeline.llm.run_items."""
-    from pipeline.llm import LLMError
+    from pipeline.llm import LLMError, image_data_url
     from pipeline.prompts import teacher_template
     from pipeline.quality import gate_findings
 
@@ -63,8 +59,7 @@ def make_handler(ctx: StageContext):
         image_url = None
         if cfg.vision:
             data = await asyncio.to_thread(ctx.store.get_bytes, chart["image"])
-            mime = _MIME.get(str(chart.get("image_format", "png")).lower(), "image/png")
-            image_url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+            image_url = image_data_url(data, chart.get("image_format", "png"))
         record: dict[str, Any] = {
             "chart_id": chart["id"], "type": chart["type"], "status": "rejected", "essay": "", "attempts": 0,
             "reason": None, "reason_code": None, "failures": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0},
