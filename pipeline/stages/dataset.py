@@ -174,6 +174,12 @@ def run(ctx: StageContext) -> None:
 # --------------------------------------------------------------------------- reading back
 
 
+def split_ids(ctx: StageContext, split: str) -> list[str]:
+    """The sorted chart ids of one split, from ``<run>/dataset/splits.json`` (ArtifactNotFound without it)."""
+    splits = ctx.store.get_json(ctx.input_key("dataset", "splits.json"))
+    return sorted(cid for cid, s in splits.items() if s == split)
+
+
 def load_split(ctx: StageContext, variant: str, split: str):
     """One split of one variant as a ``datasets.Dataset`` (images decode to PIL), read from the store."""
     import pyarrow.parquet as pq

@@ -26,8 +26,9 @@ def model_names(ctx: StageContext) -> list[str]:
 
 def test_ids(ctx: StageContext) -> list[str]:
     """Test chart ids (sorted; the first ``generate.limit``), from the dataset's ``splits.json``."""
-    splits = ctx.store.get_json(ctx.input_key("dataset", "splits.json"))
-    ids = sorted(i for i, split in splits.items() if split == "test")
+    from pipeline.stages.dataset import split_ids
+
+    ids = split_ids(ctx, "test")
     limit = ctx.config.generate.limit
     return ids[:limit] if limit else ids
 

@@ -135,6 +135,7 @@ class Plan:
 
 
 def make_plan(ctx: StageContext) -> Plan:
+    from pipeline.stages.dataset import split_ids
     from pipeline.stages.ingest import load_charts
 
     ctx.require("generate")
@@ -145,10 +146,9 @@ def make_plan(ctx: StageContext) -> Plan:
     for r in ctx.store.get_jsonl(ctx.input_key("generate", "essays.jsonl")):
         essays.setdefault(r["model"], {})[r["chart_id"]] = r.get("essay") or ""
     try:
-        splits = ctx.store.get_json(ctx.input_key("dataset", "splits.json"))
+        test = split_ids(ctx, "test")
     except ArtifactNotFound:
         raise StageError(f"judge needs {ctx.store.url(ctx.input_key('dataset', 'splits.json'))}") from None
-    test = sorted(cid for cid, split in splits.items() if split == "test")
     cfg = ctx.config.judge
     items = []
     for a, b in cfg.comparisons:

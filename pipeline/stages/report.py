@@ -50,6 +50,7 @@ def _jsonl_or_empty(ctx: StageContext, stage: str, name: str) -> list[dict[str, 
 
 
 def read_inputs(ctx: StageContext) -> Inputs:
+    from pipeline.stages.dataset import split_ids
     from pipeline.stages.ingest import load_charts
 
     ctx.require("judge")
@@ -62,8 +63,7 @@ def read_inputs(ctx: StageContext) -> Inputs:
         essays[row["model"]][row["chart_id"]] = row.get("essay") or ""
     verdicts = ctx.store.get_jsonl(ctx.input_key("judge", "verdicts.jsonl"))
     try:
-        splits = ctx.store.get_json(ctx.input_key("dataset", "splits.json"))
-        test_ids = sorted(cid for cid, split in splits.items() if split == "test")
+        test_ids = split_ids(ctx, "test")
     except ArtifactNotFound:
         test_ids = sorted({v["chart_id"] for v in verdicts})
     return Inputs(charts, dict(essays), verdicts, test_ids, read_training(ctx))
