@@ -311,10 +311,10 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
     val = Samples(load_split(ctx, variant, "validation"), processor, cfg.max_length)
     if not len(train):
         raise StageError(f"finetune {variant}: the train split is empty")
-    per_epoch = len(plan_batches(train.lengths, cfg.batch_size, cfg.seed, 0))
+    plans: dict[int, list[list[int]]] = {0: plan_batches(train.lengths, cfg.batch_size, cfg.seed, 0)}
+    per_epoch = len(plans[0])
     steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    plans: dict[int, list[list[int]]] = {}
 
     def batch_at(k: int) -> list[int]:
         epoch = k // per_epoch
@@ -322,7 +322,7 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
             plans[epoch] = plan_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
         return plans[epoch][k % per_epoch]
 
-    efficiency = padding_efficiency(plan_batches(train.lengths, cfg.batch_size, cfg.seed, 0), train.lengths)
+    efficiency = padding_efficiency(plans[0], train.lengths)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
