@@ -60,9 +60,14 @@ def _prose(text: str) -> str:
     return "\n\n".join(essay_paragraphs(text))
 
 
+def _figures(text: str) -> list[tuple[str, float, float, int]]:
+    """``_numbers`` of the essay's prose (structure markers excluded) that are data, not counts."""
+    return [f for f in _numbers(_prose(text)) if _is_data(f[0], f[1])]
+
+
 def numbers_in(text: str) -> list[float]:
     """The figures of the essay's prose as numbers (structure markers excluded; scale words not applied)."""
-    return [value for written, value, _, _ in _numbers(_prose(text)) if _is_data(written, value)]
+    return [value for _, value, _, _ in _figures(text)]
 
 
 def _cell_value(cell: Any) -> float | None:
@@ -110,8 +115,12 @@ def invented_numbers(text: str, table_rows: Iterable[Iterable[Any]] | None) -> l
     rows = list(table_rows or [])
     if not rows:
         return None
+    return _not_in_table(_figures(text), rows)
+
+
+def _not_in_table(figures: list[tuple[str, float, float, int]], rows: list[Any]) -> list[str]:
     table = _Table(rows)
-    return [w for w, v, s, d in _numbers(_prose(text)) if _is_data(w, v) and not table.has(v, s, d)]
+    return [w for w, v, s, d in figures if not table.has(v, s, d)]
 
 
 def numeric_faithfulness(essay: str, table_rows: Iterable[Iterable[Any]] | None) -> float | None:
@@ -119,10 +128,10 @@ def numeric_faithfulness(essay: str, table_rows: Iterable[Iterable[Any]] | None)
     rows = list(table_rows or [])
     if not rows:
         return None
-    figures = [w for w, v, _, _ in _numbers(_prose(essay)) if _is_data(w, v)]
+    figures = _figures(essay)
     if not figures:
         return 1.0
-    return 1.0 - len(invented_numbers(essay, rows) or []) / len(figures)
+    return 1.0 - len(_not_in_table(figures, rows)) / len(figures)
 
 
 # --------------------------------------------------------------------------- detectors
@@ -162,8 +171,8 @@ def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
     elif variant == "unstructured":
         if parsed is not None or len(lines) != len([ln for ln in text.split("\n") if ln.strip()]):
             found.append(("structure_markers", "contains structure markers (expected plain prose)"))
-        elif len(essay_paragraphs(text)) < 3:
-            found.append(("missing_paragraphs", f"{len(essay_paragraphs(text))} paragraph(s); expected a "
+        elif len(paragraphs := essay_paragraphs(text)) < 3:
+            found.append(("missing_paragraphs", f"{len(paragraphs)} paragraph(s); expected a "
                                                 "description, body paragraphs and an overview"))
     invented = invented_numbers(text, table_rows)
     if invented:
