@@ -99,6 +99,12 @@ def encode(processor, image, title: str, essay: str | None = None, max_length: i
                                                                        dtype=torch.bool))
 
 
+def pad_token_id(processor) -> int:
+    """The id ``collate`` pads with: the tokenizer's pad token, else its end-of-sequence token."""
+    tok = processor.tokenizer
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def collate(items: list[Encoded], pad_id: int, side: str = "right") -> dict[str, Any]:
     """Pad a batch: token ids (``side``), labels with -100, attention mask, and image tiles with zero
     images (Idefics3 drops all-zero tiles). Training pads right, generation pads left."""

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.models.chat import Encoded, collate, encode
+from pipeline.models.chat import Encoded, collate, encode, pad_token_id
 
 
 @dataclass
@@ -118,7 +118,7 @@ def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_
     import torch
 
     tok = processor.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(processor)
     stops = stop_ids(processor)
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL resizes without the GIL
         encoded = list(pool.map(lambda chart: encode(processor, *chart), charts))

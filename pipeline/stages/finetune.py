@@ -290,7 +290,7 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
     from transformers import get_scheduler
 
     from pipeline.models import add_lora, load_student
-    from pipeline.models.chat import collate
+    from pipeline.models.chat import collate, pad_token_id
     from pipeline.stages.dataset import load_split
 
     cfg, student = ctx.config.finetune, ctx.config.student
@@ -304,8 +304,7 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    tok = processor.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(processor)
 
     train = Samples(load_split(ctx, variant, "train"), processor, cfg.max_length)
     val = Samples(load_split(ctx, variant, "validation"), processor, cfg.max_length)
