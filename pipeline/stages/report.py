@@ -16,9 +16,9 @@ from typing import Any
 
 from pipeline.context import StageContext
 from pipeline.errors import ArtifactNotFound
+from pipeline.stages.judge import ORDERS
 
 MODEL_ORDER = ("teacher", "baseline", "structured", "unstructured")
-ORDERS = ("ab", "ba")
 # Which essay form each model is asked to produce (failure_modes checks structure accordingly).
 MODEL_VARIANT = {"teacher": "structured", "structured": "structured", "unstructured": "unstructured"}
 
