@@ -133,15 +133,15 @@ def show_config(config: RunConfig) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config: RunConfig, as_json: bool) -> None:
     """Show each stage: done, partial (with counts) or not started."""
+    from pipeline.context import store_for
     from pipeline.status import stage_status
 
-    rows = stage_status(config)
+    store = store_for(config)
+    rows = stage_status(config, store)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    from pipeline.context import store_for
-
-    click.echo(f"run {config.run.id} in {store_for(config).url(config.run.id)}")
+    click.echo(f"run {config.run.id} in {store.url(config.run.id)}")
     for row in rows:
         click.echo(f"  {row['stage']:<9} {row['state']:<12} {row['detail']}")
 

@@ -7,7 +7,7 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.context import StageContext, store_for
 from pipeline.stages import STAGES, load_stage
-from pipeline.store import SUCCESS
+from pipeline.store import SUCCESS, ArtifactStore
 
 
 def _summary_line(summary: dict[str, Any]) -> str:
@@ -15,8 +15,8 @@ def _summary_line(summary: dict[str, Any]) -> str:
     return ", ".join(parts[:6])
 
 
-def stage_status(config: RunConfig) -> list[dict[str, Any]]:
-    store = store_for(config)
+def stage_status(config: RunConfig, store: ArtifactStore | None = None) -> list[dict[str, Any]]:
+    store = store or store_for(config)
     rows = []
     for name in STAGES:
         ctx = StageContext(config=config, store=store, stage=name)
