@@ -9,6 +9,7 @@ whose stable hash falls in its share, so shards never overlap whatever order the
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.store import ArtifactStore
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+INPUTS = "_INPUTS"  # beside a stage's records: the fingerprint of the inputs they were made from
 
 
 def stable_hash(text: str, salt: str = "") -> int:
@@ -117,3 +119,21 @@ class RecordSet:
 
     def count(self) -> int:
         return len(self.done_ids())
+
+    def keep_if_inputs(self, fingerprint: str) -> int:
+        """Records are results *of some inputs* (adapters, essays): when the stage's inputs changed since
+        the records were written, they are stale. Compare ``fingerprint`` with the one stored beside the
+        records; on a change delete the records and store the new one. Returns how many were deleted."""
+        key = f"{self.prefix}/{INPUTS}"
+        if self.store.exists(key) and self.store.get_text(key).strip() == fingerprint:
+            return 0
+        stale = self.count() if self.store.exists(key) else 0
+        if stale:
+            self.store.delete_prefix(self.prefix + "/")
+        self.store.put_text(key, fingerprint + "\n")
+        return stale
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable digest of JSON-able inputs (for ``RecordSet.keep_if_inputs``)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]

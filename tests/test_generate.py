@@ -40,7 +40,7 @@ def test_generate_resume_skips_finished_items(trained_run, caplog):
     ctx = stage_ctx(trained_run, "generate")
     if not ctx.is_complete():
         generate.run(ctx)
-    before = {k: store.get_bytes(k) for k in store.list("t/generate/records/")}
+    before = {k: store.get_bytes(k) for k in store.list("t/generate/records/") if k.endswith(".json")}
     gone = ["t/generate/records/structured/" + k.rsplit("/", 1)[1] for k in list(before)[:2]]
     for key in gone + ["t/generate/_SUCCESS", "t/generate/essays.jsonl"]:
         store.delete(key)
@@ -48,7 +48,7 @@ def test_generate_resume_skips_finished_items(trained_run, caplog):
     generate.run(ctx)
     assert "generate structured: 2 of 8 test charts to do" in caplog.text
     assert "generate baseline" not in caplog.text and "generate unstructured" not in caplog.text
-    after = {k: store.get_bytes(k) for k in store.list("t/generate/records/")}
+    after = {k: store.get_bytes(k) for k in store.list("t/generate/records/") if k.endswith(".json")}
     assert after.keys() == before.keys()
     for key in gone:  # redone with the same greedy result; seconds may differ
         assert store.get_json(key)["essay"] == json.loads(before[key])["essay"]
@@ -96,3 +96,22 @@ def test_finetune_then_generate_on_s3(s3_bucket, sample_dir):
     assert store.exists("t/finetune/structured/adapter/adapter_model.safetensors")
     rows = store.get_jsonl("t/generate/essays.jsonl")
     assert len(rows) == 6 and {r["model"] for r in rows} == set(MODELS)
+
+
+def test_new_training_run_makes_old_essays_stale(trained_run, caplog):
+    """Essays come from particular adapters: once finetune completed again, generate redoes every essay."""
+    store = open_store(trained_run.store.uri)
+    ctx = stage_ctx(trained_run, "generate")
+    if not ctx.is_complete():
+        generate.run(ctx)
+    caplog.set_level("INFO", logger="ielts_distill")
+    store.delete("t/generate/_SUCCESS")
+    generate.run(ctx)  # same adapters: nothing to do
+    assert "test charts to do" not in caplog.text and ctx.is_complete()
+    success = store.get_json("t/finetune/_SUCCESS")
+    store.put_json("t/finetune/_SUCCESS", {**success, "finished_at": "a later training run"})
+    store.delete("t/generate/_SUCCESS")
+    generate.run(ctx)
+    assert "24 stale essays deleted" in caplog.text
+    assert all(f"generate {m}: 8 of 8 test charts to do" in caplog.text for m in MODELS)
+    assert ctx.is_complete() and generate.progress(ctx) == (24, 24)

@@ -192,3 +192,20 @@ def test_prompt_is_the_seed_prompt_verbatim():
     assert "    T {x}\n    G\n\n    <FIRST>\n    F\n\n    <SECOND>\n    S\n" in prompt
     with pytest.raises(StageError, match="no pipeline/prompts/judge_v9.txt"):
         judge.load_template("v9")
+
+
+def test_changed_essays_make_old_verdicts_stale(tmp_path, sample_dir):
+    """Verdicts are about particular essays: after generate wrote new ones, a forced judge rerun asks again
+    for every pair, while an unchanged rerun asks nothing."""
+    with FakeLLM(reply=fair, key_pattern=TITLE_KEY) as llm:
+        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm)
+        assert run_stage(config, store, "judge")
+        total = len(llm.requests)
+        assert run_stage(config, store, "judge", force=True) and len(llm.requests) == total
+        key = f"{config.run.id}/generate/essays.jsonl"
+        rows = store.get_jsonl(key)
+        store.put_jsonl(key, [{**r, "essay": r["essay"] + " Revised."} for r in rows])
+        assert run_stage(config, store, "judge", force=True)
+        assert len(llm.requests) == 2 * total  # every pair judged again, on the new essays
+        assert all(first_text(r).count("Revised.") == 2 for r in llm.requests[total:])
+        assert len(verdicts(store, config)) == total

@@ -49,3 +49,18 @@ def test_safe_id():
     assert safe_id("pew two:col/ab") == "pew_two_col/ab"
     with pytest.raises(PipelineError):
         safe_id("a/../b")
+
+
+def test_records_of_changed_inputs_are_dropped(store):
+    from pipeline.records import fingerprint
+
+    rs = RecordSet(store, "run/generate/records")
+    fp = fingerprint({"adapter": "v1"}, 48)
+    assert rs.keep_if_inputs(fp) == 0  # first run: nothing to drop
+    rs.write("baseline/a", {"essay": "x"})
+    rs.write("baseline/b", {"essay": "y"})
+    assert rs.keep_if_inputs(fingerprint({"adapter": "v1"}, 48)) == 0  # same inputs: records kept
+    assert rs.done_ids() == {"baseline/a", "baseline/b"}
+    assert rs.keep_if_inputs(fingerprint({"adapter": "v2"}, 48)) == 2  # new adapter: both stale
+    assert rs.done_ids() == set() and rs.pending(["baseline/a"]) == ["baseline/a"]
+    assert fingerprint({"b": 1, "a": 2}) == fingerprint({"a": 2, "b": 1}) != fingerprint({"a": 1})

@@ -17,8 +17,9 @@ log = logging.getLogger("ielts_distill")
 
 
 def clear_stage(ctx: StageContext) -> int:
-    """Forget a stage's outputs before a forced rerun, except its per-item records: those are paid-for
-    results (teacher, judge) that a rerun must never request again. Delete them by hand to redo them."""
+    """Forget a stage's outputs before a forced rerun, except its per-item records: a rerun must never
+    request paid results again. Records whose inputs changed are dropped by the stage itself
+    (``RecordSet.keep_if_inputs``)."""
     records = ctx.key("records") + "/"
     keys = [k for k in ctx.store.list(ctx.key("")) if not k.startswith(records)]
     ctx.store.delete(ctx.key(SUCCESS))  # first, so a crash mid-way never leaves a stale mark

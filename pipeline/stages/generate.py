@@ -97,6 +97,10 @@ def run(ctx: StageContext) -> None:
     if not ids:
         raise StageError("generate: the test split is empty")
     names = model_names(ctx)
+    stale = ctx.records().keep_if_inputs(inputs_fingerprint(ctx))
+    if stale:
+        ctx.log.warning("generate: the models or decoding settings changed since the last run: "
+                        "%d stale essays deleted", stale)
     pending = {name: ctx.records(name).pending(ids, ctx.shard) for name in names}
     todo = sorted({i for ids_ in pending.values() for i in ids_})
     if todo:
@@ -118,6 +122,17 @@ def run(ctx: StageContext) -> None:
                for name in names}
     ctx.complete({"charts": len(ids), "models": summary, "max_new_tokens": ctx.config.generate.max_new_tokens,
                   "do_sample": ctx.config.generate.do_sample})
+
+
+def inputs_fingerprint(ctx: StageContext) -> str:
+    """What an essay depends on: the trained adapters (finetune's completion mark changes with every
+    training run), the base student and the decoding settings."""
+    from pipeline.records import fingerprint
+    from pipeline.store import SUCCESS
+
+    gen, student = ctx.config.generate, ctx.config.student
+    return fingerprint(ctx.store.get_text(ctx.input_key("finetune", SUCCESS)), student.model, student.tiny,
+                       student.image_longest_edge, gen.max_new_tokens, gen.do_sample)
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:

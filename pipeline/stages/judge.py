@@ -162,6 +162,16 @@ def make_plan(ctx: StageContext) -> Plan:
     return Plan(items, charts, golden, essays)
 
 
+def inputs_fingerprint(ctx: StageContext, plan: Plan) -> str:
+    """What a verdict depends on: the golden and generated essays, the judge model and how it is asked.
+    (Not comparisons or limit: they only add or drop items.)"""
+    from pipeline.records import fingerprint
+
+    judge, llm = ctx.config.judge, ctx.config.judge_llm()
+    return fingerprint(plan.golden, plan.essays, judge.template, judge.answer_grammar, llm.model, llm.vision,
+                       llm.temperature, llm.max_tokens)
+
+
 def progress(ctx: StageContext) -> tuple[int, int | None]:
     done = ctx.records().count()
     try:
@@ -182,6 +192,10 @@ def run(ctx: StageContext) -> None:
     records = ctx.records()
     llm_cfg = ctx.config.judge_llm()
     template = load_template(ctx.config.judge.template)
+    stale = records.keep_if_inputs(inputs_fingerprint(ctx, plan))
+    if stale:
+        ctx.log.warning("judge: the essays or the judge changed since the last run: %d stale verdicts deleted",
+                        stale)
     pending = records.pending([i.id for i in plan.items], ctx.shard)
     ctx.log.info("judge: %d requests planned (%d comparisons x 2 orders), %d pending in shard %s; judge %s%s",
                  len(plan.items), len(ctx.config.judge.comparisons), len(pending), ctx.shard, llm_cfg.model,
