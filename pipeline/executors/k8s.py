@@ -29,7 +29,7 @@ from kubernetes.watch import Watch
 from pipeline.config import RunConfig
 from pipeline.context import StageContext, save_run_config, store_for
 from pipeline.errors import PipelineError, StageError
-from pipeline.executors.local import clear_stage
+from pipeline.executors.local import skip_or_clear
 from pipeline.k8s.diagnose import Verdict, job_verdict, pod_problem
 from pipeline.k8s.objects import build_configmap, build_job, job_name, run_selector
 from pipeline.store import SUCCESS, ArtifactStore
@@ -219,11 +219,9 @@ class Driver:
 
     def run_stage(self, stage: str, force: bool) -> None:
         ctx = StageContext(config=self.config, store=self.store, stage=stage)
-        if ctx.is_complete():
-            if not force:
-                self.echo(f"[{stage}] already complete ({self.store.url(ctx.key(SUCCESS))}): skipped")
-                return
-            clear_stage(ctx)
+        if skip_or_clear(ctx, force):
+            self.echo(f"[{stage}] already complete ({self.store.url(ctx.key(SUCCESS))}): skipped")
+            return
         name = job_name(self.config, stage)
         existing, _ = self.backend.read_job(name)
         if existing is not None and job_verdict(existing) is None and not force:
@@ -307,7 +305,7 @@ def run_pipeline(config: RunConfig, stages: Sequence[str], force: bool = False, 
     backend = backend or KubeBackend(config.k8s.namespace)
     driver = Driver(config, store, backend, echo)
     try:
-        if any(not store.exists(f"{config.run.id}/{s}/{SUCCESS}") or force for s in stages):
+        if force or any(not StageContext(config=config, store=store, stage=s).is_complete() for s in stages):
             backend.apply_configmap(build_configmap(config))
         for stage in stages:
             driver.run_stage(stage, force)

@@ -28,16 +28,25 @@ def clear_stage(ctx: StageContext) -> int:
     return len(keys)
 
 
+def skip_or_clear(ctx: StageContext, force: bool) -> bool:
+    """The rule both executors follow: True when the stage is complete and not forced (skip it); a forced
+    complete stage is cleared first (``clear_stage``)."""
+    if not ctx.is_complete():
+        return False
+    if not force:
+        return True
+    clear_stage(ctx)
+    return False
+
+
 def run_stage(config: RunConfig, store: ArtifactStore, name: str, shard: Shard = Shard(),
               force: bool = False) -> bool:
     """Run one stage. Returns True when the stage is complete afterwards (False: this shard is done,
     others are not). A completed stage is skipped unless ``force``."""
     ctx = StageContext(config=config, store=store, stage=name, shard=shard)
-    if ctx.is_complete():
-        if not force:
-            log.info("[%s] already complete (%s): skipped", name, store.url(ctx.key(SUCCESS)))
-            return True
-        clear_stage(ctx)
+    if skip_or_clear(ctx, force):
+        log.info("[%s] already complete (%s): skipped", name, store.url(ctx.key(SUCCESS)))
+        return True
     module = load_stage(name)
     started = time.monotonic()
     log.info("[%s] started%s", name, "" if shard.whole else f" (shard {shard})")
