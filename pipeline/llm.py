@@ -328,11 +328,12 @@ def _default_reason(record: dict[str, Any]) -> str | None:
 def run_items(items: Sequence[T], handle: Callable[[T, LLMClient], Awaitable[dict[str, Any]]], *,
               records: RecordSet, client: LLMClient, item_id: Callable[[T], str], shard: Shard = Shard(),
               desc: str = "items", outcome: Callable[[dict], str] = _default_outcome,
-              reason: Callable[[dict], str | None] = _default_reason) -> RunSummary:
+              reason: Callable[[dict], str | None] = _default_reason, pending: list[str] | None = None) -> RunSummary:
     """Process every item of this shard that has no record yet; write one record per item when final.
 
     - ``items``: all items of the stage (any order); ``item_id(item)`` is its record id (may contain ``/``).
-    - ``records.pending(ids, shard)`` decides what runs: items with a record are never requested again.
+    - ``records.pending(ids, shard)`` decides what runs (or ``pending``, when the caller has just listed
+      it): items with a record are never requested again.
     - ``handle(item, client) -> record``: an async function making its requests with ``client.chat`` and
       returning the item's final record (a JSON-able dict). It should turn ``LLMError`` into a record that
       says why (status ``rejected``/verdict ``invalid`` plus a reason); it may let BudgetExceeded and
@@ -345,15 +346,17 @@ def run_items(items: Sequence[T], handle: Callable[[T, LLMClient], Awaitable[dic
     - Returns a RunSummary (``summary.stopped`` is set when it stopped early). Runs its own event loop and
       closes ``client`` at the end: use one client per call.
     """
-    return asyncio.run(_run_items(items, handle, records, client, item_id, shard, desc, outcome, reason))
+    return asyncio.run(_run_items(items, handle, records, client, item_id, shard, desc, outcome, reason, pending))
 
 
-async def _run_items(items, handle, records, client, item_id, shard, desc, outcome, reason) -> RunSummary:
+async def _run_items(items, handle, records, client, item_id, shard, desc, outcome, reason,
+                     pending) -> RunSummary:
     from tqdm import tqdm
 
     ids = [item_id(i) for i in items]
     by_id = dict(zip(ids, items))
-    pending = await asyncio.to_thread(records.pending, ids, shard)
+    if pending is None:
+        pending = await asyncio.to_thread(records.pending, ids, shard)
     summary = RunSummary(total=len(shard.select(ids)), skipped=0, usage=client.usage)
     summary.skipped = summary.total - len(pending)
     started = time.monotonic()
@@ -404,16 +407,23 @@ async def _run_items(items, handle, records, client, item_id, shard, desc, outco
 def run_stage_items(ctx, llm_cfg: LLMSection, items: Sequence[T],
                     handle: Callable[[T, LLMClient], Awaitable[dict[str, Any]]], *, item_id: Callable[[T], str],
                     noun: str = "items", **kwargs: Any) -> RunSummary:
-    """A sharded stage's LLM work in one call: start the embedded server if configured, give this shard its
-    share of ``budget_usd`` (shards split it evenly), ``run_items`` over ``ctx.records()`` and
-    ``ctx.shard``, and raise StageError when the run stopped early or an item failed without a record.
+    """A sharded stage's LLM work in one call: list this shard's pending items (none: return at once,
+    without starting anything), start the embedded server if configured, give this shard its share of
+    ``budget_usd`` (shards split it evenly), ``run_items`` over ``ctx.records()`` and ``ctx.shard``, and
+    raise StageError when the run stopped early or an item failed without a record.
     ``kwargs`` go to run_items (``outcome``, ``reason``)."""
     name = ctx.stage
+    records = ctx.records()
+    ids = [item_id(i) for i in items]
+    pending = records.pending(ids, ctx.shard)
+    if not pending:
+        total = len(ctx.shard.select(ids))
+        return RunSummary(total=total, skipped=total)
     budget = llm_cfg.budget_usd / ctx.shard.count if llm_cfg.budget_usd else None
     with embedded_server(llm_cfg) as live:
         client = LLMClient(live, name=name, budget_usd=budget)
-        summary = run_items(items, handle, records=ctx.records(), client=client, item_id=item_id, shard=ctx.shard,
-                            desc=name if ctx.shard.whole else f"{name} {ctx.shard}", **kwargs)
+        summary = run_items(items, handle, records=records, client=client, item_id=item_id, shard=ctx.shard,
+                            desc=name if ctx.shard.whole else f"{name} {ctx.shard}", pending=pending, **kwargs)
     if summary.stopped:
         raise StageError(f"{name}: {summary.stopped}; {summary.left} {noun} left without a record "
                          "(finished ones are kept; rerun to continue)")

@@ -189,16 +189,14 @@ def run(ctx: StageContext) -> None:
     plan = make_plan(ctx)
     if not plan.items:
         raise StageError("judge: nothing to judge (no test chart has a golden essay and both models' essays)")
-    records = ctx.records()
     llm_cfg = ctx.config.judge_llm()
     template = load_template(ctx.config.judge.template)
-    stale = records.keep_if_inputs(inputs_fingerprint(ctx, plan))
+    stale = ctx.records().keep_if_inputs(inputs_fingerprint(ctx, plan))
     if stale:
         ctx.log.warning("judge: the essays or the judge changed since the last run: %d stale verdicts deleted",
                         stale)
-    pending = records.pending([i.id for i in plan.items], ctx.shard)
-    ctx.log.info("judge: %d requests planned (%d comparisons x 2 orders), %d pending in shard %s; judge %s%s",
-                 len(plan.items), len(ctx.config.judge.comparisons), len(pending), ctx.shard, llm_cfg.model,
+    ctx.log.info("judge: %d requests planned (%d comparisons x 2 orders), shard %s; judge %s%s",
+                 len(plan.items), len(ctx.config.judge.comparisons), ctx.shard, llm_cfg.model,
                  " with the chart image" if llm_cfg.vision else "")
     overrides = {"extra_body": {"grammar": GRAMMAR}} if ctx.config.judge.answer_grammar else {}
     image_of = functools.lru_cache(maxsize=256)(lambda key: ctx.store.get_bytes(key))
@@ -212,9 +210,8 @@ def run(ctx: StageContext) -> None:
         return await judge_one(client, item, messages_for(prompt, image, chart.get("image_format", "png")),
                                **overrides)
 
-    if pending:
-        run_stage_items(ctx, llm_cfg, plan.items, handle, item_id=lambda i: i.id, noun="requests",
-                        outcome=lambda r: r["verdict"], reason=lambda r: r.get("reason"))
+    run_stage_items(ctx, llm_cfg, plan.items, handle, item_id=lambda i: i.id, noun="requests",
+                    outcome=lambda r: r["verdict"], reason=lambda r: r.get("reason"))
     finish(ctx, plan)
 
 

@@ -99,10 +99,8 @@ def run(ctx: StageContext) -> None:
     # grouped by chart type: consecutive prompts share the template's long prefix, which a local server
     # (llama.cpp) reuses from its KV cache instead of evaluating ~1,200 tokens again
     charts = sorted(charts, key=lambda c: c["type"])
-    records = ctx.records()
-    if records.pending(ids, ctx.shard):
-        run_stage_items(ctx, cfg, charts, make_handler(ctx), item_id=lambda c: c["id"], noun="charts")
-    missing = records.pending(ids)
+    run_stage_items(ctx, cfg, charts, make_handler(ctx), item_id=lambda c: c["id"], noun="charts")
+    missing = ctx.records().pending(ids)
     if missing:
         ctx.log.info("teacher: %d of %d charts still without a record (other shards)", len(missing), len(ids))
         return
