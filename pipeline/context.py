@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -57,6 +58,22 @@ class StageContext:
                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "summary": summary or {}}
         self.store.put_text(self.key(SUCCESS), json.dumps(body, indent=1) + "\n")
+
+    def collect_if_complete(self, output: str, groups: Sequence[tuple[RecordSet, Sequence[str]]],
+                            summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> bool:
+        """The end of a stage sharded over items: once every item of every group has a record (this shard's
+        and the others'), write all records in order to ``output`` and complete with ``summarize(rows)``.
+        Returns False (and logs how far it got) while other shards are still working."""
+        total = sum(len(ids) for _, ids in groups)
+        missing = sum(len(records.pending(ids)) for records, ids in groups)
+        if missing:
+            self.log.info("%s: %d of %d records exist; other shards are still running", self.stage,
+                          total - missing, total)
+            return False
+        rows = [row for records, ids in groups for row in records.read_all(ids)]
+        self.store.put_jsonl(self.key(output), rows)
+        self.complete(summarize(rows))
+        return True
 
     def summary_of(self, stage: str) -> dict[str, Any]:
         """The summary an upstream stage wrote into its ``_SUCCESS``."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import artifacts
 from pipeline.config import DatasetSection, load_config
 from pipeline.context import StageContext
 from pipeline.errors import StageError
@@ -112,7 +113,7 @@ def test_stage_round_trip_through_store(store_uri, tmp_path):
     for variant in dataset.VARIANTS:
         seen = {}
         for split in dataset.SPLITS:
-            ds = dataset.load_split(ctx, variant, split)
+            ds = artifacts.load_split(ctx, variant, split)
             assert ds.column_names == list(dataset.COLUMNS) and ds.features["image"].__class__.__name__ == "Image"
             for row in ds:
                 seen[row["chart_id"]] = split
@@ -132,7 +133,7 @@ def test_stage_round_trip_through_store(store_uri, tmp_path):
     from datasets import load_dataset
 
     local = store.download_dir(f"{RUN}/dataset/structured", tmp_path / "structured")
-    files = {s: str(local / dataset.split_file(s)) for s in dataset.SPLITS}
+    files = {s: str(local / artifacts.split_file(s)) for s in dataset.SPLITS}
     by_parquet = load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "cache"))
     by_card = load_dataset(str(local), cache_dir=str(tmp_path / "cache"))
     for loaded in (by_parquet, by_card):
@@ -176,9 +177,9 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
     store = open_store(str(tmp_path / "store"))
     ctx = StageContext(load_config(overrides=[f"run.id={RUN}"]), store, "finetune")
     with pytest.raises(StageError, match="needs stage 'dataset'"):
-        dataset.load_split(ctx, "structured", "train")
+        artifacts.load_split(ctx, "structured", "train")
     with pytest.raises(StageError, match="variant must be one of"):
-        dataset.load_split(ctx, "markdown", "train")
+        artifacts.load_split(ctx, "markdown", "train")
     records = [{"chart_id": "nope", "status": "accepted", "essay": to_canonical(ESSAY)}]
     with pytest.raises(StageError, match="'nope' has no chart"):
         dataset.build_rows([], records, DatasetSection())

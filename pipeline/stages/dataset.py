@@ -14,7 +14,6 @@ and the rest validation (3,475 -> 2,432 / 521 / 522, as in the seed). Output und
 
 from __future__ import annotations
 
-import io
 import math
 import re
 import tempfile
@@ -27,17 +26,14 @@ import yaml
 
 from pipeline.config import DatasetSection
 from pipeline.context import StageContext
+from pipeline import artifacts
 from pipeline.errors import StageError
 from pipeline.essays import EssayFormatError, StructuredEssay, canonical, essay_paragraphs, parse_structured
 from pipeline.records import stable_hash
 
-SPLITS = ("train", "validation", "test")
-VARIANTS = ("structured", "unstructured")
+SPLITS = artifacts.SPLIT_NAMES
+VARIANTS = artifacts.VARIANTS
 COLUMNS = {"chart_id": "string", "type": "string", "title": "string", "image": "image", "essay": "string"}
-
-
-def split_file(split: str) -> str:
-    return f"data/{split}-00000-of-00001.parquet"
 
 
 # --------------------------------------------------------------------------- the split
@@ -136,12 +132,9 @@ def _parquet(rows: list[dict[str, Any]], variant: str, images: dict[str, bytes],
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.stages.ingest import load_charts
-
     cfg = ctx.config.dataset
-    charts = load_charts(ctx)
-    ctx.require("teacher")
-    records = ctx.store.get_jsonl(ctx.input_key("teacher", "essays.jsonl"))
+    charts = artifacts.charts(ctx)
+    records = artifacts.teacher_records(ctx)
     rows, counts = build_rows(charts, records, cfg)
     if not rows:
         raise StageError(f"no usable essays: {counts['rejected_by_teacher']} of {len(records)} teacher records "
@@ -156,10 +149,10 @@ def run(ctx: StageContext) -> None:
         for variant in cfg.variants:
             for split in SPLITS:
                 data = _parquet(by_split[split], variant, images, Path(tmp) / f"{variant}-{split}.parquet")
-                ctx.store.put_bytes(ctx.key(variant, split_file(split)), data)
-            ctx.store.put_text(ctx.key(variant, "README.md"),
+                ctx.store.put_bytes(ctx.key(variant, artifacts.split_file(split)), data)
+            ctx.store.put_text(ctx.key(variant, artifacts.DATASET_CARD),
                                dataset_card(ctx, variant, by_split, counts))
-    ctx.store.put_json(ctx.key("splits.json"), splits)
+    ctx.store.put_json(ctx.key(artifacts.SPLITS), splits)
     summary = {"rows": len(rows), "splits": {s: len(by_split[s]) for s in SPLITS}, "variants": list(cfg.variants),
                "rejected_by_teacher": counts["rejected_by_teacher"],
                "excluded_unparseable": counts["excluded_unparseable"],
@@ -171,29 +164,7 @@ def run(ctx: StageContext) -> None:
     ctx.complete(summary)
 
 
-# --------------------------------------------------------------------------- reading back
-
-
-def split_ids(ctx: StageContext, split: str) -> list[str]:
-    """The sorted chart ids of one split, from ``<run>/dataset/splits.json`` (ArtifactNotFound without it)."""
-    splits = ctx.store.get_json(ctx.input_key("dataset", "splits.json"))
-    return sorted(cid for cid, s in splits.items() if s == split)
-
-
-def load_split(ctx: StageContext, variant: str, split: str):
-    """One split of one variant as a ``datasets.Dataset`` (images decode to PIL), read from the store."""
-    import pyarrow.parquet as pq
-    from datasets import Dataset
-
-    if variant not in VARIANTS or split not in SPLITS:
-        raise StageError(f"dataset split {variant}/{split}: variant must be one of {', '.join(VARIANTS)} and "
-                         f"split one of {', '.join(SPLITS)}")
-    ctx.require("dataset")
-    key = ctx.input_key("dataset", variant, split_file(split))
-    if not ctx.store.exists(key):
-        raise StageError(f"dataset variant '{variant}' was not built (no {ctx.store.url(key)}); "
-                         "see dataset.variants")
-    return Dataset(pq.read_table(io.BytesIO(ctx.store.get_bytes(key))))
+# --------------------------------------------------------------------------- publishing
 
 
 def push_to_hub(ctx: StageContext, variant: str, repo: str, *, private: bool = False) -> str:
@@ -202,7 +173,7 @@ def push_to_hub(ctx: StageContext, variant: str, repo: str, *, private: bool = F
 
     ctx.require("dataset")
     with tempfile.TemporaryDirectory(prefix="ielts-push-") as tmp:
-        ctx.store.download_dir(ctx.input_key("dataset", variant), tmp)
+        ctx.store.download_dir(artifacts.dataset_folder(ctx, variant), tmp)
         try:
             api = HfApi()
             api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
@@ -299,7 +270,7 @@ def dataset_card(ctx: StageContext, variant: str, by_split: dict[str, list[dict[
                                                        "knowledge-distillation", variant],
         "size_categories": [_size_category(len(rows))],
         "configs": [{"config_name": "default", "data_files": [
-            {"split": s, "path": split_file(s).replace("-00000-of-00001.parquet", "-*")} for s in SPLITS]}],
+            {"split": s, "path": artifacts.split_file(s).replace("-00000-of-00001.parquet", "-*")} for s in SPLITS]}],
         "dataset_info": {"features": [{"name": n, "dtype": d} for n, d in COLUMNS.items()],
                          "splits": [{"name": s, "num_examples": len(by_split[s])} for s in SPLITS]},
     }

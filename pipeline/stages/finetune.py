@@ -21,16 +21,14 @@ import math
 import random
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import artifacts
 from pipeline.context import StageContext
 from pipeline.errors import StageError
 
-STUDENT = "student"
-READY = "_READY"  # written last into the tiny student's folder
 MEGABATCH = 50  # length grouping: sort within windows of MEGABATCH batches, then shuffle the batches
 
 
@@ -38,58 +36,27 @@ MEGABATCH = 50  # length grouping: sort within windows of MEGABATCH batches, the
 
 
 def student_base(ctx: StageContext, local_dir: str | Path) -> str:
-    """The base model to load: ``student.model`` (Hub id or path), or with ``student.tiny`` the tiny
-    student from ``<run>/finetune/student/`` (built from the train split when absent) copied to
-    ``local_dir``. Every stage that needs the base calls this, so no stage reads another's local files."""
-    cfg = ctx.config.student
-    if not cfg.tiny:
-        return cfg.model
-    prefix = ctx.input_key("finetune", STUDENT)
-    local = Path(local_dir) / STUDENT
-    if not ctx.store.exists(f"{prefix}/{READY}"):
-        if ctx.stage != "finetune":
-            raise StageError(f"no tiny student at {ctx.store.url(prefix)}: run the finetune stage first")
+    """``artifacts.student_base``, building the tiny student into the run first when ``student.tiny`` asks
+    for it and it is not there yet (its tokenizer is trained on the train split)."""
+    if ctx.config.student.tiny and not artifacts.student_ready(ctx):
         from pipeline.models import build_tiny_student
 
+        local = Path(local_dir) / "built-student"
         texts = tiny_student_texts(ctx)
         ctx.log.info("building the tiny student (tokenizer trained on %d texts) into %s", len(texts),
-                     ctx.store.url(prefix))
+                     ctx.store.url(artifacts.student_prefix(ctx)))
         build_tiny_student(local, texts, seed=ctx.config.finetune.seed)
-        ctx.store.upload_dir(local, prefix)
-        ctx.store.put_text(f"{prefix}/{READY}", "")
+        artifacts.publish_student(ctx, local)
         return str(local)
-    ctx.store.download_dir(prefix, local)
-    return str(local)
+    return artifacts.student_base(ctx, local_dir)
 
 
 def tiny_student_texts(ctx: StageContext) -> list[str]:
-    from pipeline.stages.dataset import load_split
-
     texts: list[str] = []
     for variant in sorted(ctx.config.dataset.variants):
-        table = load_split(ctx, variant, "train").select_columns(["title", "essay"])
+        table = artifacts.load_split(ctx, variant, "train").select_columns(["title", "essay"])
         texts += [t for row in table for t in (row["essay"], row["title"])]
     return texts
-
-
-def fetch_adapter(ctx: StageContext, variant: str, local_dir: str | Path) -> Path:
-    prefix = ctx.input_key("finetune", variant, "adapter")
-    return ctx.store.download_dir(prefix, Path(local_dir) / f"adapter-{variant}")
-
-
-@contextmanager
-def cpu_threads(ctx: StageContext):
-    """The tiny student gains nothing from intra-op threads and loses a lot to their synchronisation on a
-    busy machine: run it on one thread (restored afterwards)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if ctx.config.student.tiny:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------- samples and batches
@@ -186,7 +153,7 @@ class Checkpoints:
     """``<variant>/checkpoints/step-<N>/`` in the store; ``latest.json`` names the newest complete one."""
 
     def __init__(self, ctx: StageContext, variant: str):
-        self.ctx, self.prefix = ctx, ctx.key(variant, "checkpoints")
+        self.ctx, self.prefix = ctx, ctx.key(variant, artifacts.CHECKPOINTS)
 
     def latest(self) -> int | None:
         key = f"{self.prefix}/latest.json"
@@ -291,7 +258,6 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
 
     from pipeline.models import add_lora, load_student
     from pipeline.models.chat import collate, pad_token_id
-    from pipeline.stages.dataset import load_split
 
     cfg, student = ctx.config.finetune, ctx.config.student
     torch.manual_seed(cfg.seed)
@@ -306,8 +272,8 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
     model.train()
     pad_id = pad_token_id(processor)
 
-    train = Samples(load_split(ctx, variant, "train"), processor, cfg.max_length)
-    val = Samples(load_split(ctx, variant, "validation"), processor, cfg.max_length)
+    train = Samples(artifacts.load_split(ctx, variant, "train"), processor, cfg.max_length)
+    val = Samples(artifacts.load_split(ctx, variant, "validation"), processor, cfg.max_length)
     if not len(train):
         raise StageError(f"finetune {variant}: the train split is empty")
     plans: dict[int, list[list[int]]] = {0: plan_batches(train.lengths, cfg.batch_size, cfg.seed, 0)}
@@ -338,7 +304,7 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
                  str(dtype).removeprefix("torch."))
 
     def put_metrics() -> None:
-        ctx.store.put_jsonl(ctx.key(variant, "metrics.jsonl"), state.metrics)
+        ctx.store.put_jsonl(ctx.key(variant, artifacts.METRICS), state.metrics)
 
     def run_eval() -> bool:
         """Validation loss; returns True when early stopping says stop."""
@@ -403,12 +369,12 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
                      state.best_step, state.best_val)
 
     # the adapter names a base that outlives this run's temp folder: the Hub id, or the tiny student's store URL
-    base_ref = ctx.store.url(ctx.key(STUDENT)) if ctx.config.student.tiny else base
+    base_ref = ctx.store.url(artifacts.student_prefix(ctx)) if ctx.config.student.tiny else base
     model.peft_config["default"].base_model_name_or_path = base_ref
     model.save_pretrained(tmp / variant / "adapter")
-    ctx.store.upload_dir(tmp / variant / "adapter", ctx.key(variant, "adapter"))
+    ctx.store.upload_dir(tmp / variant / "adapter", ctx.key(variant, artifacts.ADAPTER))
     put_metrics()
-    ctx.store.put_bytes(ctx.key(variant, "loss.png"), plot_losses(state.metrics, f"LoRA fine-tuning: {variant}"))
+    ctx.store.put_bytes(ctx.key(variant, artifacts.LOSS_PNG), plot_losses(state.metrics, f"LoRA fine-tuning: {variant}"))
     train_rows = [m for m in state.metrics if "train_loss" in m]
     val_rows = [m for m in state.metrics if "val_loss" in m]
     summary = {"variant": variant, "steps": state.step, "planned_steps": total, "train_samples": len(train),
@@ -418,7 +384,7 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
                "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
                "best_val_loss": state.best_val, "best_step": state.best_step, "stopped_early": stopped_early,
                "train_seconds": round(state.seconds, 2), "trainable_parameters": trainable, "base_model": base_ref}
-    ctx.store.put_json(ctx.key(variant, "summary.json"), summary)  # last: this variant is done
+    ctx.store.put_json(ctx.key(variant, artifacts.VARIANT_SUMMARY), summary)  # last: this variant is done
     return summary
 
 
@@ -426,7 +392,19 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
 
 
 def variant_done(ctx: StageContext, variant: str) -> bool:
-    return ctx.store.exists(ctx.input_key("finetune", variant, "summary.json"))
+    return artifacts.variant_trained(ctx, variant)
+
+
+def shard_variants(ctx: StageContext) -> list[str]:
+    """The variants this process trains: all of them, or ``variants[shard.index]`` in an Indexed Job whose
+    completions equal the number of variants (one pod per variant)."""
+    variants = list(ctx.config.finetune.variants)
+    if ctx.shard.whole:
+        return variants
+    if ctx.shard.count != len(variants):
+        raise StageError(f"finetune shard {ctx.shard}: the shard count must equal the number of variants "
+                         f"({len(variants)}: {', '.join(variants)})")
+    return [variants[ctx.shard.index]]
 
 
 def run(ctx: StageContext) -> None:
@@ -436,16 +414,18 @@ def run(ctx: StageContext) -> None:
     if missing:
         raise StageError(f"finetune.variants: {', '.join(missing)} not built by the dataset stage "
                          f"(dataset.variants: {', '.join(ctx.config.dataset.variants)})")
-    with tempfile.TemporaryDirectory(prefix="ielts-finetune-") as tmp, cpu_threads(ctx):
+    from pipeline.models.loading import cpu_threads
+
+    with tempfile.TemporaryDirectory(prefix="ielts-finetune-") as tmp, cpu_threads(single=ctx.config.student.tiny):
         base = None
-        for variant in ctx.shard.select(variants):
+        for variant in shard_variants(ctx):
             if variant_done(ctx, variant):
-                ctx.log.info("finetune %s: already trained (%s)", variant, ctx.store.url(ctx.key(variant, "adapter")))
+                ctx.log.info("finetune %s: already trained (%s)", variant, ctx.store.url(ctx.key(variant, artifacts.ADAPTER)))
                 continue
             base = base or student_base(ctx, tmp)
             train_variant(ctx, variant, base, Path(tmp))
     if all(variant_done(ctx, v) for v in variants):
-        ctx.complete({v: ctx.store.get_json(ctx.key(v, "summary.json")) for v in variants})
+        ctx.complete({v: artifacts.variant_summary(ctx, v) for v in variants})
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:

@@ -14,10 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline import artifacts
 from pipeline.context import StageContext
 from pipeline.errors import StageError
 
-BASELINE = "baseline"
+BASELINE = artifacts.BASELINE
 
 
 def model_names(ctx: StageContext) -> list[str]:
@@ -26,9 +27,7 @@ def model_names(ctx: StageContext) -> list[str]:
 
 def test_ids(ctx: StageContext) -> list[str]:
     """Test chart ids (sorted; the first ``generate.limit``), from the dataset's ``splits.json``."""
-    from pipeline.stages.dataset import split_ids
-
-    ids = split_ids(ctx, "test")
+    ids = artifacts.split_ids(ctx, "test")
     limit = ctx.config.generate.limit
     return ids[:limit] if limit else ids
 
@@ -38,10 +37,8 @@ def load_test_charts(ctx: StageContext, ids: list[str]) -> dict[str, tuple[Any, 
     charts and splits; only the essays differ)."""
     from PIL import Image
 
-    from pipeline.stages.dataset import load_split
-
     wanted = set(ids)
-    table = load_split(ctx, ctx.config.dataset.variants[0], "test").cast_column("image", _raw_image())
+    table = artifacts.load_split(ctx, ctx.config.dataset.variants[0], "test").cast_column("image", _raw_image())
     charts = {}
     for row in table:
         if row["chart_id"] in wanted:
@@ -63,10 +60,9 @@ def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[
     from tqdm import tqdm
 
     from pipeline.models import generate_essays, load_student
-    from pipeline.stages.finetune import fetch_adapter
 
     cfg, student = ctx.config.generate, ctx.config.student
-    adapter = None if name == BASELINE else fetch_adapter(ctx, name, tmp)
+    adapter = None if name == BASELINE else artifacts.fetch_adapter(ctx, name, tmp)
     model, processor = load_student(base, adapter=adapter, device=student.device,
                                     attn_implementation=student.attn_implementation, merge=True,
                                     image_longest_edge=student.image_longest_edge)
@@ -90,7 +86,7 @@ def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.stages.finetune import cpu_threads, student_base
+    from pipeline.models.loading import cpu_threads
 
     ctx.require("dataset", "finetune")
     ids = test_ids(ctx)
@@ -105,38 +101,36 @@ def run(ctx: StageContext) -> None:
     todo = sorted({i for ids_ in pending.values() for i in ids_})
     if todo:
         charts = load_test_charts(ctx, todo)
-        with tempfile.TemporaryDirectory(prefix="ielts-generate-") as tmp, cpu_threads(ctx):
-            base = student_base(ctx, tmp)
+        single = ctx.config.student.tiny
+        with tempfile.TemporaryDirectory(prefix="ielts-generate-") as tmp, cpu_threads(single=single):
+            base = artifacts.student_base(ctx, tmp)
             for name in names:
                 if pending[name]:
                     ctx.log.info("generate %s: %d of %d test charts to do", name, len(pending[name]), len(ids))
                     generate_for(ctx, name, pending[name], charts, base, Path(tmp))
-    done, total = progress(ctx)
-    if done < total:
-        ctx.log.info("generate: %d of %d essays stored; other shards still running", done, total)
-        return
-    rows = [r for name in names for r in ctx.records(name).read_all(ids)]
-    ctx.store.put_jsonl(ctx.key("essays.jsonl"), rows)
-    summary = {name: {"essays": len(ids),
-                      "mean_tokens": round(sum(r["tokens"] for r in rows if r["model"] == name) / len(ids), 1)}
-               for name in names}
-    ctx.complete({"charts": len(ids), "models": summary, "max_new_tokens": ctx.config.generate.max_new_tokens,
-                  "do_sample": ctx.config.generate.do_sample})
+
+    def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        models = {name: {"essays": len(ids),
+                         "mean_tokens": round(sum(r["tokens"] for r in rows if r["model"] == name) / len(ids), 1)}
+                  for name in names}
+        return {"charts": len(ids), "models": models, "max_new_tokens": ctx.config.generate.max_new_tokens,
+                "do_sample": ctx.config.generate.do_sample}
+
+    ctx.collect_if_complete(artifacts.GENERATED_ESSAYS, [(ctx.records(name), ids) for name in names], summarize)
 
 
 def inputs_fingerprint(ctx: StageContext) -> str:
     """What an essay depends on: the trained adapters (finetune's completion mark changes with every
     training run), the base student and the decoding settings."""
     from pipeline.records import fingerprint
-    from pipeline.store import SUCCESS
 
     gen, student = ctx.config.generate, ctx.config.student
-    return fingerprint(ctx.store.get_text(ctx.input_key("finetune", SUCCESS)), student.model, student.tiny,
+    return fingerprint(artifacts.finetune_mark(ctx), student.model, student.tiny,
                        student.image_longest_edge, gen.max_new_tokens, gen.do_sample)
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:
-    if not ctx.store.exists(ctx.input_key("dataset", "splits.json")):
+    if not artifacts.has_splits(ctx):
         return 0, 0
     ids = set(test_ids(ctx))
     names = model_names(ctx)

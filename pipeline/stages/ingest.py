@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import artifacts
 from pipeline.context import StageContext
 from pipeline.errors import StageError
 
@@ -218,7 +219,7 @@ def run(ctx: StageContext) -> None:
             if i in dupes:
                 raise Rejected("duplicate chart id")
             chart, data = check(c, cfg.max_pixels, cfg.min_side)
-            chart["image"] = ctx.key("images", f"{c.id}.{chart['image_format']}")
+            chart["image"] = artifacts.image_key(ctx, c.id, chart["image_format"])
             ctx.store.put_bytes(chart["image"], data)
             return chart, None
         except Rejected as why:
@@ -230,8 +231,8 @@ def run(ctx: StageContext) -> None:
     accepted = [a for a, _ in results if a]
     rejected = [r for _, r in results if r]
     assert len(accepted) + len(rejected) == len(candidates)
-    ctx.store.put_jsonl(ctx.key("charts.jsonl"), accepted)
-    ctx.store.put_jsonl(ctx.key("rejected.jsonl"), rejected)
+    ctx.store.put_jsonl(ctx.key(artifacts.CHARTS), accepted)
+    ctx.store.put_jsonl(ctx.key(artifacts.REJECTED), rejected)
     reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejected)
     summary = {"read": len(candidates), "accepted": len(accepted), "rejected": len(rejected),
                "by_type": dict(Counter(a["type"] for a in accepted)), "rejected_by_reason": dict(reasons)}
@@ -239,9 +240,3 @@ def run(ctx: StageContext) -> None:
                  ", ".join(f"{k} {v}" for k, v in sorted(summary["by_type"].items())), len(rejected),
                  ", ".join(f"{k}: {v}" for k, v in reasons.most_common()) or "none")
     ctx.complete(summary)
-
-
-def load_charts(ctx: StageContext) -> list[dict[str, Any]]:
-    """The accepted charts, for downstream stages."""
-    ctx.require("ingest")
-    return ctx.store.get_jsonl(ctx.input_key("ingest", "charts.jsonl"))

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from pipeline import artifacts
+from pipeline.artifacts import ORDERS
 from pipeline.context import StageContext
 from pipeline.errors import ArtifactNotFound, StageError
 
-ORDERS = ("ab", "ba")
 REMINDER = "Answer with exactly one word: <FIRST> or <SECOND>."
 _TAG = re.compile(r"<\s*(FIRST|SECOND)\s*>", re.I)
 _WORD = re.compile(r"\b(FIRST|SECOND)\b", re.I)
@@ -135,20 +136,16 @@ class Plan:
 
 
 def make_plan(ctx: StageContext) -> Plan:
-    from pipeline.stages.dataset import split_ids
-    from pipeline.stages.ingest import load_charts
-
     ctx.require("generate")
-    charts = {c["id"]: c for c in load_charts(ctx)}
-    golden = {r["chart_id"]: r["essay"] for r in ctx.store.get_jsonl(ctx.input_key("teacher", "essays.jsonl"))
-              if r.get("status") == "accepted"}
+    charts = artifacts.charts_by_id(ctx)
+    golden = artifacts.golden_essays(ctx)
     essays: dict[str, dict[str, str]] = {}
-    for r in ctx.store.get_jsonl(ctx.input_key("generate", "essays.jsonl")):
+    for r in artifacts.generated_essays(ctx):
         essays.setdefault(r["model"], {})[r["chart_id"]] = r.get("essay") or ""
     try:
-        test = split_ids(ctx, "test")
+        test = artifacts.split_ids(ctx, "test")
     except ArtifactNotFound:
-        raise StageError(f"judge needs {ctx.store.url(ctx.input_key('dataset', 'splits.json'))}") from None
+        raise StageError(f"judge needs {ctx.store.url(ctx.input_key('dataset', artifacts.SPLITS))}") from None
     cfg = ctx.config.judge
     items = []
     for a, b in cfg.comparisons:
@@ -217,16 +214,10 @@ def run(ctx: StageContext) -> None:
 
 def finish(ctx: StageContext, plan: Plan) -> None:
     """Write verdicts.jsonl and _SUCCESS once every shard's records exist."""
-    records = ctx.records()
-    ids = [i.id for i in plan.items]
-    missing = records.pending(ids)
-    if missing:
-        ctx.log.info("judge: %d of %d records exist; waiting for the other shards", len(plan.items) - len(missing),
-                     len(plan.items))
-        return
-    rows = list(records.read_all(ids))
-    ctx.store.put_jsonl(ctx.key("verdicts.jsonl"), rows)
-    counts = Counter(r["verdict"] for r in rows)
-    ctx.complete({"requests": len(rows), "invalid": counts.get("invalid", 0),
-                  "retried": sum(1 for r in rows if r.get("attempts", 1) > 1),
-                  "cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in rows), 6)})
+    def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        counts = Counter(r["verdict"] for r in rows)
+        return {"requests": len(rows), "invalid": counts.get("invalid", 0),
+                "retried": sum(1 for r in rows if r.get("attempts", 1) > 1),
+                "cost_usd": round(sum(float(r.get("cost_usd") or 0) for r in rows), 6)}
+
+    ctx.collect_if_complete(artifacts.VERDICTS, [(ctx.records(), [i.id for i in plan.items])], summarize)

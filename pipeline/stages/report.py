@@ -16,7 +16,8 @@ from typing import Any
 
 from pipeline.context import StageContext
 from pipeline.errors import ArtifactNotFound
-from pipeline.stages.judge import ORDERS
+from pipeline import artifacts
+from pipeline.artifacts import ORDERS
 
 MODEL_ORDER = ("teacher", "baseline", "structured", "unstructured")
 # Which essay form each model is asked to produce (failure_modes checks structure accordingly).
@@ -42,28 +43,15 @@ class Inputs:
 # --------------------------------------------------------------------------- reading
 
 
-def _jsonl_or_empty(ctx: StageContext, stage: str, name: str) -> list[dict[str, Any]]:
-    try:
-        return ctx.store.get_jsonl(ctx.input_key(stage, name))
-    except ArtifactNotFound:
-        return []
-
-
 def read_inputs(ctx: StageContext) -> Inputs:
-    from pipeline.stages.dataset import split_ids
-    from pipeline.stages.ingest import load_charts
-
-    ctx.require("judge")
-    charts = {c["id"]: c for c in load_charts(ctx)}
+    charts = artifacts.charts_by_id(ctx)
+    verdicts = artifacts.verdicts(ctx)
     essays: dict[str, dict[str, str]] = defaultdict(dict)
-    for row in _jsonl_or_empty(ctx, "teacher", "essays.jsonl"):
-        if row.get("status") == "accepted":
-            essays["teacher"][row["chart_id"]] = row["essay"]
-    for row in _jsonl_or_empty(ctx, "generate", "essays.jsonl"):
+    essays["teacher"] = artifacts.golden_essays(ctx)
+    for row in artifacts.jsonl_or_empty(ctx, "generate", artifacts.GENERATED_ESSAYS):
         essays[row["model"]][row["chart_id"]] = row.get("essay") or ""
-    verdicts = ctx.store.get_jsonl(ctx.input_key("judge", "verdicts.jsonl"))
     try:
-        test_ids = split_ids(ctx, "test")
+        test_ids = artifacts.split_ids(ctx, "test")
     except ArtifactNotFound:
         test_ids = sorted({v["chart_id"] for v in verdicts})
     return Inputs(charts, dict(essays), verdicts, test_ids, read_training(ctx))
@@ -72,9 +60,8 @@ def read_inputs(ctx: StageContext) -> Inputs:
 def read_training(ctx: StageContext) -> dict[str, dict[str, Any]]:
     out = {}
     for variant in ctx.config.finetune.variants:
-        rows = _jsonl_or_empty(ctx, "finetune", f"{variant}/metrics.jsonl")
-        png_key = ctx.input_key("finetune", variant, "loss.png")
-        png = ctx.store.get_bytes(png_key) if ctx.store.exists(png_key) else None
+        rows = artifacts.training_metrics(ctx, variant)
+        png = artifacts.loss_png(ctx, variant)
         if rows or png:
             out[variant] = {"rows": rows, "loss_png": png}
     return out
@@ -210,15 +197,15 @@ def run(ctx: StageContext) -> None:
     figures = render_figures(summary, inputs)
     for name, png in figures.items():
         ctx.store.put_bytes(ctx.key(name), png)
-    ctx.store.put_text(ctx.key("summary.json"), json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-    ctx.store.put_text(ctx.key("report.md"), render_markdown(summary))
-    ctx.store.put_text(ctx.key("report.html"), render_html(summary, inputs, figures, ctx))
+    ctx.store.put_text(ctx.key(artifacts.REPORT_SUMMARY), json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    ctx.store.put_text(ctx.key(artifacts.REPORT_MD), render_markdown(summary))
+    ctx.store.put_text(ctx.key(artifacts.REPORT_HTML), render_html(summary, inputs, figures, ctx))
     headline = {c["comparison"]: round(c["win_rate"], 3) if c["win_rate"] is not None else None
                 for c in summary["comparisons"]}
     for c in summary["comparisons"]:
         ctx.log.info("report: %s win rate %s (95%% CI %s, n=%d)", c["comparison"], _fmt(c["win_rate"]),
                      _fmt_ci(c["ci95"]), c["n"])
-    ctx.log.info("report: %s", ctx.store.url(ctx.key("report.html")))
+    ctx.log.info("report: %s", ctx.store.url(ctx.key(artifacts.REPORT_HTML)))
     ctx.complete({"comparisons": len(summary["comparisons"]), "test_charts": summary["test_charts"],
                   **{f"win_rate:{k}": v for k, v in headline.items()}})
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pipeline import artifacts
 from pipeline.context import StageContext
 
 MAX_TABLE_ROWS = 40  # rows of the data table given to the teacher (the gate still checks them all)
@@ -91,28 +91,19 @@ def make_handler(ctx: StageContext):
 
 def run(ctx: StageContext) -> None:
     from pipeline.llm import run_stage_items
-    from pipeline.stages.ingest import load_charts
 
     cfg = ctx.config.teacher
-    charts = load_charts(ctx)
+    charts = artifacts.charts(ctx)
     ids = [c["id"] for c in charts]  # ingest order, kept in essays.jsonl
     # grouped by chart type: consecutive prompts share the template's long prefix, which a local server
     # (llama.cpp) reuses from its KV cache instead of evaluating ~1,200 tokens again
     charts = sorted(charts, key=lambda c: c["type"])
     run_stage_items(ctx, cfg, charts, make_handler(ctx), item_id=lambda c: c["id"], noun="charts")
-    missing = ctx.records().pending(ids)
-    if missing:
-        ctx.log.info("teacher: %d of %d charts still without a record (other shards)", len(missing), len(ids))
-        return
-    complete(ctx, ids)
+    ctx.collect_if_complete(artifacts.TEACHER_ESSAYS, [(ctx.records(), ids)], lambda rows: summarize(ctx, rows))
 
 
-def complete(ctx: StageContext, ids: list[str]) -> None:
-    """Every chart has a record: write essays.jsonl (in chart order) and _SUCCESS."""
-    records = ctx.records()
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        rows = list(pool.map(records.read, ids))
-    ctx.store.put_jsonl(ctx.key("essays.jsonl"), rows)
+def summarize(ctx: StageContext, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The teacher's summary once every chart has a record (essays.jsonl is in chart order)."""
     status = Counter(r["status"] for r in rows)
     summary = {
         "charts": len(rows), "accepted": status.get("accepted", 0), "rejected": status.get("rejected", 0),
@@ -126,11 +117,11 @@ def complete(ctx: StageContext, ids: list[str]) -> None:
     ctx.log.info("teacher: complete: %d charts, %d accepted, %d rejected (%s), $%.4f", summary["charts"],
                  summary["accepted"], summary["rejected"],
                  ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none", summary["cost_usd"])
-    ctx.complete(summary)
+    return summary
 
 
 def progress(ctx: StageContext) -> tuple[int, int | None]:
     done = ctx.records().count()
-    key = ctx.input_key("ingest", "charts.jsonl")
+    key = ctx.input_key("ingest", artifacts.CHARTS)
     total = len(ctx.store.get_jsonl(key)) if ctx.store.exists(key) else None
     return done, total

@@ -1,0 +1,217 @@
+"""The store layout, in one place: every key a stage writes and the typed readers other stages use.
+
+A run lives under ``<run.id>/`` in the store; each stage owns ``<run.id>/<stage>/``::
+
+    ingest/    charts.jsonl  rejected.jsonl  images/<chart>.<fmt>
+    teacher/   essays.jsonl  records/<chart>.json
+    dataset/   splits.json   <variant>/data/<split>-00000-of-00001.parquet  <variant>/README.md
+    finetune/  student/ (a built student + _READY)  <variant>/{adapter/,checkpoints/,metrics.jsonl,
+               loss.png,summary.json}
+    generate/  essays.jsonl  records/<model>/<chart>.json
+    judge/     verdicts.jsonl  records/<comparison>/<chart>.<order>.json
+    report/    summary.json  report.md  report.html  <figure>.png
+
+Stages never import each other: a stage writes with ``ctx.key(...)`` using the names here and reads an
+upstream stage with the functions here. Heavy imports (datasets, pyarrow) stay inside functions.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import ArtifactNotFound, StageError
+
+if TYPE_CHECKING:
+    from pipeline.context import StageContext
+
+# ---------------------------------------------------------------- file names (relative to the stage folder)
+CHARTS = "charts.jsonl"
+REJECTED = "rejected.jsonl"
+IMAGES = "images"
+TEACHER_ESSAYS = "essays.jsonl"
+SPLITS = "splits.json"
+DATASET_CARD = "README.md"
+STUDENT = "student"  # finetune/student/: the student base built into the run (tiny or from a GGUF)
+READY = "_READY"  # written last into a built student's folder
+ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+LOSS_PNG = "loss.png"
+VARIANT_SUMMARY = "summary.json"
+GENERATED_ESSAYS = "essays.jsonl"
+VERDICTS = "verdicts.jsonl"
+REPORT_SUMMARY = "summary.json"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
+SPLIT_NAMES = ("train", "validation", "test")
+VARIANTS = ("structured", "unstructured")
+BASELINE = "baseline"  # the base student without an adapter, in generate's and judge's records
+ORDERS = ("ab", "ba")  # a verdict record's order: which model's essay the judge saw first
+
+
+def split_file(split: str) -> str:
+    """A split's Parquet file inside a variant folder (the Hub's layout, so the folder pushes as it is)."""
+    return f"data/{split}-00000-of-00001.parquet"
+
+
+def image_key(ctx: StageContext, chart_id: str, fmt: str) -> str:
+    """Where ingest stores a chart's image (the key is recorded in the chart row as ``image``)."""
+    return ctx.key(IMAGES, f"{chart_id}.{fmt}")
+
+
+# ---------------------------------------------------------------- ingest
+
+
+def charts(ctx: StageContext) -> list[dict[str, Any]]:
+    """The accepted charts (ingest's ``charts.jsonl``)."""
+    ctx.require("ingest")
+    return ctx.store.get_jsonl(ctx.input_key("ingest", CHARTS))
+
+
+def charts_by_id(ctx: StageContext) -> dict[str, dict[str, Any]]:
+    return {c["id"]: c for c in charts(ctx)}
+
+
+def chart_image(ctx: StageContext, chart: dict[str, Any]) -> bytes:
+    return ctx.store.get_bytes(chart["image"])
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def teacher_records(ctx: StageContext) -> list[dict[str, Any]]:
+    """Every teacher record (accepted and rejected), from ``teacher/essays.jsonl``."""
+    ctx.require("teacher")
+    return ctx.store.get_jsonl(ctx.input_key("teacher", TEACHER_ESSAYS))
+
+
+def golden_essays(ctx: StageContext) -> dict[str, str]:
+    """{chart_id: the teacher's accepted essay}: the golden essay of judge and report."""
+    return {r["chart_id"]: r["essay"] for r in teacher_records(ctx) if r.get("status") == "accepted"}
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def splits(ctx: StageContext) -> dict[str, str]:
+    """{chart_id: split} (ArtifactNotFound when the dataset stage has not run)."""
+    return ctx.store.get_json(ctx.input_key("dataset", SPLITS))
+
+
+def has_splits(ctx: StageContext) -> bool:
+    return ctx.store.exists(ctx.input_key("dataset", SPLITS))
+
+
+def split_ids(ctx: StageContext, split: str) -> list[str]:
+    """The sorted chart ids of one split."""
+    return sorted(cid for cid, s in splits(ctx).items() if s == split)
+
+
+def load_split(ctx: StageContext, variant: str, split: str):
+    """One split of one variant as a ``datasets.Dataset`` (images decode to PIL)."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    if variant not in VARIANTS or split not in SPLIT_NAMES:
+        raise StageError(f"dataset split {variant}/{split}: variant must be one of {', '.join(VARIANTS)} and "
+                         f"split one of {', '.join(SPLIT_NAMES)}")
+    ctx.require("dataset")
+    key = ctx.input_key("dataset", variant, split_file(split))
+    if not ctx.store.exists(key):
+        raise StageError(f"dataset variant '{variant}' was not built (no {ctx.store.url(key)}); "
+                         "see dataset.variants")
+    return Dataset(pq.read_table(io.BytesIO(ctx.store.get_bytes(key))))
+
+
+def dataset_folder(ctx: StageContext, variant: str) -> str:
+    return ctx.input_key("dataset", variant)
+
+
+# ---------------------------------------------------------------- finetune
+
+
+def student_prefix(ctx: StageContext) -> str:
+    return ctx.input_key("finetune", STUDENT)
+
+
+def student_ready(ctx: StageContext) -> bool:
+    return ctx.store.exists(f"{student_prefix(ctx)}/{READY}")
+
+
+def fetch_student(ctx: StageContext, local_dir: str | Path) -> Path:
+    """Download the student built into the run (``finetune/student/``) to ``local_dir/student``."""
+    if not student_ready(ctx):
+        raise StageError(f"no student at {ctx.store.url(student_prefix(ctx))}: run the finetune stage first")
+    return ctx.store.download_dir(student_prefix(ctx), Path(local_dir) / STUDENT)
+
+
+def publish_student(ctx: StageContext, local: str | Path) -> None:
+    """Upload a built student; ``_READY`` goes last so a half upload is never used."""
+    ctx.store.upload_dir(local, student_prefix(ctx))
+    ctx.store.put_text(f"{student_prefix(ctx)}/{READY}", "")
+
+
+def student_base(ctx: StageContext, local_dir: str | Path) -> str:
+    """The base model every stage loads: ``student.model`` (Hub id or path), or with ``student.tiny`` the
+    student built into the run (finetune builds it), downloaded to ``local_dir``."""
+    if not ctx.config.student.tiny:
+        return ctx.config.student.model
+    return str(fetch_student(ctx, local_dir))
+
+
+def variant_key(ctx: StageContext, variant: str, *parts: str) -> str:
+    return ctx.input_key("finetune", variant, *parts)
+
+
+def variant_trained(ctx: StageContext, variant: str) -> bool:
+    return ctx.store.exists(variant_key(ctx, variant, VARIANT_SUMMARY))
+
+
+def fetch_adapter(ctx: StageContext, variant: str, local_dir: str | Path) -> Path:
+    return ctx.store.download_dir(variant_key(ctx, variant, ADAPTER), Path(local_dir) / f"adapter-{variant}")
+
+
+def training_metrics(ctx: StageContext, variant: str) -> list[dict[str, Any]]:
+    key = variant_key(ctx, variant, METRICS)
+    return ctx.store.get_jsonl(key) if ctx.store.exists(key) else []
+
+
+def variant_summary(ctx: StageContext, variant: str) -> dict[str, Any]:
+    return ctx.store.get_json(variant_key(ctx, variant, VARIANT_SUMMARY))
+
+
+def loss_png(ctx: StageContext, variant: str) -> bytes | None:
+    key = variant_key(ctx, variant, LOSS_PNG)
+    return ctx.store.get_bytes(key) if ctx.store.exists(key) else None
+
+
+def finetune_mark(ctx: StageContext) -> str:
+    """Finetune's completion mark: changes with every training run (generate's inputs fingerprint)."""
+    from pipeline.store import SUCCESS
+
+    return ctx.store.get_text(ctx.input_key("finetune", SUCCESS))
+
+
+# ---------------------------------------------------------------- generate and judge
+
+
+def generated_essays(ctx: StageContext) -> list[dict[str, Any]]:
+    """Every generated essay row {model, chart_id, essay, ...} (generate's ``essays.jsonl``)."""
+    ctx.require("generate")
+    return ctx.store.get_jsonl(ctx.input_key("generate", GENERATED_ESSAYS))
+
+
+def verdicts(ctx: StageContext) -> list[dict[str, Any]]:
+    ctx.require("judge")
+    return ctx.store.get_jsonl(ctx.input_key("judge", VERDICTS))
+
+
+def jsonl_or_empty(ctx: StageContext, stage: str, name: str) -> list[dict[str, Any]]:
+    """An upstream JSONL file, or [] when that stage wrote none (the report renders what exists)."""
+    try:
+        return ctx.store.get_jsonl(ctx.input_key(stage, name))
+    except ArtifactNotFound:
+        return []
