@@ -16,7 +16,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = Path(os.environ.get("IELTS_SAMPLE_DATA", REPO.parent / "shared" / "data" / "chart2text-sample"))
+
+
+def _shared() -> Path:
+    """The workspace's shared/ folder (seed text, sample data): $IELTS_SHARED, else the nearest ``shared/``
+    beside the checkout or above it."""
+    if os.environ.get("IELTS_SHARED"):
+        return Path(os.environ["IELTS_SHARED"])
+    for parent in REPO.parents:
+        if (parent / "shared").is_dir():
+            return parent / "shared"
+    return REPO.parent / "shared"
+
+
+SHARED = _shared()
+SAMPLE = Path(os.environ.get("IELTS_SAMPLE_DATA", SHARED / "data" / "chart2text-sample"))
+SEED = Path(os.environ.get("IELTS_SEED", SHARED / "seed" / "000_6b7e448075d0490f.txt"))
 S3_KEY, S3_SECRET = "ielts-test-key", "ielts-test-secret"  # read/write/list: what a stage Job gets
 S3_ADMIN_KEY, S3_ADMIN_SECRET = "ielts-admin-key", "ielts-admin-secret"  # creates buckets (fixtures only)
 
@@ -47,6 +62,14 @@ def sample_dir() -> Path:
     if not (SAMPLE / "manifest.jsonl").is_file():
         pytest.fail(f"bundled sample not found at {SAMPLE} (set IELTS_SAMPLE_DATA)")
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def seed_text() -> str:
+    """The design text (its prompts and golden essays are test data). Fails, never skips, when missing."""
+    if not SEED.is_file():
+        pytest.fail(f"design text not found at {SEED} (set IELTS_SEED or IELTS_SHARED)")
+    return SEED.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")

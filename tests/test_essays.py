@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -13,27 +12,19 @@ import pytest
 from pipeline.essays import (EssayFormatError, StructuredEssay, essay_paragraphs, parse_structured, to_canonical,
                              unstructure, word_count)
 
-SEED = Path(os.environ.get("IELTS_SEED", Path(__file__).resolve().parents[2] / "shared" / "seed"
-                           / "000_6b7e448075d0490f.txt"))
 CLI = Path(sys.executable).parent / "ielts-distill"
 
 
-def _seed_text() -> str:
-    if not SEED.is_file():
-        pytest.fail(f"seed text not found at {SEED} (set IELTS_SEED)")
-    return SEED.read_text(encoding="utf-8")
-
-
-def _text_block_after(heading: str) -> str:
+def _text_block_after(seed: str, heading: str) -> str:
     """The first ```text block after a heading of the seed, exactly as written."""
-    seed = _seed_text()
     start = seed.index("```text\n", seed.index(heading)) + len("```text\n")
     return seed[start:seed.index("\n```", start)]
 
 
 @pytest.fixture(scope="module")
-def golden() -> tuple[str, str]:
-    return _text_block_after("### Structured Dataset:"), _text_block_after("### Unstructured Dataset:")
+def golden(seed_text) -> tuple[str, str]:
+    return (_text_block_after(seed_text, "### Structured Dataset:"),
+            _text_block_after(seed_text, "### Unstructured Dataset:"))
 
 
 def test_golden_seed_pair(golden):
@@ -109,8 +100,8 @@ def test_messy_forms_normalise_to_the_same_output(golden, form):
     assert to_canonical(messy) == structured
 
 
-def test_seed_pie_prompt_examples_parse():
-    seed = _seed_text()
+def test_seed_pie_prompt_examples_parse(seed_text):
+    seed = seed_text
     prompt = seed[seed.index("### Example prompt for pie chart:"):seed.index("### Dataset Variants")]
     examples = re.split(r"^Example \d\.$|^Answer\.$", prompt, flags=re.M)[1:4]
     parsed = [parse_structured(e) for e in examples]

@@ -182,12 +182,9 @@ def test_parse_choice(answer, choice):
     assert judge.parse_choice(answer) == choice
 
 
-def test_prompt_is_the_seed_prompt_verbatim():
-    seed = (Path(__file__).resolve().parents[2] / "shared" / "seed" / "000_6b7e448075d0490f.txt")
+def test_prompt_is_the_seed_prompt_verbatim(seed_text):
     template = judge.load_template("seed_v1")
-    if seed.is_file():  # the design card, when present in the workspace
-        text = seed.read_text()
-        assert text[text.index("### Evaluation prompt:"):].split('"""')[1] == template
+    assert seed_text[seed_text.index("### Evaluation prompt:"):].split('"""')[1] == template
     prompt = judge.build_prompt(template, "T {x}", "G", "F", "S")
     assert "    T {x}\n    G\n\n    <FIRST>\n    F\n\n    <SECOND>\n    S\n" in prompt
     with pytest.raises(StageError, match="no pipeline/prompts/judge_v9.txt"):
