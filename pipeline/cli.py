@@ -121,8 +121,20 @@ def stage(config: RunConfig, name: str, shard: str | None, force: bool) -> None:
 
 @main.command("config")
 @config_options
-def show_config(config: RunConfig) -> None:
+@click.option("--check", is_flag=True, help="Instead: warn about values that would fail or bias a real run "
+              "(exit 1 when there is any).")
+def show_config(config: RunConfig, check: bool) -> None:
     """Print the resolved run config (file + --set overrides) as YAML."""
+    if check:
+        from pipeline.checks import check_config
+
+        findings = check_config(config)
+        for line in findings:
+            click.echo(f"warning: {line}", err=True)
+        if findings:
+            sys.exit(1)
+        click.echo("config: no problems found")
+        return
     from pipeline.config import dump_config
 
     click.echo(dump_config(config), nl=False)

@@ -6,6 +6,7 @@ config values: the config names the *environment variable* that holds a key (``t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,11 +55,31 @@ class LLMSection(Section):
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)  # transport retries (429/5xx/timeouts) per request
     temperature: float = Field(0.7, ge=0)
-    max_tokens: int = Field(1024, ge=1)
+    max_tokens: int = Field(1024, ge=1)  # for the answer; a reasoning model gets reasoning_tokens on top
+    # A reasoning model thinks before it answers and the thinking counts against the token limit.
+    # None: decided by the model's name (pipeline.config.REASONING_MODELS).
+    reasoning: bool | None = None
+    reasoning_tokens: int = Field(4096, ge=0)  # thinking budget added to max_tokens for a reasoning model
     price_input_per_mtok: float = Field(0.0, ge=0)  # USD per million prompt tokens
     price_output_per_mtok: float = Field(0.0, ge=0)  # USD per million completion tokens
     budget_usd: float | None = Field(None, gt=0)  # stop submitting new work once reached
     parallelism: int = Field(1, ge=1)  # Kubernetes Indexed Job pods for this stage
+
+
+# Models known to think before answering (matched case-insensitively against the model name).
+REASONING_MODELS = re.compile(r"minimax-m1|deepseek-r1|deepseek-reasoner|\bo[134](-mini)?\b|qwq|gpt-5|"
+                              r"magistral|-thinking|reasoner", re.I)
+
+
+def is_reasoning(llm: LLMSection) -> bool:
+    """Whether an endpoint's model thinks before answering: ``reasoning`` when set, else by its name."""
+    return llm.reasoning if llm.reasoning is not None else bool(REASONING_MODELS.search(llm.model or ""))
+
+
+def token_limit(llm: LLMSection) -> int:
+    """The completion-token limit to request: the answer's ``max_tokens`` plus, for a reasoning model, its
+    thinking budget (a 16-token judge answer after 4,096 tokens of thought)."""
+    return llm.max_tokens + (llm.reasoning_tokens if is_reasoning(llm) else 0)
 
 
 class TeacherSection(LLMSection):
@@ -150,6 +171,7 @@ class JudgeSection(LLMSection):
     api_key_env: str | None = None  # type: ignore[assignment]
     embedded: bool | None = None  # type: ignore[assignment]
     vision: bool | None = None  # type: ignore[assignment]
+    reasoning_tokens: int | None = Field(None, ge=0)  # type: ignore[assignment]
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(16, ge=1)
     template: str = "seed_v1"

@@ -1,0 +1,52 @@
+"""``ielts-distill config --check``: combinations of values that validate one by one but fail a real run.
+
+Each finding is one line naming the keys, what a run would do with them, and what to set instead.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import LLMSection, RunConfig, is_reasoning, token_limit
+
+# Tokens per word of a Band-9 essay in SmolLM2's tokenizer (SmolVLM's language model), measured on the
+# teacher prompts' examples: the three-step layout (markers, quotes) costs more than plain prose.
+TOKENS_PER_WORD = {"structured": 2.1, "unstructured": 1.7}  # max of 10 examples: 1.75-2.07, 1.38-1.66
+MARGIN = 1.15  # essays run past max_words; the gate allows some slack too
+MIN_THINKING = 1024  # below this a reasoning model often never reaches its answer
+DEFAULT_BASE_URL = LLMSection.model_fields["base_url"].default
+
+
+def tokens_needed(max_words: int, variant: str = "structured") -> int:
+    """``generate.max_new_tokens`` that fits a ``max_words`` essay of ``variant``, with margin."""
+    return int(max_words * TOKENS_PER_WORD.get(variant, TOKENS_PER_WORD["structured"]) * MARGIN) + 1
+
+
+def _llm_findings(name: str, llm: LLMSection, explicit_base_url: bool) -> list[str]:
+    out = []
+    if is_reasoning(llm) and llm.reasoning_tokens < MIN_THINKING:
+        out.append(f"{name}.reasoning_tokens={llm.reasoning_tokens}: {llm.model} thinks before it answers; with "
+                   f"fewer than {MIN_THINKING} tokens of thought most answers are cut (finish_reason 'length')")
+    if llm.embedded and explicit_base_url:
+        out.append(f"{name}.embedded=true starts a local llama.cpp server and ignores {name}.base_url="
+                   f"{llm.base_url}: unset one of them")
+    return out
+
+
+def check_config(config: RunConfig) -> list[str]:
+    """Findings for a config that would run but waste money or bias the results (empty: none)."""
+    findings = _llm_findings("teacher", config.teacher, "base_url" in config.teacher.model_fields_set)
+    judge_sets_url = "base_url" in config.judge.model_fields_set or (
+        config.judge.embedded is None and "base_url" in config.teacher.model_fields_set)
+    findings += _llm_findings("judge", config.judge_llm(), judge_sets_url)
+    gen = config.generate
+    if gen.max_new_tokens is not None:
+        for variant in config.finetune.variants:
+            need = tokens_needed(config.teacher.max_words, variant)
+            if gen.max_new_tokens < need:
+                findings.append(
+                    f"generate.max_new_tokens={gen.max_new_tokens}: a {config.teacher.max_words}-word {variant} essay "
+                    f"needs about {need} tokens in SmolLM2's tokenizer; essays would be cut at the limit "
+                    f"(set it to {need} or leave it unset)")
+    return findings
+
+
+__all__ = ["check_config", "tokens_needed", "token_limit", "TOKENS_PER_WORD"]
