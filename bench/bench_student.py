@@ -48,7 +48,7 @@ def compare_batched(model, processor, charts, *, max_new_tokens: int, batch_size
 def padding_report(batch_sizes=(4, 6)) -> dict:
     """Length-grouped batches over the sample's 120 charts (human summaries as the essays)."""
     from pipeline.models import encode, load_student
-    from pipeline.stages.finetune import padding_efficiency, plan_batches
+    from pipeline.models.training import padding_efficiency, plan_batches
     from PIL import Image
 
     from common import SAMPLE

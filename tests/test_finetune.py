@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pipeline.errors import StageError
+from pipeline.models import training
 from pipeline.stages import finetune
 from pipeline.store import open_store
 from student_fixtures import (sample_charts, stage_ctx, student_config, tiny_student,  # noqa: F401
@@ -55,13 +56,13 @@ def test_length_grouped_batches_are_deterministic_and_dense():
 
     rng = random.Random(0)
     lengths = [rng.randint(150, 900) for _ in range(500)]
-    plan = finetune.plan_batches(lengths, 6, seed=42, epoch=0)
-    assert plan == finetune.plan_batches(lengths, 6, seed=42, epoch=0)  # resume relies on this
-    assert plan != finetune.plan_batches(lengths, 6, seed=42, epoch=1)
+    plan = training.plan_batches(lengths, 6, seed=42, epoch=0)
+    assert plan == training.plan_batches(lengths, 6, seed=42, epoch=0)  # resume relies on this
+    assert plan != training.plan_batches(lengths, 6, seed=42, epoch=1)
     assert sorted(i for b in plan for i in b) == list(range(500))
-    assert finetune.padding_efficiency(plan, lengths) >= 0.9
+    assert training.padding_efficiency(plan, lengths) >= 0.9
     naive = [list(range(k, min(k + 6, 500))) for k in range(0, 500, 6)]
-    assert finetune.padding_efficiency(naive, lengths) < 0.8
+    assert training.padding_efficiency(naive, lengths) < 0.8
 
 
 def test_unknown_variant_is_one_line_error(tmp_path, sample_dir):

@@ -41,41 +41,11 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-@contextmanager
-def cpu_threads(single: bool):
-    """The tiny student gains nothing from intra-op threads and loses a lot to their synchronisation on a
-    busy machine: with ``single``, run on one thread (restored afterwards)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if single:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def pick_dtype(device: str, bf16: bool = True):
     import torch
 
     return torch.bfloat16 if device.startswith("cuda") and bf16 and torch.cuda.is_bf16_supported() \
         else torch.float32
-
-
-@contextmanager
-def cpu_threads(single: bool):
-    """The tiny student gains nothing from intra-op threads and loses a lot to their synchronisation on a
-    busy machine: with ``single``, run on one thread (restored afterwards)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if single:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def pick_attention(device: str, requested: str = "auto") -> str:
@@ -87,21 +57,6 @@ def pick_attention(device: str, requested: str = "auto") -> str:
     return "sdpa"
 
 
-@contextmanager
-def cpu_threads(single: bool):
-    """The tiny student gains nothing from intra-op threads and loses a lot to their synchronisation on a
-    busy machine: with ``single``, run on one thread (restored afterwards)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if single:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def load_processor(model_or_path: str | Path, image_longest_edge: int | None = None):
     from transformers import AutoProcessor
 
@@ -109,21 +64,6 @@ def load_processor(model_or_path: str | Path, image_longest_edge: int | None = N
     if image_longest_edge:  # e.g. 4 * 384 for SmolVLM's own tiling, N * 512 for the 256M/500M models
         processor.image_processor.size = {"longest_edge": image_longest_edge}
     return processor
-
-
-@contextmanager
-def cpu_threads(single: bool):
-    """The tiny student gains nothing from intra-op threads and loses a lot to their synchronisation on a
-    busy machine: with ``single``, run on one thread (restored afterwards)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if single:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def load_student(model_or_path: str | Path, *, adapter: str | Path | None = None, device: str = "auto",
@@ -156,21 +96,6 @@ def load_student(model_or_path: str | Path, *, adapter: str | Path | None = None
         model.eval()
     log.debug("loaded %s on %s (%s, %s attention)", model_or_path, device, dtype, attn)
     return model, processor
-
-
-@contextmanager
-def cpu_threads(single: bool):
-    """The tiny student gains nothing from intra-op threads and loses a lot to their synchronisation on a
-    busy machine: with ``single``, run on one thread (restored afterwards)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if single:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str]):
