@@ -159,3 +159,15 @@ def store(store_uri):
     from pipeline.store import open_store
 
     return open_store(store_uri)
+
+
+_S3_FIXTURES = {"s3_server", "s3_env", "s3_bucket", "s3_session_bucket"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers that mean what they say: a test that starts the S3 server is marked ``s3`` by the fixtures it
+    uses (including the s3 case of ``store_uri``), not by hand."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if _S3_FIXTURES & set(item.fixturenames) or params.get("store_uri") == "s3":
+            item.add_marker(pytest.mark.s3)
