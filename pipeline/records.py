@@ -54,7 +54,7 @@ class Shard:
         index = env.get("JOB_COMPLETION_INDEX")
         if index is None:
             return cls()
-        count = env.get("JOB_COMPLETION_COUNT") or env.get("IELTS_SHARD_COUNT")
+        count = env.get("JOB_COMPLETION_COUNT")
         if count is None:
             raise PipelineError("JOB_COMPLETION_INDEX is set but JOB_COMPLETION_COUNT is not")
         return cls(int(index), int(count))

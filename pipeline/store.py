@@ -267,10 +267,6 @@ class S3Store(ArtifactStore):
             self._call(prefix, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch})
         return len(keys)
 
-    def check(self) -> None:
-        """Fail early with a clear line when the bucket is missing or the credentials are wrong."""
-        self._call("", self.client.head_bucket, Bucket=self.bucket)
-
 
 def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None) -> ArtifactStore:
     if uri.startswith("s3://"):

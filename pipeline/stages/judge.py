@@ -9,7 +9,7 @@ with a reminder; if it still names neither or both, the verdict is ``invalid`` a
 
 Records: ``<run>/judge/records/<a>-vs-<b>/<chart_id>/<ab|ba>.json`` = ``{comparison, a, b, chart_id, order,
 verdict: a|b|invalid, raw_answer, attempts, usage, cost_usd}``, written as each answer arrives (resume,
-shards, budget: :func:`pipeline.llm.run_items`). When every record exists: ``verdicts.jsonl``, ``_SUCCESS``.
+shards, budget: :func:`pipeline.llm.runner.run_items`). When every record exists: ``verdicts.jsonl``, ``_SUCCESS``.
 """
 
 from __future__ import annotations

