@@ -126,6 +126,13 @@ def load_split(ctx: StageContext, variant: str, split: str):
     return Dataset(pq.read_table(io.BytesIO(ctx.store.get_bytes(key))))
 
 
+def dataset_mark(ctx: StageContext) -> str:
+    """The dataset stage's completion mark: changes with every dataset build (finetune's checkpoint fingerprint)."""
+    from pipeline.store import SUCCESS
+
+    return ctx.store.get_text(ctx.input_key("dataset", SUCCESS))
+
+
 def dataset_folder(ctx: StageContext, variant: str) -> str:
     return ctx.input_key("dataset", variant)
 

@@ -142,3 +142,31 @@ def test_early_stopping_keeps_best_weights(tmp_path, sample_dir):
     summary = open_store(config.store.uri).get_json("t/finetune/structured/summary.json")
     assert summary["stopped_early"] and summary["steps"] < 40
     assert summary["best_step"] < summary["steps"]
+
+
+def test_resume_with_changed_settings_stops_naming_them(tmp_path, sample_dir):
+    """A checkpoint made with other training settings is never resumed: one line names the changed keys
+    and says how to start over; ``--force`` then trains from step 0 with the new settings."""
+    from pipeline.executors.local import run_stage
+
+    config = student_config(str(tmp_path / "s"), finetune__variants="[structured]", finetune__max_steps=4,
+                            finetune__save_every=2, finetune__eval_every=100)
+    store = open_store(config.store.uri)
+    write_dataset(store, "t", sample_dir, sizes=(8, 2, 2))
+    finetune.run(stage_ctx(config, "finetune"))
+    assert store.get_json("t/finetune/structured/checkpoints/latest.json")["step"] == 2
+    r16 = store.get_json("t/finetune/structured/summary.json")["trainable_parameters"]
+    for key in ("t/finetune/_SUCCESS", "t/finetune/structured/summary.json"):  # as if killed after step 2
+        store.delete(key)
+    changed = student_config(str(tmp_path / "s"), finetune__variants="[structured]", finetune__max_steps=4,
+                             finetune__save_every=2, finetune__eval_every=100, finetune__learning_rate=0.002,
+                             finetune__lora_r=4, finetune__log_every=2)  # log_every alone would not matter
+    with pytest.raises(StageError) as err:
+        finetune.run(stage_ctx(changed, "finetune"))
+    message = str(err.value)
+    assert "\n" not in message and "checkpoint at step 2" in message and "--force" in message
+    assert "finetune.learning_rate 0.01 -> 0.002" in message and "finetune.lora_r 16 -> 4" in message
+    assert "log_every" not in message
+    assert run_stage(changed, store, "finetune", force=True)
+    summary = store.get_json("t/finetune/structured/summary.json")
+    assert summary["steps"] == 4 and summary["trainable_parameters"] * 4 == r16  # r=4, trained from scratch

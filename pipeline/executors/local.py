@@ -30,11 +30,9 @@ def clear_stage(ctx: StageContext) -> int:
 
 def skip_or_clear(ctx: StageContext, force: bool) -> bool:
     """The rule both executors follow: True when the stage is complete and not forced (skip it); a forced
-    complete stage is cleared first (``clear_stage``)."""
-    if not ctx.is_complete():
-        return False
+    stage is cleared first (``clear_stage``), complete or not: a half-trained finetune restarts from zero."""
     if not force:
-        return True
+        return ctx.is_complete()
     clear_stage(ctx)
     return False
 

@@ -119,15 +119,39 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Checkpoints:
-    """``<prefix>/step-<N>/`` in ``store``; ``<prefix>/latest.json`` names the newest complete one."""
+# finetune.* settings that do not change what is trained: a resumed run may change them
+RESUME_NEUTRAL = {"variants", "save_every", "log_every", "gpus", "gradient_checkpointing"}
 
-    def __init__(self, store, prefix: str):
-        self.store, self.prefix = store, prefix
+
+def config_fingerprint(cfg) -> dict[str, Any]:
+    """The ``finetune.*`` part of a checkpoint's fingerprint (the caller adds the data and the base model)."""
+    return {f"finetune.{k}": v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_NEUTRAL}
+
+
+def fingerprint_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """``key old -> new`` for every key whose value differs (a checkpoint without a fingerprint: all)."""
+    import json
+
+    saved = json.loads(json.dumps(saved or {}))  # tuples and lists compare alike
+    current = json.loads(json.dumps(current))
+    return [f"{k} {saved.get(k, '(unset)')} -> {current.get(k, '(unset)')}" for k in sorted(saved.keys() | current.keys())
+            if saved.get(k) != current.get(k)]
+
+
+class Checkpoints:
+    """``<prefix>/step-<N>/`` in ``store``; ``<prefix>/latest.json`` names the newest complete one and holds
+    the run's ``fingerprint`` (training settings, data, base model): resuming with another one is refused."""
+
+    def __init__(self, store, prefix: str, fingerprint: dict[str, Any] | None = None):
+        self.store, self.prefix, self.fingerprint = store, prefix, fingerprint or {}
+
+    def _latest(self) -> dict[str, Any] | None:
+        key = f"{self.prefix}/latest.json"
+        return self.store.get_json(key) if self.store.exists(key) else None
 
     def latest(self) -> int | None:
-        key = f"{self.prefix}/latest.json"
-        return self.store.get_json(key)["step"] if self.store.exists(key) else None
+        latest = self._latest()
+        return latest["step"] if latest else None
 
     def save(self, model, optimizer, scheduler, state: TrainState, tmp: Path) -> None:
         import torch
@@ -142,15 +166,22 @@ class Checkpoints:
         (folder / "state.pt").write_bytes(buf.getvalue())
         previous = self.latest()
         self.store.upload_dir(folder, f"{self.prefix}/step-{state.step}")
-        self.store.put_json(f"{self.prefix}/latest.json", {"step": state.step})
+        self.store.put_json(f"{self.prefix}/latest.json", {"step": state.step, "fingerprint": self.fingerprint})
         if previous is not None and previous != state.step:  # keep only the newest
             self.store.delete_prefix(f"{self.prefix}/step-{previous}/")
 
-    def load(self, model, optimizer, scheduler) -> TrainState:
+    def load(self, model, optimizer, scheduler, name: str) -> TrainState:
+        """Restore the latest checkpoint; a StageError naming the changed settings when its fingerprint
+        differs (never a run that mixes two configurations)."""
         import torch
         from peft import set_peft_model_state_dict
 
-        step = self.latest()
+        latest = self._latest()
+        step = latest["step"]
+        changes = fingerprint_changes(latest.get("fingerprint"), self.fingerprint)
+        if changes:
+            raise StageError(f"finetune {name}: the checkpoint at step {step} ({self.store.url(self.prefix)}) was "
+                             f"made with other settings: {'; '.join(changes)}; rerun with --force to start over")
         blob = torch.load(io.BytesIO(self.store.get_bytes(f"{self.prefix}/step-{step}/state.pt")),
                           map_location="cpu", weights_only=False)
         set_peft_model_state_dict(model, blob["lora"])
@@ -303,7 +334,7 @@ def train(model, processor, train_rows, val_rows, cfg, *, checkpoints: Checkpoin
                               num_warmup_steps=round(cfg.warmup_ratio * total), num_training_steps=total)
     state = TrainState()
     if checkpoints.latest() is not None:
-        state = checkpoints.load(model, optimizer, scheduler)
+        state = checkpoints.load(model, optimizer, scheduler, name)
         log.info("finetune %s: resuming from checkpoint step %d of %d", name, state.step, total)
     trainable = sum(p.numel() for p in params)
     log.info("finetune %s: %d train / %d validation samples, %d steps (%d per epoch, batch %d x accum %d), "

@@ -49,6 +49,18 @@ def tiny_student_texts(ctx: StageContext) -> list[str]:
     return texts
 
 
+def checkpoint_fingerprint(ctx: StageContext, variant: str) -> dict[str, Any]:
+    """What a checkpoint depends on: the training settings, the dataset variant (and which build of the
+    dataset) and the base model. A resume with another fingerprint stops (``training.Checkpoints``)."""
+    from pipeline.models import training
+    from pipeline.records import fingerprint
+
+    student = ctx.config.student
+    return {**training.config_fingerprint(ctx.config.finetune), "dataset.variant": variant,
+            "dataset.build": fingerprint(artifacts.dataset_mark(ctx)), "student.model": student.model,
+            "student.tiny": student.tiny, "student.image_longest_edge": student.image_longest_edge}
+
+
 def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict[str, Any]:
     """Train one variant with ``pipeline.models.training`` and store its adapter, metrics, loss plot and
     summary (last: the variant is done)."""
@@ -56,7 +68,8 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
 
     cfg = ctx.config.finetune
     model, processor = training.prepare_model(base, ctx.config.student, cfg)
-    checkpoints = training.Checkpoints(ctx.store, ctx.key(variant, artifacts.CHECKPOINTS))
+    checkpoints = training.Checkpoints(ctx.store, ctx.key(variant, artifacts.CHECKPOINTS),
+                                       checkpoint_fingerprint(ctx, variant))
 
     def put_metrics(metrics: list[dict[str, Any]]) -> None:
         ctx.store.put_jsonl(ctx.key(variant, artifacts.METRICS), metrics)
