@@ -118,13 +118,19 @@ def _check_all_weights_loaded(model, adapter_dir: Path, base: str) -> None:
     unused = {k.removeprefix("base_model.model.") for k in stored} - expected
     if unused:
         raise PipelineError(f"adapter {adapter_dir} does not fit base model {base}: {len(unused)} adapter weights "
-                            f"match no module (e.g. {sorted(unused)[0]})")
+                            f"match no module (e.g. {min(unused)})")
 
 
 def write_essay(image: str | Path, title: str, *, adapter: str | None = None, model: str | None = None,
-                device: str = "auto", max_new_tokens: int = 320, image_longest_edge: int | None = None) -> str:
+                device: str = "auto", max_new_tokens: int | None = None, max_words: int = 190,
+                image_longest_edge: int | None = None) -> str:
+    """The essay; ``max_new_tokens`` unset: what a ``max_words`` essay needs. An essay cut at the limit is
+    printed with a one-line warning on stderr."""
+    import sys
+
     from transformers.utils import logging as hf_logging
 
+    from pipeline.checks import tokens_needed
     from pipeline.models import generate_essays
 
     hf_logging.disable_progress_bar()  # stdout is the essay; keep stderr for errors
@@ -134,6 +140,8 @@ def write_essay(image: str | Path, title: str, *, adapter: str | None = None, mo
     picture = load_image(image)
     with tempfile.TemporaryDirectory(prefix="ielts-write-") as tmp:
         loaded, processor = load(model, adapter, device, image_longest_edge, Path(tmp))
-    [result] = generate_essays(loaded, processor, [(picture, title.strip())], max_new_tokens=max_new_tokens,
-                               batch_size=1)
+    limit = max_new_tokens or tokens_needed(max_words)
+    [result] = generate_essays(loaded, processor, [(picture, title.strip())], max_new_tokens=limit, batch_size=1)
+    if result.finish == "length":
+        print(f"warning: the essay was cut at {limit} new tokens (--max-new-tokens)", file=sys.stderr)
     return result.text

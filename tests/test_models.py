@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from student_fixtures import sample_charts, sample_rows, tiny_loaded, tiny_student  # noqa: F401 (fixtures)
 
-from pipeline.models import (IGNORE_INDEX, add_lora, collate, encode, generate_essays, load_student,
-                             user_prompt)
+from pipeline.models import (
+    IGNORE_INDEX,
+    add_lora,
+    collate,
+    encode,
+    generate_essays,
+    load_student,
+    user_prompt,
+)
 from pipeline.models.chat import answer_text, prompt_text
 from pipeline.models.tiny import IMAGE_SEQ_LEN, IMAGE_TOKENS
-from student_fixtures import sample_charts, sample_rows, tiny_loaded, tiny_student  # noqa: F401 (fixtures)
 
 
 def test_tiny_student_reloads_with_auto_classes(tiny_student, tiny_loaded):
@@ -140,6 +147,9 @@ def test_batched_generation_equals_one_by_one(tiny_loaded, sample_dir):
     assert [r.text for r in batched] == [r.text for r in single] == [r.text for r in micro]
     assert [r.tokens for r in batched] == [r.tokens for r in single]
     assert all(0 < r.tokens <= 16 and r.seconds > 0 for r in batched)
+    # an essay is "length" exactly when it ran to the limit without a stop token
+    assert [r.finish for r in batched] == [r.finish for r in single]
+    assert all((r.finish == "length") == (r.tokens == 16) for r in batched)
 
     # token for token: the ids the batched path produced equal HF generate run on each prompt alone
     tok = processor.tokenizer
@@ -164,3 +174,11 @@ def test_results_come_back_in_caller_order(tiny_loaded, sample_dir):
     backward = generate_essays(model, processor, charts[::-1], max_new_tokens=6, batch_size=2)
     assert sorted(seen) == list(range(5))
     assert [r.text for r in forward] == [r.text for r in backward][::-1]
+
+
+def test_finish_says_whether_the_model_stopped_or_hit_the_limit():
+    from pipeline.models.generation import finish_of
+
+    assert finish_of([5, 6, 2, 7], stops=[2, 9]) == (2, "stop")
+    assert finish_of([9], stops=[2, 9]) == (0, "stop")
+    assert finish_of([5, 6, 7], stops=[2, 9]) == (3, "length")

@@ -28,6 +28,14 @@ class GenerationResult:
     text: str
     tokens: int  # generated tokens, the end-of-utterance token excluded
     seconds: float  # this item's share of its batch's wall time
+    finish: str = "stop"  # "stop": the model ended the essay; "length": cut at max_new_tokens
+
+
+def finish_of(row: list[int], stops: list[int]) -> tuple[int, str]:
+    """(tokens before the first stop token, "stop"), or (all of them, "length") when the model never
+    stopped (generation ran to ``max_new_tokens``)."""
+    cut = next((n for n, t in enumerate(row) if t in stops), None)
+    return (cut, "stop") if cut is not None else (len(row), "length")
 
 
 def stop_ids(processor) -> list[int]:
@@ -91,7 +99,7 @@ def _generate_batch(model, items: list[Encoded], *, pad_id: int, stops: list[int
     """New token ids per item (stop tokens and what follows them included)."""
     import torch
 
-    common = dict(eos_token_id=stops, pad_token_id=pad_id)
+    common = {"eos_token_id": stops, "pad_token_id": pad_id}
     if do_sample:
         batch = _to_device(collate(items, pad_id, side="left"), model)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, **common)
@@ -136,8 +144,9 @@ def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_
         seconds = (time.perf_counter() - started) / len(idx)
         done = []
         for i, row in zip(idx, rows):
-            cut = next((n for n, t in enumerate(row) if t in stops), len(row))
-            results[i] = GenerationResult(tok.decode(row[:cut], skip_special_tokens=True).strip(), cut, seconds)
+            cut, finish = finish_of(row, stops)
+            results[i] = GenerationResult(tok.decode(row[:cut], skip_special_tokens=True).strip(), cut, seconds,
+                                          finish)
             done.append(results[i])
         if on_batch is not None:
             on_batch(idx, done)

@@ -2,9 +2,13 @@
 fine-tuned variant, with identical decoding settings (greedy by default, ``generate.max_new_tokens``).
 
 Per-item records ``<run>/generate/records/<model>/<chart_id>.json`` = {model, chart_id, essay, tokens,
-seconds} are written after each batch, so a rerun does only what is missing; ``--shard I/N`` (or an
+seconds, finish} are written after each batch, so a rerun does only what is missing; ``--shard I/N`` (or an
 Indexed Job) splits the charts. When every (model, chart) has a record, ``essays.jsonl`` (all records,
 by model then chart id) is written and the stage completes.
+
+Nothing is cut silently: ``finish`` is ``"length"`` when an essay hit the token limit (``"stop"`` when the
+model ended it), the summary counts them per model, and an unset ``generate.max_new_tokens`` is derived
+from the word limit (``teacher.max_words``) and SmolLM2's measured tokens per word with margin.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ BASELINE = artifacts.BASELINE
 
 def model_names(ctx: StageContext) -> list[str]:
     return [BASELINE, *ctx.config.finetune.variants]
+
+
+def max_new_tokens(config) -> int:
+    """``generate.max_new_tokens``, or when unset what a ``teacher.max_words`` essay of the longest
+    trained variant needs (``checks.tokens_needed``); every model gets the same limit."""
+    from pipeline.checks import tokens_needed
+
+    limit, words = config.generate.max_new_tokens, config.teacher.max_words
+    return limit or max(tokens_needed(words, v) for v in ("unstructured", *config.finetune.variants))
 
 
 def test_ids(ctx: StageContext) -> list[str]:
@@ -45,7 +58,7 @@ def load_test_charts(ctx: StageContext, ids: list[str]) -> dict[str, tuple[Any, 
             charts[row["chart_id"]] = (Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB"), row["title"])
     missing = wanted - charts.keys()
     if missing:
-        raise StageError(f"generate: test chart {sorted(missing)[0]} is in splits.json but not in the test split")
+        raise StageError(f"generate: test chart {min(missing)} is in splits.json but not in the test split")
     return charts
 
 
@@ -72,14 +85,15 @@ def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[
     def store_batch(indices: list[int], results) -> None:
         for i, result in zip(indices, results):
             records.write(pending[i], {"model": name, "chart_id": pending[i], "essay": result.text,
-                                       "tokens": result.tokens, "seconds": round(result.seconds, 4)})
+                                       "tokens": result.tokens, "seconds": round(result.seconds, 4),
+                                       "finish": result.finish})
         bar.update(len(indices))
 
     # chunks of a few batches: records land as batches finish, memory stays bounded, sorting still helps
-    chunk = cfg.batch_size * 8
+    chunk, limit = cfg.batch_size * 8, max_new_tokens(ctx.config)
     for start in range(0, len(pending), chunk):
         ids = pending[start:start + chunk]
-        generate_essays(model, processor, [charts[i] for i in ids], max_new_tokens=cfg.max_new_tokens,
+        generate_essays(model, processor, [charts[i] for i in ids], max_new_tokens=limit,
                         batch_size=cfg.batch_size, do_sample=cfg.do_sample,
                         on_batch=lambda idx, res, off=start: store_batch([off + i for i in idx], res))
     bar.close()
@@ -111,9 +125,14 @@ def run(ctx: StageContext) -> None:
 
     def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         models = {name: {"essays": len(ids),
-                         "mean_tokens": round(sum(r["tokens"] for r in rows if r["model"] == name) / len(ids), 1)}
+                         "mean_tokens": round(sum(r["tokens"] for r in rows if r["model"] == name) / len(ids), 1),
+                         "truncated": sum(r.get("finish") == "length" for r in rows if r["model"] == name)}
                   for name in names}
-        return {"charts": len(ids), "models": models, "max_new_tokens": ctx.config.generate.max_new_tokens,
+        truncated = {n: m["truncated"] for n, m in models.items() if m["truncated"]}
+        if truncated:
+            ctx.log.warning("generate: essays cut at max_new_tokens=%d (finish 'length'): %s", max_new_tokens(ctx.config),
+                            ", ".join(f"{n} {k} of {len(ids)}" for n, k in truncated.items()))
+        return {"charts": len(ids), "models": models, "max_new_tokens": max_new_tokens(ctx.config),
                 "do_sample": ctx.config.generate.do_sample}
 
     ctx.collect_if_complete(artifacts.GENERATED_ESSAYS, [(ctx.records(name), ids) for name in names], summarize)
@@ -126,7 +145,7 @@ def inputs_fingerprint(ctx: StageContext) -> str:
 
     gen, student = ctx.config.generate, ctx.config.student
     return fingerprint(artifacts.finetune_mark(ctx), student.model, student.tiny,
-                       student.image_longest_edge, gen.max_new_tokens, gen.do_sample)
+                       student.image_longest_edge, max_new_tokens(ctx.config), gen.do_sample)
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:
