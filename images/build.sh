@@ -1,17 +1,20 @@
 #!/bin/sh
-# Build the base image and every stage image; CUDA variants (<stage>-cuda:<tag>) for finetune and generate.
-#   IMAGE_REGISTRY (ghcr.io/ielts-distill)  IMAGE_TAG (0.1.0)  IMAGE_EXTRAS (e.g. local-llm)
-#   CUDA_STAGES ("finetune generate"; empty: no CUDA builds)  TORCH_CUDA_INDEX (.../whl/cu128)
-#   PYTHON_IMAGE, TORCH_VERSION, TORCH_INDEX (CPU wheels), PIP_FIND_LINKS: base build args, when set
-#   BUILDER: docker | buildah (default: docker when its daemon answers, else buildah). Rootless buildah
-#   inside a container: BUILDAH_STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot (the defaults here).
+# Build the images the StageSpecs ask for (python3 -m pipeline.k8s.images): a base variant per (pip extras,
+# CPU/CUDA) and one image per stage from images/stage/Dockerfile; CUDA variants <stage>-cuda for GPU stages.
+#   IMAGE_REGISTRY (ghcr.io/ielts-distill)  IMAGE_TAG (0.1.0)  IMAGE_CUDA (1; 0: no CUDA builds)
+#   IMAGE_STAGES ("": every stage; e.g. "ingest" builds only ingest and the base it needs)
+#   TORCH_CUDA_INDEX (.../whl/cu128); PYTHON_IMAGE, TORCH_VERSION, TORCH_INDEX (CPU wheels): base build args
+#   IMAGE_PIP_FIND_LINKS: extra wheel location for the image build (pip's own PIP_FIND_LINKS is NOT forwarded:
+#     it is the host pip's setting and usually names a host path)
+#   BUILDER: docker | buildah | print (print: only show the build commands). Default: docker when its daemon
+#   answers, else buildah. Rootless buildah in a container: BUILDAH_STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot
+#   (the defaults here).
 set -eu
 cd "$(dirname "$0")/.."
 REGISTRY="${IMAGE_REGISTRY:-ghcr.io/ielts-distill}"
 TAG="${IMAGE_TAG:-0.1.0}"
-STAGES="ingest teacher dataset finetune generate judge report"
-CUDA_STAGES="${CUDA_STAGES-finetune generate}"
 CUDA_INDEX="${TORCH_CUDA_INDEX:-https://download.pytorch.org/whl/cu128}"
+PYTHON="${PYTHON:-python3}"
 BUILDER="${BUILDER:-}"
 if [ -z "$BUILDER" ]; then
   if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then BUILDER=docker
@@ -27,26 +30,34 @@ build() {  # build IMAGE DOCKERFILE [--build-arg K=V ...]
     docker) docker build --file "$dockerfile" --tag "$image" "$@" . ;;
     buildah) buildah --storage-driver "${BUILDAH_STORAGE_DRIVER:-vfs}" build --isolation "${BUILDAH_ISOLATION:-chroot}" \
                --layers --file "$dockerfile" --tag "$image" "$@" . ;;
-    *) echo "error: BUILDER must be docker or buildah (got '$BUILDER')" >&2; exit 1 ;;
+    print) echo "build --file $dockerfile --tag $image $*" ;;
+    *) echo "error: BUILDER must be docker, buildah or print (got '$BUILDER')" >&2; exit 1 ;;
   esac
 }
 
-# Optional base overrides, passed only when set: PYTHON_IMAGE, TORCH_VERSION, TORCH_INDEX (CPU), PIP_FIND_LINKS.
+# Base build args passed only when set.
 set --
-for arg in PYTHON_IMAGE TORCH_VERSION PIP_FIND_LINKS; do
+for arg in PYTHON_IMAGE TORCH_VERSION; do
   eval "value=\${$arg:-}"
   if [ -n "$value" ]; then set -- "$@" --build-arg "$arg=$value"; fi
 done
-if [ -n "${TORCH_INDEX:-}" ]; then cpu_index="--build-arg TORCH_INDEX=$TORCH_INDEX"; else cpu_index=""; fi
+if [ -n "${IMAGE_PIP_FIND_LINKS:-}" ]; then set -- "$@" --build-arg "PIP_FIND_LINKS=$IMAGE_PIP_FIND_LINKS"; fi
+cpu_index="${TORCH_INDEX:-}"
 
-# shellcheck disable=SC2086  # cpu_index is one word or none
-build "$REGISTRY/base:$TAG" images/base/Dockerfile --build-arg "EXTRAS=${IMAGE_EXTRAS:-}" $cpu_index "$@"
-for stage in $STAGES; do
-  build "$REGISTRY/$stage:$TAG" "images/$stage/Dockerfile" --build-arg "BASE_IMAGE=$REGISTRY/base:$TAG"
+no_cuda=""
+if [ "${IMAGE_CUDA:-1}" = 0 ]; then no_cuda="--no-cuda"; fi
+# shellcheck disable=SC2086  # IMAGE_STAGES is a list of words
+plan="$("$PYTHON" -m pipeline.k8s.images $no_cuda ${IMAGE_STAGES:-})"
+echo "$plan" | while read -r kind name what base; do
+  if [ "$kind" = base ]; then
+    if [ "$base" = 1 ]; then index="$CUDA_INDEX"; else index="$cpu_index"; fi
+    if [ "$what" = - ]; then what=""; fi
+    if [ -n "$index" ]; then
+      build "$REGISTRY/$name:$TAG" images/base/Dockerfile --build-arg "EXTRAS=$what" --build-arg "TORCH_INDEX=$index" "$@"
+    else
+      build "$REGISTRY/$name:$TAG" images/base/Dockerfile --build-arg "EXTRAS=$what" "$@"
+    fi
+  else
+    build "$REGISTRY/$name:$TAG" images/stage/Dockerfile --build-arg "STAGE=$what" --build-arg "BASE_IMAGE=$REGISTRY/$base:$TAG"
+  fi
 done
-if [ -n "$CUDA_STAGES" ]; then
-  build "$REGISTRY/base-cuda:$TAG" images/base/Dockerfile --build-arg "TORCH_INDEX=$CUDA_INDEX" "$@"
-  for stage in $CUDA_STAGES; do
-    build "$REGISTRY/$stage-cuda:$TAG" "images/$stage/Dockerfile" --build-arg "BASE_IMAGE=$REGISTRY/base-cuda:$TAG"
-  done
-fi

@@ -2,7 +2,7 @@
 """The command every stage image runs: ``ielts-distill stage <name>`` with the mounted run config.
 
 The stage comes from argv[1] (the Job's args) or $IELTS_STAGE; the config from $IELTS_CONFIG (the
-ConfigMap mounted at /etc/ielts-distill/config.yaml); the store from the config, or $IELTS_STORE_URI;
+ConfigMap mounted at /etc/ielts-distill/config.yaml); the store from the config;
 S3 credentials and API keys from the environment (Secrets). An Indexed Job's pod passes its shard through
 JOB_COMPLETION_INDEX / JOB_COMPLETION_COUNT, which the stage code reads itself (pipeline.records.Shard).
 The last log line says how it ended, and is also the pod's termination message:
@@ -41,8 +41,6 @@ def main(argv: list[str]) -> int:
         return finish(f"ielts-distill job: {what} FAILED (exit 2): run config {config} not found "
                       "(is the ConfigMap mounted?)", 2)
     cmd = ["ielts-distill", "stage", stage, "--config", config]
-    if os.environ.get("IELTS_STORE_URI"):
-        cmd += ["--set", f"store.uri={os.environ['IELTS_STORE_URI']}"]
     print(f"ielts-distill job: {what} starting", flush=True)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
     for sig in (signal.SIGTERM, signal.SIGINT):  # the kubelet's SIGTERM reaches the stage, which keeps records

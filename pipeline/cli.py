@@ -80,21 +80,16 @@ def _select(from_stage: str | None, only: tuple[str, ...]) -> list[str]:
 @click.option("--from", "from_stage", type=click.Choice(STAGES), help="Start at this stage.")
 @click.option("--only", multiple=True, type=click.Choice(STAGES), help="Run only these stages (repeatable).")
 @click.option("--force", is_flag=True, help="Rerun stages even when complete (per-item records are kept).")
-@click.option("--executor", type=click.Choice(["local", "k8s"]), default="local", show_default=True,
-              help="local: in this process; k8s: one Kubernetes Job per stage.")
+@click.option("--executor", type=click.Choice(["local", "k8s"]),
+              help="local: in this process; k8s: one Kubernetes Job per stage. Default: run.executor.")
 @click.option("--cleanup", is_flag=True, help="k8s: on Ctrl-C, delete the Jobs still running.")
-def run(config: RunConfig, from_stage: str | None, only: tuple[str, ...], force: bool, executor: str,
+def run(config: RunConfig, from_stage: str | None, only: tuple[str, ...], force: bool, executor: str | None,
         cleanup: bool) -> None:
     """Run the pipeline: every stage in order, skipping stages whose _SUCCESS exists."""
+    from pipeline.executors.base import executor_for, run_pipeline
+
     stages = _select(from_stage, only)
-    if executor == "k8s":
-        from pipeline.executors.k8s import run_pipeline as run_k8s
-
-        run_k8s(config, stages, force=force, cleanup=cleanup)
-        return
-    from pipeline.executors.local import run_pipeline
-
-    store = run_pipeline(config, stages, force=force)
+    store = run_pipeline(executor_for(executor or config.run.executor, config), stages, force=force, cleanup=cleanup)
     report = f"{config.run.id}/report/report.html"
     if "report" in stages and store.exists(report):
         click.echo(f"report: {store.url(report)}")
@@ -108,15 +103,16 @@ def run(config: RunConfig, from_stage: str | None, only: tuple[str, ...], force:
 @click.option("--force", is_flag=True, help="Rerun even when complete (per-item records are kept).")
 def stage(config: RunConfig, name: str, shard: str | None, force: bool) -> None:
     """Run one stage (the entrypoint of each stage's Kubernetes Job)."""
-    from pipeline.context import save_run_config, store_for
-    from pipeline.executors.local import run_stage
+    from pipeline.context import StageContext, save_run_config
+    from pipeline.executors.base import run_one
+    from pipeline.executors.local import LocalExecutor
     from pipeline.records import Shard
 
     selected = Shard.parse(shard) if shard else Shard.from_env()
-    store = store_for(config)
+    executor = LocalExecutor(config)
     if selected.whole:
-        save_run_config(config, store)
-    run_stage(config, store, name, shard=selected, force=force)
+        save_run_config(config, executor.store)
+    run_one(executor, StageContext(config=config, store=executor.store, stage=name, shard=selected), force)
 
 
 @main.command("config")
@@ -184,14 +180,36 @@ def unstructure(config: RunConfig, source) -> None:
 
 @main.command()
 @config_options
-@click.option("--output", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for one YAML file per object plus a kustomization.yaml.")
-def render(config: RunConfig, out_dir: str) -> None:
-    """Write every Kubernetes object the run needs (ConfigMap + one Job per stage); secrets only referenced."""
-    from pipeline.k8s.objects import write_manifests
+@click.option("--format", "fmt", type=click.Choice(["k8s", "argo", "skaffold"]), default="k8s", show_default=True,
+              help="k8s: a folder of objects + kustomization.yaml (the driver's Jobs); argo: one Argo Workflows "
+                   "Workflow file; skaffold: the skaffold.yaml that builds every stage image.")
+@click.option("--output", "-o", "out", required=True, type=click.Path(),
+              help="k8s: a folder; argo/skaffold: a file ('-': stdout).")
+def render(config: RunConfig, fmt: str, out: str) -> None:
+    """Write what the cluster needs for this run (secrets only referenced, never included)."""
+    import yaml
 
-    for path in write_manifests(config, out_dir):
-        click.echo(str(path))
+    if fmt == "k8s":
+        from pipeline.k8s.objects import write_manifests
+
+        for path in write_manifests(config, out):
+            click.echo(str(path))
+        return
+    if fmt == "skaffold":
+        from pipeline.k8s.images import SKAFFOLD_HEADER, skaffold_config
+
+        text = SKAFFOLD_HEADER + yaml.safe_dump(skaffold_config(config.k8s.image_registry.rstrip("/")),
+                                                sort_keys=False)
+    else:
+        from pipeline.k8s.argo import workflow_yaml
+
+        text = workflow_yaml(config)
+    if out == "-":
+        click.echo(text, nl=False)
+    else:
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        click.echo(out)
 
 
 @main.command("push-dataset")

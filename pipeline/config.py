@@ -25,6 +25,7 @@ class Section(BaseModel):
 
 class RunSection(Section):
     id: str = Field("demo", pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")  # also a K8s label value
+    executor: Literal["local", "k8s"] = "local"  # `run` without --executor: in process, or Jobs (k8s.*)
 
 
 class StoreSection(Section):

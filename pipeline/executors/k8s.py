@@ -27,11 +27,13 @@ from kubernetes.client.rest import ApiException
 from kubernetes.watch import Watch
 
 from pipeline.config import RunConfig
-from pipeline.context import StageContext, save_run_config, store_for
-from pipeline.errors import PipelineError, StageError
-from pipeline.executors.local import skip_or_clear
+from pipeline.context import StageContext
+from pipeline.errors import PipelineError
+from pipeline.executors import base
+from pipeline.executors.base import Executor, Outcome
 from pipeline.k8s.diagnose import Verdict, job_verdict, pod_problem
 from pipeline.k8s.objects import build_configmap, build_job, job_name, run_selector
+from pipeline.stages import STAGES, StageSpec
 from pipeline.store import SUCCESS, ArtifactStore
 
 log = logging.getLogger("ielts_distill")
@@ -149,6 +151,13 @@ class KubeBackend:
         finally:
             watch.stop()
 
+    def read_logs(self, pod: str, container: str) -> Iterator[str]:
+        try:
+            text = self.core.read_namespaced_pod_log(pod, self.namespace, container=container)
+        except ApiException as exc:
+            raise _api_error(exc, f"read the log of pod {pod}") from None
+        yield from text.splitlines()
+
     def stream_logs(self, pod: str, container: str) -> Iterator[str]:
         resp = self.core.read_namespaced_pod_log(pod, self.namespace, container=container, follow=True,
                                                  _preload_content=False)
@@ -211,20 +220,33 @@ def _owned_by(pod: dict[str, Any], job: dict[str, Any]) -> bool:
     return not uid or not owner or owner == uid
 
 
-class Driver:
-    def __init__(self, config: RunConfig, store: ArtifactStore, backend: KubeBackend,
-                 echo: Callable[[str], None] = click.echo):
-        self.config, self.store, self.backend, self.echo = config, store, backend, echo
-        self.ns = config.k8s.namespace
+class KubeExecutor(Executor):
+    """One Job per stage: submit (or attach to a running one), wait, explain a failure in one line."""
 
-    def run_stage(self, stage: str, force: bool) -> None:
-        ctx = StageContext(config=self.config, store=self.store, stage=stage)
-        if skip_or_clear(ctx, force):
-            self.echo(f"[{stage}] already complete ({self.store.url(ctx.key(SUCCESS))}): skipped")
-            return
-        name = job_name(self.config, stage)
+    def __init__(self, config: RunConfig, store: ArtifactStore | None = None,
+                 echo: Callable[[str], None] = click.echo, backend: KubeBackend | None = None):
+        for stage in STAGES:  # every object builds (config errors surface) before the store is opened
+            build_job(config, stage)
+        super().__init__(config, store, echo)
+        self.ns = config.k8s.namespace
+        self._backend = backend
+
+    @property
+    def backend(self) -> KubeBackend:
+        if self._backend is None:
+            self._backend = KubeBackend(self.ns)
+        return self._backend
+
+    def prepare(self, specs: Sequence[StageSpec], force: bool) -> None:
+        super().prepare(specs, force)
+        if force or any(not StageContext(config=self.config, store=self.store, stage=s.name).is_complete()
+                        for s in specs):
+            self.backend.apply_configmap(build_configmap(self.config))
+
+    def run_stage(self, spec: StageSpec, ctx: StageContext) -> Outcome:
+        stage, name = spec.name, job_name(self.config, spec.name)
         existing, _ = self.backend.read_job(name)
-        if existing is not None and job_verdict(existing) is None and not force:
+        if existing is not None and job_verdict(existing) is None and not self.force:
             self.echo(f"[{stage}] job {name} is already running: attaching to it")
         else:
             if existing is not None:
@@ -233,11 +255,36 @@ class Driver:
             self.echo(f"[{stage}] submitted job {name} (namespace {self.ns})")
         verdict = self.wait(stage, name)
         if not verdict.ok:
-            raise StageError(verdict.line(stage, self.ns, name))
+            return Outcome(stage, False, "failed", verdict.line(stage, self.ns, name))
         if not ctx.is_complete():
-            raise StageError(f"stage {stage}: job {name} succeeded but {self.store.url(ctx.key(SUCCESS))} is "
-                             f"missing; inspect: kubectl -n {self.ns} logs job/{name}")
+            return Outcome(stage, False, "failed", f"stage {stage}: job {name} succeeded but "
+                           f"{self.store.url(ctx.key(SUCCESS))} is missing; inspect: kubectl -n {self.ns} logs job/{name}")
         self.echo(f"[{stage}] complete")
+        return Outcome(stage, True, "complete", self.store.url(ctx.key(SUCCESS)))
+
+    def status(self, spec: StageSpec, ctx: StageContext) -> str:
+        name = job_name(self.config, spec.name)
+        job, _ = self.backend.read_job(name)
+        if job is None:
+            return f"no job {name}"
+        verdict = job_verdict(job)
+        if verdict is not None:
+            return f"job {name}: {'complete' if verdict.ok else 'failed: ' + verdict.reason}"
+        st = job.get("status") or {}
+        return f"job {name}: running (active {st.get('active', 0)}, succeeded {st.get('succeeded', 0)}, " \
+               f"failed {st.get('failed', 0)})"
+
+    def logs(self, spec: StageSpec, ctx: StageContext) -> Iterator[str]:
+        for pod in self.backend.list_pods(job_name(self.config, spec.name)):
+            yield from self.backend.read_logs(pod["metadata"]["name"], spec.name)
+
+    def cancel(self, spec: StageSpec, ctx: StageContext) -> bool:
+        name = job_name(self.config, spec.name)
+        job, _ = self.backend.read_job(name)
+        if job is None or job_verdict(job) is not None:
+            return False
+        self.backend.delete_job(name)
+        return True
 
     def wait(self, stage: str, name: str) -> Verdict:
         """Until the Job succeeds or fails, a pod is stuck, or k8s.wait_timeout_s passes."""
@@ -250,7 +297,7 @@ class Driver:
                 if job is None:  # (re-)list: the authoritative state and a fresh resourceVersion
                     job, rv = self.backend.read_job(name)
                     if job is None:
-                        raise StageError(f"stage {stage}: job {name} was deleted while the driver waited for it")
+                        return Verdict(False, "Deleted", "the job was deleted while the driver waited for it")
                 pods = [p for p in self.backend.list_pods(name) if _owned_by(p, job)]
                 logs.follow(pods)
                 verdict = job_verdict(job, pods) or next(
@@ -272,14 +319,13 @@ class Driver:
         finally:
             logs.close()
 
-    def interrupted(self, cleanup: bool) -> None:
+    def interrupted(self, specs: Sequence[StageSpec], cleanup: bool) -> None:
         """After Ctrl-C: say which Jobs still run, or delete them (--cleanup)."""
+        selector = run_selector(self.config)
         try:
-            running = [j["metadata"]["name"] for j in self.backend.list_jobs(run_selector(self.config))
-                       if job_verdict(j) is None]
+            running = [j["metadata"]["name"] for j in self.backend.list_jobs(selector) if job_verdict(j) is None]
         except (ApiException, PipelineError, urllib3.exceptions.HTTPError) as exc:
-            self.echo(f"could not list this run's jobs ({exc}); check: kubectl -n {self.ns} get jobs "
-                      f"-l {run_selector(self.config)}")
+            self.echo(f"could not list this run's jobs ({exc}); check: kubectl -n {self.ns} get jobs -l {selector}")
             return
         if not running:
             self.echo("no jobs of this run are still running")
@@ -292,24 +338,10 @@ class Driver:
                 self.echo(f"still running: job {name} (kubectl -n {self.ns} get job {name})")
         if not cleanup:
             self.echo(f"rerun the same command to re-attach, or delete them: kubectl -n {self.ns} delete job "
-                      f"-l {run_selector(self.config)} (or rerun with --cleanup)")
+                      f"-l {selector} (or rerun with --cleanup)")
 
 
 def run_pipeline(config: RunConfig, stages: Sequence[str], force: bool = False, cleanup: bool = False,
                  backend: KubeBackend | None = None, echo: Callable[[str], None] = click.echo) -> ArtifactStore:
     """Submit one Job per stage in order and wait for each; stages complete in the store are skipped."""
-    for stage in stages:  # every object builds (config errors surface) before anything is submitted
-        build_job(config, stage)
-    store = store_for(config)
-    save_run_config(config, store)
-    backend = backend or KubeBackend(config.k8s.namespace)
-    driver = Driver(config, store, backend, echo)
-    try:
-        if force or any(not StageContext(config=config, store=store, stage=s).is_complete() for s in stages):
-            backend.apply_configmap(build_configmap(config))
-        for stage in stages:
-            driver.run_stage(stage, force)
-    except KeyboardInterrupt:
-        driver.interrupted(cleanup)
-        raise
-    return store
+    return base.run_pipeline(KubeExecutor(config, echo=echo, backend=backend), stages, force=force, cleanup=cleanup)

@@ -1,64 +1,51 @@
-"""The local executor: runs stages in order, in this process, against the configured store."""
+"""The local executor: runs a stage (or one shard of it) in this process against the configured store."""
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from pipeline.config import RunConfig
-from pipeline.context import StageContext, save_run_config, store_for
-from pipeline.errors import StageError
+from pipeline.context import StageContext
+from pipeline.executors import base
+from pipeline.executors.base import Executor, Outcome, run_one
 from pipeline.records import Shard
-from pipeline.stages import load_stage
+from pipeline.stages import StageSpec, load_stage
 from pipeline.store import SUCCESS, ArtifactStore
 
-log = logging.getLogger("ielts_distill")
+
+class LocalExecutor(Executor):
+    def run_stage(self, spec: StageSpec, ctx: StageContext) -> Outcome:
+        """Returns ``complete``, or ``shard done`` when other shards of the stage are still to finish."""
+        module = load_stage(spec.name)
+        started = time.monotonic()
+        self.echo(f"[{spec.name}] started" + ("" if ctx.shard.whole else f" (shard {ctx.shard})"))
+        module.run(ctx)
+        done = ctx.is_complete()
+        if not done and ctx.shard.whole:
+            return Outcome(spec.name, False, "failed",
+                           f"stage '{spec.name}' returned without completing (no {SUCCESS}); see the log above")
+        state = "complete" if done else "shard done"
+        self.echo(f"[{spec.name}] {state if done else f'shard {ctx.shard} done'} in {time.monotonic() - started:.1f}s")
+        return Outcome(spec.name, True, state, ctx.store.url(ctx.key(SUCCESS)) if done else "")
+
+    def status(self, spec: StageSpec, ctx: StageContext) -> str:
+        return "complete" if ctx.is_complete() else "not running (the local executor runs in the calling process)"
+
+    def logs(self, spec: StageSpec, ctx: StageContext) -> Iterator[str]:
+        return iter(())  # in-process: the log went to the caller's stderr
+
+    def cancel(self, spec: StageSpec, ctx: StageContext) -> bool:
+        return False  # Ctrl-C in the process that runs it; finished records stay
 
 
-def clear_stage(ctx: StageContext) -> int:
-    """Forget a stage's outputs before a forced rerun, except its per-item records: a rerun must never
-    request paid results again. Records whose inputs changed are dropped by the stage itself
-    (``RecordSet.keep_if_inputs``)."""
-    records = ctx.key("records") + "/"
-    keys = [k for k in ctx.store.list(ctx.key("")) if not k.startswith(records)]
-    ctx.store.delete(ctx.key(SUCCESS))  # first, so a crash mid-way never leaves a stale mark
-    for key in keys:
-        ctx.store.delete(key)
-    return len(keys)
-
-
-def skip_or_clear(ctx: StageContext, force: bool) -> bool:
-    """The rule both executors follow: True when the stage is complete and not forced (skip it); a forced
-    stage is cleared first (``clear_stage``), complete or not: a half-trained finetune restarts from zero."""
-    if not force:
-        return ctx.is_complete()
-    clear_stage(ctx)
-    return False
-
-
-def run_stage(config: RunConfig, store: ArtifactStore, name: str, shard: Shard = Shard(),
+def run_stage(config: RunConfig, store: ArtifactStore, name: str, shard: Shard | None = None,
               force: bool = False) -> bool:
-    """Run one stage. Returns True when the stage is complete afterwards (False: this shard is done,
-    others are not). A completed stage is skipped unless ``force``."""
-    ctx = StageContext(config=config, store=store, stage=name, shard=shard)
-    if skip_or_clear(ctx, force):
-        log.info("[%s] already complete (%s): skipped", name, store.url(ctx.key(SUCCESS)))
-        return True
-    module = load_stage(name)
-    started = time.monotonic()
-    log.info("[%s] started%s", name, "" if shard.whole else f" (shard {shard})")
-    module.run(ctx)
-    done = ctx.is_complete()
-    if not done and shard.whole:
-        raise StageError(f"stage '{name}' returned without completing (no {SUCCESS}); see the log above")
-    log.info("[%s] %s in %.1fs", name, "complete" if done else f"shard {shard} done", time.monotonic() - started)
-    return done
+    """Run one stage (or shard) in process through the pipeline's skip rule; True when the stage is
+    complete afterwards (False: this shard is done, others are not)."""
+    ctx = StageContext(config=config, store=store, stage=name, shard=shard or Shard())
+    return run_one(LocalExecutor(config, store), ctx, force).state in ("complete", "skipped")
 
 
 def run_pipeline(config: RunConfig, stages: Sequence[str], force: bool = False) -> ArtifactStore:
-    store = store_for(config)
-    save_run_config(config, store)
-    for name in stages:
-        run_stage(config, store, name, force=force)
-    return store
+    return base.run_pipeline(LocalExecutor(config), stages, force=force)

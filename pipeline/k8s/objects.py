@@ -18,37 +18,15 @@ from kubernetes import client as k
 from pipeline import __version__
 from pipeline.config import RunConfig, dump_config
 from pipeline.errors import ConfigError
-from pipeline.stages import STAGES
+from pipeline.k8s.images import stage_image
+from pipeline.stages import STAGES, StageSpec, spec
 
 CONFIG_DIR = "/etc/ielts-distill"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 CACHE_DIR = "/var/cache/ielts-distill"
 UID = 10001  # the non-root user of every image (images/base/Dockerfile)
-SHARDED = ("teacher", "generate", "judge")  # Indexed Jobs over items; finetune is Indexed over variants
 GPU = "nvidia.com/gpu"
 EXIT_CONFIG_ERROR = 2  # pipeline.errors.ConfigError.exit_code: retrying cannot help
-
-# Requests (= limits) per stage; k8s.resources overrides any of them. cpu: the kind/minikube profile.
-_RESOURCES: dict[str, dict[str, dict[str, str]]] = {
-    "cloud": {
-        "ingest": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "4Gi"},
-        "teacher": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"},
-        "dataset": {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "8Gi"},
-        "finetune": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "60Gi"},
-        "generate": {"cpu": "4", "memory": "32Gi", "ephemeral-storage": "40Gi"},
-        "judge": {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "2Gi"},
-        "report": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"},
-    },
-    "cpu": {
-        "ingest": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "2Gi"},
-        "teacher": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"},
-        "dataset": {"cpu": "500m", "memory": "2Gi", "ephemeral-storage": "2Gi"},
-        "finetune": {"cpu": "2", "memory": "6Gi", "ephemeral-storage": "6Gi"},
-        "generate": {"cpu": "2", "memory": "6Gi", "ephemeral-storage": "6Gi"},
-        "judge": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "2Gi"},
-        "report": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"},
-    },
-}
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 
 
@@ -89,25 +67,9 @@ def _label_value(text: str) -> str:
 # --------------------------------------------------------------------------- per-stage choices
 
 
-def shard_count(config: RunConfig, stage: str) -> int | None:
-    """Indexed completions of a stage's Job, or None for a single-pod Job."""
-    return {
-        "teacher": config.teacher.parallelism,
-        "generate": config.generate.parallelism,
-        "judge": config.judge.parallelism,
-        "finetune": len(config.finetune.variants),  # one index per variant: both train at once
-    }.get(stage)
-
-
-def gpus(config: RunConfig, stage: str) -> int:
-    if config.k8s.profile == "cpu":
-        return 0
-    return {"finetune": config.finetune.gpus, "generate": config.generate.gpus}.get(stage, 0)
-
-
 def image(config: RunConfig, stage: str) -> str:
     """``<registry>/<stage>:<tag>``; GPU Jobs run the CUDA build ``<registry>/<stage>-cuda:<tag>``."""
-    name = stage + ("-cuda" if gpus(config, stage) else "")
+    name = stage_image(spec(stage), cuda=spec(stage).gpu_count(config) > 0)
     return f"{config.k8s.image_registry.rstrip('/')}/{name}:{config.k8s.image_tag}"
 
 
@@ -115,7 +77,7 @@ def stage_resources(config: RunConfig, stage: str) -> dict[str, str]:
     unknown = set(config.k8s.resources) - set(STAGES)
     if unknown:
         raise ConfigError(f"k8s.resources.{sorted(unknown)[0]}: unknown stage (stages: {', '.join(STAGES)})")
-    res = dict(_RESOURCES[config.k8s.profile][stage])
+    res = dict(spec(stage).resources[config.k8s.profile])
     for key, value in config.k8s.resources.get(stage, {}).items():
         if key not in res:
             raise ConfigError(f"k8s.resources.{stage}.{key}: unknown resource (use cpu, memory, ephemeral-storage)")
@@ -177,7 +139,7 @@ def _env(config: RunConfig, stage: str, shards: int | None) -> list[k.V1EnvVar]:
     return env
 
 
-def _volumes(config: RunConfig, stage: str, res: dict[str, str]) -> tuple[list[k.V1Volume], list[k.V1VolumeMount]]:
+def _volumes(config: RunConfig, stage: StageSpec, res: dict[str, str]) -> tuple[list[k.V1Volume], list[k.V1VolumeMount]]:
     cache_limit = res["ephemeral-storage"]
     volumes = [
         k.V1Volume(name="config", config_map=k.V1ConfigMapVolumeSource(name=configmap_name(config))),
@@ -189,7 +151,7 @@ def _volumes(config: RunConfig, stage: str, res: dict[str, str]) -> tuple[list[k
         k.V1VolumeMount(name="tmp", mount_path="/tmp"),
         k.V1VolumeMount(name="cache", mount_path=CACHE_DIR),
     ]
-    if stage in ("finetune", "generate"):  # torch data loaders and NCCL use shared memory
+    if stage.shm:  # torch data loaders and NCCL use shared memory
         volumes.append(k.V1Volume(name="dshm", empty_dir=k.V1EmptyDirVolumeSource(medium="Memory", size_limit="2Gi")))
         mounts.append(k.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
     store_path = _store_path(config)
@@ -197,7 +159,7 @@ def _volumes(config: RunConfig, stage: str, res: dict[str, str]) -> tuple[list[k
         claim = k.V1PersistentVolumeClaimVolumeSource(claim_name=config.k8s.store_claim)
         volumes.append(k.V1Volume(name="store", persistent_volume_claim=claim))
         mounts.append(k.V1VolumeMount(name="store", mount_path=store_path))
-    if stage == "ingest" and config.k8s.data_claim:
+    if stage.name == "ingest" and config.k8s.data_claim:
         if not PurePosixPath(config.data.source).is_absolute():
             raise ConfigError(f"data.source {config.data.source!r}: must be an absolute path when k8s.data_claim is set")
         claim = k.V1PersistentVolumeClaimVolumeSource(claim_name=config.k8s.data_claim, read_only=True)
@@ -209,9 +171,10 @@ def _volumes(config: RunConfig, stage: str, res: dict[str, str]) -> tuple[list[k
 def _container(config: RunConfig, stage: str, shards: int | None) -> tuple[k.V1Container, list[k.V1Volume]]:
     res = stage_resources(config, stage)
     quantities = dict(res)
-    if gpus(config, stage):
-        quantities[GPU] = str(gpus(config, stage))
-    volumes, mounts = _volumes(config, stage, res)
+    gpus = spec(stage).gpu_count(config)
+    if gpus:
+        quantities[GPU] = str(gpus)
+    volumes, mounts = _volumes(config, spec(stage), res)
     env_from = [k.V1EnvFromSource(secret_ref=k.V1SecretEnvSource(name=config.k8s.s3_secret))] if _is_s3(config) else None
     container = k.V1Container(
         name=stage,
@@ -234,9 +197,9 @@ def build_job(config: RunConfig, stage: str) -> k.V1Job:
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
     kc = config.k8s
-    shards = shard_count(config, stage)
+    shards = spec(stage).shard_count(config)
     container, volumes = _container(config, stage, shards)
-    gpu = gpus(config, stage) > 0
+    gpu = spec(stage).gpu_count(config) > 0
     pod = k.V1PodSpec(
         restart_policy="Never",
         containers=[container],
@@ -256,7 +219,7 @@ def build_job(config: RunConfig, stage: str) -> k.V1Job:
         k.V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[
             k.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
     ])
-    spec = k.V1JobSpec(
+    job_spec = k.V1JobSpec(
         backoff_limit=kc.backoff_limit,
         active_deadline_seconds=kc.active_deadline_s,
         ttl_seconds_after_finished=kc.ttl_after_finished_s,
@@ -264,12 +227,12 @@ def build_job(config: RunConfig, stage: str) -> k.V1Job:
         template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=labels(config, stage)), spec=pod),
     )
     if shards is not None:
-        spec.completion_mode, spec.completions, spec.parallelism = "Indexed", shards, shards
+        job_spec.completion_mode, job_spec.completions, job_spec.parallelism = "Indexed", shards, shards
     return k.V1Job(
         api_version="batch/v1", kind="Job",
         metadata=k.V1ObjectMeta(name=job_name(config, stage), namespace=kc.namespace, labels=labels(config, stage),
                                 annotations={"ielts-distill/version": __version__}),
-        spec=spec)
+        spec=job_spec)
 
 
 def build_run(config: RunConfig, stages: list[str] | tuple[str, ...] = STAGES) -> list[Any]:
