@@ -19,8 +19,11 @@ from pipeline.errors import PipelineError
 
 
 def load_image(path: str | Path):
-    """The chart as an RGB PIL image, decoded in full (a truncated file fails here, not mid-generation)."""
+    """The chart as an RGB PIL image (transparency on white), decoded in full (a truncated file fails here,
+    not mid-generation)."""
     from PIL import Image, UnidentifiedImageError
+
+    from pipeline.models.images import to_rgb
 
     p = Path(path)
     if not p.is_file():
@@ -28,7 +31,7 @@ def load_image(path: str | Path):
     try:
         with Image.open(p) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
         raise PipelineError(f"cannot decode image {p}: {reason}") from None

@@ -182,3 +182,41 @@ def test_finish_says_whether_the_model_stopped_or_hit_the_limit():
     assert finish_of([5, 6, 2, 7], stops=[2, 9]) == (2, "stop")
     assert finish_of([9], stops=[2, 9]) == (0, "stop")
     assert finish_of([5, 6, 7], stops=[2, 9]) == (3, "length")
+
+
+def test_transparent_charts_are_composited_on_white(tiny_loaded):
+    """A chart with a transparent background reads as the same chart on white (not on black), in every
+    mode PIL gives a transparent PNG."""
+    from PIL import Image
+
+    from pipeline.models.images import to_rgb
+
+    _, processor = tiny_loaded
+    on_white = Image.new("RGB", (120, 80), (255, 255, 255))
+    on_white.paste((200, 30, 30), (20, 20, 60, 80))
+    rgba = Image.new("RGBA", (120, 80), (0, 0, 0, 0))  # transparent black, as many plotting tools write it
+    rgba.paste((200, 30, 30, 255), (20, 20, 60, 80))
+    palette = rgba.convert("P")
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    for image in (rgba, rgba.convert("LA"), palette):
+        assert to_rgb(image).mode == "RGB" and to_rgb(image).getpixel((0, 0)) == (255, 255, 255), image.mode
+    assert list(to_rgb(rgba).getdata()) == list(on_white.getdata())
+    assert torch.equal(encode(processor, rgba, "T").pixel_values, encode(processor, on_white, "T").pixel_values)
+    assert not torch.equal(encode(processor, rgba.convert("RGB"), "T").pixel_values,
+                           encode(processor, on_white, "T").pixel_values)  # what plain convert("RGB") gave
+
+
+def test_image_resolution_defaults_to_the_checkpoints_own(tiny_student):
+    """``student.image_longest_edge`` unset (the default, and in configs/cluster.yaml) keeps the checkpoint's
+    own resolution; a value overrides it."""
+    from pathlib import Path
+
+    from pipeline.config import load_config
+    from pipeline.models.loading import load_processor
+
+    own = load_processor(tiny_student).image_processor.size["longest_edge"]
+    assert load_processor(tiny_student, None).image_processor.size["longest_edge"] == own
+    assert load_processor(tiny_student, own * 2).image_processor.size["longest_edge"] == own * 2
+    cluster = Path(__file__).parents[1] / "configs" / "cluster.yaml"
+    assert load_config(None, []).student.image_longest_edge is None
+    assert load_config(cluster).student.image_longest_edge is None

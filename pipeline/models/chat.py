@@ -66,11 +66,13 @@ class Encoded:
 
 
 def shrink(image, processor):
-    """RGB, and box-filtered down to at most twice the processor's longest edge when it is far larger (a
-    cheap integer ``reduce`` before the processor's own LANCZOS resize; a no-op at SmolVLM's 1536 px)."""
+    """RGB (transparency composited on white), and box-filtered down to at most twice the processor's longest
+    edge when it is far larger (a cheap integer ``reduce`` before the processor's own LANCZOS resize)."""
+    from pipeline.models.images import to_rgb
+
     size = processor.image_processor.size
     edge = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
-    image = image.convert("RGB")
+    image = to_rgb(image)
     factor = max(image.size) // (2 * edge) if edge else 0
     return image.reduce(factor) if factor >= 2 else image
 

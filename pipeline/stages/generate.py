@@ -50,12 +50,14 @@ def load_test_charts(ctx: StageContext, ids: list[str]) -> dict[str, tuple[Any, 
     charts and splits; only the essays differ)."""
     from PIL import Image
 
+    from pipeline.models.images import to_rgb
+
     wanted = set(ids)
     table = artifacts.load_split(ctx, ctx.config.dataset.variants[0], "test").cast_column("image", _raw_image())
     charts = {}
     for row in table:
         if row["chart_id"] in wanted:
-            charts[row["chart_id"]] = (Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB"), row["title"])
+            charts[row["chart_id"]] = (to_rgb(Image.open(io.BytesIO(row["image"]["bytes"]))), row["title"])
     missing = wanted - charts.keys()
     if missing:
         raise StageError(f"generate: test chart {min(missing)} is in splits.json but not in the test split")
