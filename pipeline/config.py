@@ -32,6 +32,10 @@ class StoreSection(Section):
     uri: str = "./artifacts"  # a local directory, file:///abs/path, or s3://bucket/prefix
     endpoint_url: str | None = None  # S3 endpoint; falls back to $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL
     region: str | None = None
+    # LLM stages: when a record cannot be written, no new request is sent and the store is retried for up
+    # to outage_s seconds (answers already paid for wait in memory and a local spill file meanwhile)
+    outage_s: float = Field(120.0, gt=0)
+    claim_lease_s: float = Field(120.0, gt=0)  # an item claimed by a process that died is retried after this
 
 
 class DataSection(Section):

@@ -12,15 +12,20 @@ import hashlib
 import json
 import os
 import re
+import socket
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ArtifactNotFound, PipelineError
 from pipeline.store import ArtifactStore
 
-_SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 INPUTS = "_INPUTS"  # beside a stage's records: the fingerprint of the inputs they were made from
+CLAIMS = "_claims"  # beside a stage's records: who is paying for which item now (Claims)
+STALE = "_stale"  # beside a stage's records: records of earlier inputs, moved aside
 
 
 def stable_hash(text: str, salt: str = "") -> int:
@@ -38,7 +43,7 @@ class Shard:
             raise PipelineError(f"shard {self.index}/{self.count}: index must be in 0..count-1")
 
     @classmethod
-    def parse(cls, text: str | None) -> "Shard":
+    def parse(cls, text: str | None) -> Shard:
         """``"I/N"`` (0-based I), or None for the whole stage."""
         if not text:
             return cls()
@@ -48,7 +53,7 @@ class Shard:
         return cls(int(m[1]), int(m[2]))
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Shard":
+    def from_env(cls, env: dict[str, str] | None = None) -> Shard:
         """The shard of a Kubernetes Indexed Job pod (JOB_COMPLETION_INDEX / JOB_COMPLETION_COUNT)."""
         env = os.environ if env is None else env
         index = env.get("JOB_COMPLETION_INDEX")
@@ -57,7 +62,11 @@ class Shard:
         count = env.get("JOB_COMPLETION_COUNT")
         if count is None:
             raise PipelineError("JOB_COMPLETION_INDEX is set but JOB_COMPLETION_COUNT is not")
-        return cls(int(index), int(count))
+        try:
+            return cls(int(index), int(count))
+        except ValueError:
+            raise PipelineError(f"JOB_COMPLETION_INDEX={index!r} / JOB_COMPLETION_COUNT={count!r}: expected "
+                                "whole numbers") from None
 
     @property
     def whole(self) -> bool:
@@ -73,16 +82,38 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+MAX_KEY_CHARS = 200  # one escaped id segment: file names stay under 255 bytes, S3 keys under 1024
+
+
 def safe_id(item_id: str) -> str:
-    """A store-key-safe form of an item id (ids with ``/`` become nested folders)."""
-    parts = [_SAFE.sub("_", p) for p in item_id.split("/")]
-    if any(p in ("", ".", "..") for p in parts):
-        raise PipelineError(f"item id {item_id!r} cannot be used as a record key")
+    """The store key of an item id, one-to-one: each ``/``-separated part keeps ``A-Za-z0-9._=+-`` and
+    percent-escapes every other byte (``%`` too), so two ids never share a key and ``unsafe_id`` gives the id
+    back. A leading ``_`` is escaped as well: ``_``-names beside the records (``_claims``, ``_stale``,
+    ``_INPUTS``) are the runner's. Ids with empty, ``.`` or ``..`` parts, control characters or a part
+    longer than MAX_KEY_CHARS escaped cannot be keys (ingest rejects such charts)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in item_id):
+        raise PipelineError(f"item id {item_id!r} holds control characters and cannot be used as a record key")
+    parts = [_escape(p) for p in item_id.split("/")]
+    if any(p in ("", ".", "..") or len(p) > MAX_KEY_CHARS for p in parts):
+        raise PipelineError(f"item id {item_id[:80]!r} cannot be used as a record key (an empty, '.' or '..' "
+                            f"part, or one longer than {MAX_KEY_CHARS} characters escaped)")
+    if parts[0].startswith("_"):
+        parts[0] = "%5F" + parts[0][1:]
     return "/".join(parts)
 
 
+def unsafe_id(key: str) -> str:
+    """The item id of a record key made by ``safe_id``."""
+    return "/".join(unquote(p) for p in key.split("/"))
+
+
+def _escape(part: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]", lambda m: "".join(f"%{b:02X}" for b in m[0].encode()), part)
+
+
 class RecordSet:
-    """The records of one stage (or one sub-collection of it) under ``<prefix>/``."""
+    """The records of one stage (or one sub-collection of it) under ``<prefix>/``. Names starting with ``_``
+    right under the prefix are not records: ``_INPUTS``, ``_claims/`` (see Claims), ``_stale/``."""
 
     def __init__(self, store: ArtifactStore, prefix: str):
         self.store = store
@@ -91,15 +122,22 @@ class RecordSet:
     def key(self, item_id: str) -> str:
         return f"{self.prefix}/{safe_id(item_id)}.json"
 
-    def done_ids(self) -> set[str]:
-        """Ids of the records that exist (one listing call, cheap for thousands of items)."""
+    def _record_keys(self) -> list[str]:
         start = len(self.prefix) + 1
-        return {k[start:-5] for k in self.store.list(self.prefix + "/") if k.endswith(".json")}
+        return [k for k in self.store.list(self.prefix + "/") if k.endswith(".json") and k[start] != "_"]
+
+    def done_ids(self) -> set[str]:
+        """Keys (``safe_id``) of the records that exist (one listing call, cheap for thousands of items)."""
+        start = len(self.prefix) + 1
+        return {k[start:-5] for k in self._record_keys()}
 
     def pending(self, item_ids: Iterable[str], shard: Shard = Shard()) -> list[str]:
         """Items this shard owns that have no record yet, in the given order."""
         done = self.done_ids()
         return [i for i in shard.select(item_ids) if safe_id(i) not in done]
+
+    def exists(self, item_id: str) -> bool:
+        return self.store.exists(self.key(item_id))
 
     def write(self, item_id: str, record: dict[str, Any]) -> None:
         self.store.put_json(self.key(item_id), record)
@@ -110,9 +148,8 @@ class RecordSet:
     def read_all(self, item_ids: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
         """Records in sorted key order (or in the order of ``item_ids``)."""
         if item_ids is None:
-            for key in self.store.list(self.prefix + "/"):
-                if key.endswith(".json"):
-                    yield self.store.get_json(key)
+            for key in self._record_keys():
+                yield self.store.get_json(key)
         else:  # many small GETs: in parallel, results in order
             from concurrent.futures import ThreadPoolExecutor
 
@@ -125,15 +162,93 @@ class RecordSet:
     def keep_if_inputs(self, fingerprint: str) -> int:
         """Records are results *of some inputs* (adapters, essays): when the stage's inputs changed since
         the records were written, they are stale. Compare ``fingerprint`` with the one stored beside the
-        records; on a change delete the records and store the new one. Returns how many were deleted."""
+        records; on a change move the records aside to ``<prefix>/_stale/<UTC time>/`` (never deleted: they
+        were paid for) and store the new fingerprint. Returns how many were moved."""
         key = f"{self.prefix}/{INPUTS}"
         if self.store.exists(key) and self.store.get_text(key).strip() == fingerprint:
             return 0
-        stale = self.count() if self.store.exists(key) else 0
+        stale = self._record_keys() if self.store.exists(key) else []
         if stale:
-            self.store.delete_prefix(self.prefix + "/")
+            aside = f"{self.prefix}/{STALE}/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            start = len(self.prefix) + 1
+            for k in stale:
+                self.store.put_bytes(f"{aside}/{k[start:]}", self.store.get_bytes(k))
+            self.store.put_text(f"{aside}/{INPUTS}", self.store.get_text(key))
+            for k in stale:
+                self.store.delete(k)
         self.store.put_text(key, fingerprint + "\n")
-        return stale
+        return len(stale)
+
+
+class Claims:
+    """One payer per item, also across processes that do not know of each other (a lost-but-alive pod
+    and its replacement): before paying for an item, a worker claims it by creating
+    ``<records>/_claims/<key>`` with a write that fails when the key exists (S3 ``If-None-Match: *``, an
+    exclusive create locally). A claim holds an expiry time (now + ``lease_s``) that its owner renews while
+    it works (``renew``); an expired claim (its owner died) is taken over with a conditional replace, so
+    exactly one of several contenders wins it."""
+
+    def __init__(self, records: RecordSet, lease_s: float = 120.0):
+        self.records, self.lease_s = records, lease_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held: dict[str, bytes] = {}  # item id -> our claim's current body
+
+    def key(self, item_id: str) -> str:
+        return f"{self.records.prefix}/{CLAIMS}/{safe_id(item_id)}"
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "expires": time.time() + self.lease_s}).encode()
+
+    def take(self, item_id: str) -> bool:
+        """Claim the item; False when a live claim of another owner holds it."""
+        store, key, body = self.records.store, self.key(item_id), self._body()
+        if store.create(key, body):
+            self.held[item_id] = body
+            return True
+        try:
+            current = store.get_bytes(key)
+        except ArtifactNotFound:  # released meanwhile
+            return self.take(item_id)
+        try:
+            info = json.loads(current)
+            owner, expires = info["owner"], float(info["expires"])
+        except (ValueError, KeyError, TypeError):  # half-written or foreign: leave it until it is replaced
+            return False
+        if owner == self.owner:
+            self.held[item_id] = current
+            return True
+        if (expires > time.time() and _alive(owner)) or not store.replace_if(key, body, current):
+            return False
+        self.held[item_id] = body
+        return True
+
+    def renew(self) -> None:
+        """Push the expiry of every held claim forward (call every ``lease_s / 3``)."""
+        store = self.records.store
+        for item_id, current in list(self.held.items()):
+            body = self._body()
+            if store.replace_if(self.key(item_id), body, current) and item_id in self.held:
+                self.held[item_id] = body
+
+    def release(self, item_id: str) -> None:
+        if self.held.pop(item_id, None) is not None:
+            self.records.store.delete(self.key(item_id))
+
+
+def _alive(owner: str) -> bool:
+    """False when the claim's owner was a process on this host that is gone (a rerun after kill -9 need
+    not wait for its lease); True otherwise (another host: only the lease tells)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def fingerprint(*parts: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -48,6 +49,15 @@ class ArtifactStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove one object (no error when it is absent)."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist, atomically (of two writers exactly one wins); False when
+        it exists."""
+
+    @abstractmethod
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Overwrite ``key`` only if it holds exactly ``expected`` now, atomically; False otherwise."""
 
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self.list(prefix))
@@ -152,6 +162,35 @@ class LocalStore(ArtifactStore):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.link(tmp, path)  # atomic, fails when the name exists: readers never see a partial file
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        import fcntl
+
+        try:  # in place, under a lock on the file itself: contenders re-read what the winner wrote
+            with self._path(key).open("r+b") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                if fh.read() != expected:
+                    return False
+                fh.seek(0)
+                fh.truncate()
+                fh.write(data)
+                return True
+        except FileNotFoundError:
+            return False
+
     def delete_prefix(self, prefix: str) -> int:
         count = super().delete_prefix(prefix)
         target = self.root / prefix
@@ -171,6 +210,9 @@ class S3Store(ArtifactStore):
         if not parsed.netloc:
             raise StoreError(f"store.uri {uri!r}: expected s3://bucket[/prefix]")
         self.bucket = parsed.netloc
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.bucket):
+            raise StoreError(f"store.uri {uri!r}: {self.bucket!r} is not a valid S3 bucket name (3-63 characters: "
+                             "lower-case letters, digits, '.' and '-')")
         self.prefix = parsed.path.strip("/")
         self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -185,7 +227,11 @@ class S3Store(ArtifactStore):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _fail(self, exc: Exception, key: str) -> StoreError:
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import (
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
 
         where = f"{self.uri}/{key}" if key else self.uri
         at = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -211,7 +257,7 @@ class S3Store(ArtifactStore):
                                   "AWS_SECRET_ACCESS_KEY")
             bucket_problem = self._diagnose_bucket() if key else None
             return bucket_problem or StoreError(f"{where}: S3 error {code}{at}")
-        return StoreError(f"{where}: {exc.__class__.__name__}: {exc}")
+        return StoreError(f"{where}: {exc.__class__.__name__}: {' '.join(str(exc).split())}")
 
     def _diagnose_bucket(self) -> StoreError | None:
         """Some servers answer an odd code (SeaweedFS: InternalError) for a missing bucket: ask directly."""
@@ -246,6 +292,30 @@ class S3Store(ArtifactStore):
         except ArtifactNotFound:
             return False
         return True
+
+    def create(self, key: str, data: bytes) -> bool:
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        import hashlib
+
+        return self._conditional_put(key, data, IfMatch=f'"{hashlib.md5(expected).hexdigest()}"')
+
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> bool:
+        """A PUT with an S3 precondition (AWS S3, MinIO and SeaweedFS honour them); False on 412/409/404."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+            return True
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (409, 412):
+                return False
+            raise self._fail(exc, key) from None
+        except BotoCoreError as exc:
+            raise self._fail(exc, key) from None
 
     def list(self, prefix: str = "") -> Iterator[str]:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix

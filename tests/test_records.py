@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.records import RecordSet, Shard, safe_id, stable_hash
+from pipeline.records import Claims, RecordSet, Shard, safe_id, stable_hash, unsafe_id
 
 
 def test_shards_partition_items():
@@ -26,6 +26,8 @@ def test_shard_parsing_and_env():
             Shard.parse(bad)
     with pytest.raises(PipelineError, match="JOB_COMPLETION_COUNT"):
         Shard.from_env({"JOB_COMPLETION_INDEX": "0"})
+    with pytest.raises(PipelineError, match="JOB_COMPLETION_INDEX='x'.*whole numbers"):
+        Shard.from_env({"JOB_COMPLETION_INDEX": "x", "JOB_COMPLETION_COUNT": "2"})
 
 
 def test_stable_hash_is_stable():
@@ -45,10 +47,25 @@ def test_records_resume(store):
     assert rs.read("c/ab") == {"id": "c/ab"}
 
 
-def test_safe_id():
-    assert safe_id("pew two:col/ab") == "pew_two_col/ab"
-    with pytest.raises(PipelineError):
-        safe_id("a/../b")
+def test_safe_id_is_one_to_one():
+    assert safe_id("pew two:col/ab") == "pew%20two%3Acol/ab" and safe_id("pew-14_x.y") == "pew-14_x.y"
+    ids = ["coll x", "coll_x", "coll%20x", "chart:a", "chart_a", "_claims", "%5Fclaims", "ünï/cödé", "a b/c"]
+    keys = [safe_id(i) for i in ids]
+    assert len(set(keys)) == len(ids)  # injective
+    assert [unsafe_id(k) for k in keys] == ids  # and back
+    assert not any(k.startswith("_") for k in keys)  # "_" names beside the records are the runner's
+    for bad in ("a/../b", "", "..", ".", "a//b", "x\x00y", "tab\there", "x" * 300):
+        with pytest.raises(PipelineError, match="cannot be used as a record key"):
+            safe_id(bad)
+
+
+def test_colliding_ids_keep_their_own_records(store):
+    rs = RecordSet(store, "run/teacher/records")
+    ids = ["coll x", "coll_x", "chart:a", "chart_a"]
+    for i in ids:
+        rs.write(i, {"id": i})
+    assert rs.pending(ids) == [] and rs.count() == 4
+    assert [rs.read(i)["id"] for i in ids] == ids
 
 
 def test_records_of_changed_inputs_are_dropped(store):
@@ -63,4 +80,24 @@ def test_records_of_changed_inputs_are_dropped(store):
     assert rs.done_ids() == {"baseline/a", "baseline/b"}
     assert rs.keep_if_inputs(fingerprint({"adapter": "v2"}, 48)) == 2  # new adapter: both stale
     assert rs.done_ids() == set() and rs.pending(["baseline/a"]) == ["baseline/a"]
+    aside = [k for k in store.list("run/generate/records/_stale/")]  # moved aside, never deleted
+    assert [k.split("/", 5)[-1] for k in aside] == ["_INPUTS", "baseline/a.json", "baseline/b.json"]
+    assert store.get_json(aside[1]) == {"essay": "x"}
     assert fingerprint({"b": 1, "a": 2}) == fingerprint({"a": 2, "b": 1}) != fingerprint({"a": 1})
+
+
+def test_claims_one_owner_expiry_and_takeover(store):
+    rs = RecordSet(store, "run/teacher/records")
+    first, second = Claims(rs, lease_s=60), Claims(rs, lease_s=60)
+    assert first.take("c/1") and not second.take("c/1")  # exclusive
+    assert first.take("c/1")  # its own claim again
+    assert rs.done_ids() == set() and rs.pending(["c/1"]) == ["c/1"]  # a claim is not a record
+    first.renew()
+    assert not second.take("c/1")
+    first.release("c/1")
+    assert second.take("c/1") and not first.take("c/1")
+    expired = Claims(rs, lease_s=-1)  # a claimant whose lease ran out (it died on another host)
+    expired.owner = "elsewhere:1:x"
+    assert expired.take("c/2")
+    contenders = [Claims(rs, lease_s=60) for _ in range(4)]
+    assert [c.take("c/2") for c in contenders].count(True) == 1  # exactly one takes the expired claim over

@@ -20,7 +20,7 @@ from pipeline.config import load_config
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError, StageError
 from pipeline.executors.local import run_pipeline, run_stage
-from pipeline.llm import LLMClient, LLMError, strip_think
+from pipeline.llm import LLMClient, LLMError, TransientLLMError, strip_think
 from pipeline.records import Shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,18 +87,25 @@ def test_every_chart_final_under_faults(store_uri, llm, sample_dir):
     assert summary["charts"] == len(charts) == summary["accepted"] + summary["rejected"]
 
 
-def test_persistent_errors_end_rejected_with_the_error(tmp_path, llm, sample_dir):
+def test_transient_errors_stay_pending_and_a_4xx_is_final(tmp_path, llm, sample_dir):
+    """A 500 that outlasts the retries is not final: no record, the stage ends non-zero ("N pending:
+    rerun") and the rerun completes it. A 400 is a definite answer: the chart ends rejected with it."""
     cfg, store, charts = ingest(str(tmp_path / "s"), llm, sample_dir, "data.limit=12", "teacher.max_retries=2")
     broken, bad_request = charts[0]["title"], charts[1]["title"]
     llm.rule = lambda key, n: "500" if key == broken else "400" if key == bad_request else None
-    assert run_stage(cfg, store, "teacher")
+    with pytest.raises(StageError, match=r"teacher: 1 charts pending: rerun \(transient errors, e\.g\. .*HTTP 500"):
+        run_stage(cfg, store, "teacher")
     recs = teacher_records(store)
-    first, second = recs[charts[0]["id"]], recs[charts[1]["id"]]
-    assert first["status"] == "rejected" and first["essay"] == "" and first["reason_code"] == "api_error"
-    assert "HTTP 500" in first["reason"] and "after 3 attempts" in first["reason"]
-    assert llm.counts[broken] == 3  # 1 + max_retries
-    assert second["status"] == "rejected" and "HTTP 400" in second["reason"] and llm.counts[bad_request] == 1
-    assert all(r["status"] == "accepted" for cid, r in recs.items() if cid not in (charts[0]["id"], charts[1]["id"]))
+    assert charts[0]["id"] not in recs and llm.counts[broken] == 3  # 1 + max_retries, no record
+    second = recs[charts[1]["id"]]
+    assert second["status"] == "rejected" and second["reason_code"] == "api_error"
+    assert "HTTP 400" in second["reason"] and llm.counts[bad_request] == 1
+    assert all(r["status"] == "accepted" for cid, r in recs.items() if cid != charts[1]["id"])
+    assert not store.exists(f"{RUN}/teacher/_SUCCESS")
+    llm.rule = None  # the endpoint is back: the rerun pays for the pending chart only
+    before = llm.total
+    assert run_stage(cfg, store, "teacher")
+    assert llm.total == before + 1 and teacher_records(store)[charts[0]["id"]]["status"] == "accepted"
 
 
 def test_failed_gate_regenerates_with_the_reason(tmp_path, llm, sample_dir):
@@ -263,12 +270,16 @@ def test_requests_per_minute_spaces_requests(llm):
     assert time.monotonic() - started >= 0.45 and llm.total == 6
 
 
-def test_retries_exhausted_raise_llm_error(llm):
+def test_retries_exhausted_are_transient_a_400_is_final(llm):
     llm.rule = lambda key, n: "garbage"
     client = _client(llm, "teacher.max_retries=2")
-    with pytest.raises(LLMError, match="after 3 attempts"):
+    with pytest.raises(TransientLLMError, match="after 3 attempts") as err:
         _chat(client)
-    assert llm.total == 3
+    assert llm.total == 3 and not isinstance(err.value, LLMError)  # handlers record LLMError, not this
+    llm.rule = lambda key, n: "400"
+    with pytest.raises(LLMError, match="HTTP 400"):
+        _chat(_client(llm, "teacher.max_retries=2"))
+    assert llm.total == 4  # a 400 is not retried
 
 
 def test_missing_key_is_one_clear_error(monkeypatch):

@@ -1,11 +1,11 @@
 """LLM access for the teacher and the judge: the client (``client``), the embedded llama.cpp server
 (``server``) and the item runner (``runner``)."""
 
-from pipeline.llm.client import BudgetExceeded, Completion, FatalLLMError, LLMClient, LLMError, Usage
-from pipeline.llm.client import image_data_url, image_mime, strip_think, user_message
+from pipeline.llm.client import (BudgetExceeded, Completion, FatalLLMError, LLMClient, LLMError, TransientLLMError,
+                                 Usage, image_data_url, image_mime, strip_think, user_message)
 from pipeline.llm.runner import RunSummary, run_items, run_stage_items
 from pipeline.llm.server import embedded_server, find_gguf
 
-__all__ = ["BudgetExceeded", "Completion", "FatalLLMError", "LLMClient", "LLMError", "RunSummary", "Usage",
-           "embedded_server", "find_gguf", "image_data_url", "image_mime", "run_items", "run_stage_items",
-           "strip_think", "user_message"]
+__all__ = ["BudgetExceeded", "Completion", "FatalLLMError", "LLMClient", "LLMError", "RunSummary",
+           "TransientLLMError", "Usage", "embedded_server", "find_gguf", "image_data_url", "image_mime",
+           "run_items", "run_stage_items", "strip_think", "user_message"]

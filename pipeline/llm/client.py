@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 from pipeline.config import LLMSection
 from pipeline.errors import PipelineError
+from pipeline.redact import redact, register_secret_env
 
 log = logging.getLogger("ielts_distill.llm")
 
@@ -36,7 +37,14 @@ IMAGE_MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gi
 
 
 class LLMError(PipelineError):
-    """A request failed for good (after retries, or a non-retryable 4xx). The item ends rejected."""
+    """A definite answer that the request cannot succeed (a 4xx naming the request as invalid): the item's
+    final record may say so (rejected / invalid, with this reason)."""
+
+
+class TransientLLMError(PipelineError):
+    """Retries ran out on a transient failure (connection error, timeout, 429, 5xx, garbage body): never
+    final. The runner leaves the item pending for the next run. Not an LLMError, so handlers that record
+    LLMError let it through."""
 
 
 class FatalLLMError(PipelineError):
@@ -69,7 +77,8 @@ class Usage:
 
     requests: int = 0  # HTTP attempts
     retries: int = 0
-    failed: int = 0  # chat() calls that raised LLMError
+    failed: int = 0  # chat() calls that raised LLMError or TransientLLMError
+    timeouts: int = 0  # attempts that timed out: the server may have finished (and billed) them
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -130,7 +139,7 @@ def _retry_after(exc: BaseException) -> float | None:
 def _describe(exc: BaseException) -> str:
     status = getattr(exc, "status_code", None)
     name = exc.__class__.__name__
-    msg = str(exc).split("\n")[0][:200]
+    msg = redact(str(exc).split("\n")[0])[:200]
     return f"HTTP {status} {name}: {msg}" if status else f"{name}: {msg}"
 
 
@@ -183,6 +192,7 @@ class LLMClient:
                                    max_retries=0)
 
     def _api_key(self) -> str:
+        register_secret_env(self.cfg.api_key_env)  # its value is masked in every error line and record
         key = os.environ.get(self.cfg.api_key_env or "")
         if key:
             return key
@@ -190,7 +200,7 @@ class LLMClient:
         if self.cfg.embedded or host in _LOOPBACK:
             return "no-key-needed"  # llama.cpp and other local servers ignore the key
         raise PipelineError(f"{self.name}: environment variable {self.cfg.api_key_env} is not set "
-                            f"(it must hold the API key for {self.cfg.base_url})")
+                            f"(it must hold the API key for {redact(self.cfg.base_url)})")
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -231,27 +241,34 @@ class LLMClient:
         log.debug("%s: retry %d after %s", self.name, state.attempt_number, _describe(state.outcome.exception()))
 
     async def _attempt(self, messages: list[dict[str, Any]], params: dict[str, Any]):
+        import openai
+
         self.check_budget()
         async with self._sem:
             if self._limiter:
                 await self._limiter.acquire()
             self.check_budget()  # again: the spend may have grown while this request waited for a slot
             self.usage.requests += 1
-            resp = await self._client.chat.completions.create(messages=messages, **params)
+            try:
+                resp = await self._client.chat.completions.create(messages=messages, **params)
+            except openai.APITimeoutError:
+                self.usage.timeouts += 1
+                raise
         choices = getattr(resp, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None or choices[0].message.content is None:
             raise _BadResponse("response has no message content")
         return resp
 
     async def chat(self, messages: list[dict[str, Any]], **overrides: Any) -> Completion:
-        """One chat completion (n=1). Raises LLMError when it fails for good, FatalLLMError when the endpoint
-        cannot work at all (401/403/404 or ``fail_after`` consecutive failures), BudgetExceeded."""
+        """One chat completion (n=1). Raises LLMError when the endpoint rejects the request for good (4xx),
+        TransientLLMError when retries ran out on transient failures, FatalLLMError when the endpoint cannot
+        work at all (401/403/404 or ``fail_after`` consecutive failures), BudgetExceeded."""
         import openai
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
         api_errors = _api_errors()
         if self._consecutive_failures >= self.fail_after:
-            raise FatalLLMError(f"{self.name}: endpoint {self.cfg.base_url} failing ({self._consecutive_failures} "
+            raise FatalLLMError(f"{self.name}: endpoint {redact(self.cfg.base_url)} failing ({self._consecutive_failures} "
                                 "consecutive requests failed after retries); stopped")
         params = {"model": self.cfg.model, "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens,
                   **{k: v for k, v in overrides.items() if k != "n"}, "n": 1}
@@ -264,13 +281,14 @@ class LLMClient:
         except BudgetExceeded:
             raise
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
-            raise FatalLLMError(f"{self.name}: {self.cfg.base_url} refused the request ({_describe(exc)}); "
+            raise FatalLLMError(f"{self.name}: {redact(self.cfg.base_url)} refused the request ({_describe(exc)}); "
                                 f"check {self.cfg.api_key_env} and model={self.cfg.model!r}") from None
         except api_errors as exc:  # every other API failure ends this item with its reason; a bug propagates
             self.usage.failed += 1
             self._consecutive_failures += 1
             attempts = retrying.statistics.get("attempt_number", 1)
-            raise LLMError(f"{_describe(exc)} (after {attempts} attempt{'s' * (attempts > 1)})") from None
+            why = f"{_describe(exc)} (after {attempts} attempt{'s' * (attempts > 1)})"
+            raise (TransientLLMError if self._retryable(exc) else LLMError)(why) from None
         self._consecutive_failures = 0
         raw = resp.choices[0].message.content or ""
         usage = getattr(resp, "usage", None)

@@ -1,0 +1,59 @@
+"""Secrets out of every error line, record and stored config.
+
+``redact(text)`` replaces API keys named in the environment, ``Authorization``/``Bearer`` values, ``sk-``
+style keys, credentials inside URLs (``user:pw@host``) and secret-looking query parameters (``?api-key=``)
+with ``***``: for error lines and config values. ``redact_obj`` masks the environment's secret values in
+every string of a JSON-able value (a record: model text is kept as it is, except a key echoed in it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+MASK = "***"
+# env vars whose values are secrets wherever they show up (besides each LLM section's api_key_env)
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "OPENAI_API_KEY", "MINIMAX_API_KEY")
+_PATTERNS = [
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}"), r"\1 " + MASK),
+    (re.compile(r"(?i)(authorization|x-api-key|api-key)(\"?\s*[:=]\s*\"?)[^\s\"',;&]+"), r"\1\2" + MASK),
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"), MASK),
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@:]*:?[^/\s@]*@"), r"\1" + MASK + "@"),
+    (re.compile(r"(?i)([?&](?:api[-_]?key|key|token|access[-_]?token|secret|password|sig|signature)=)[^&\s\"']+"),
+     r"\1" + MASK),
+]
+_extra_env: set[str] = set()
+
+
+def register_secret_env(*names: str | None) -> None:
+    """Also mask the values of these environment variables (an LLM section's ``api_key_env``)."""
+    _extra_env.update(n for n in names if n)
+
+
+def _mask_values(text: str) -> str:
+    for name in (*SECRET_ENV, *_extra_env):
+        value = os.environ.get(name)
+        if value and len(value) >= 4 and value in text:
+            text = text.replace(value, MASK)
+    return text
+
+
+def redact(text: str) -> str:
+    if not text:
+        return text
+    text = _mask_values(text)
+    for pattern, repl in _PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def redact_obj(value: Any) -> Any:
+    """``value`` with the environment's secret values masked in every string (dicts and lists walked)."""
+    if isinstance(value, str):
+        return _mask_values(value)
+    if isinstance(value, dict):
+        return {k: redact_obj(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_obj(v) for v in value]
+    return value
