@@ -213,26 +213,44 @@ class ReportSection(Section):
     gallery: int = Field(6, ge=0)  # sample charts shown side by side in report.html
 
 
+class StageScheduling(Section):
+    """Where one stage's pods may run (Kubernetes field shapes, camelCase inside tolerations/affinity)."""
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    affinity: dict[str, Any] | None = None
+
+
 class K8sSection(Section):
     namespace: str = "ielts-distill"
     image_registry: str = "ghcr.io/ielts-distill"
     image_tag: str = "0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = []  # Secrets of type dockerconfigjson for a private registry
     profile: Literal["cloud", "cpu"] = "cloud"  # cpu: kind/minikube, no GPU requests
     service_account: str | None = None
     s3_secret: str = "ielts-distill-s3"  # Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
     llm_secret: str = "ielts-distill-llm"  # Secret holding the teacher/judge API key(s)
+    env_secrets: list[str] = []  # more Secrets whose keys become env vars in every Job (HF_TOKEN, HTTPS_PROXY)
     gpu_node_selector: dict[str, str] = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    backoff_limit: int = Field(2, ge=0)
+    gpu_resource: str = "nvidia.com/gpu"  # e.g. nvidia.com/mig-3g.40gb for a MIG slice
+    scheduling: dict[str, StageScheduling] = {}  # per stage: node_selector, tolerations, affinity (replace defaults)
+    priority_class: str | None = None  # priorityClassName of every Job's pods
+    queue_name: str | None = None  # Kueue LocalQueue: label kueue.x-k8s.io/queue-name on every Job
+    backoff_limit: int = Field(2, ge=0)  # retries of a one-pod Job; per index for Indexed (sharded) Jobs
     active_deadline_s: int = Field(86_400, ge=60)
     ttl_after_finished_s: int = Field(86_400, ge=0)
     wait_timeout_s: int = Field(172_800, ge=1)
     s3_endpoint: str | None = None  # S3 endpoint seen from inside the cluster (Jobs' AWS_ENDPOINT_URL_S3)
     store_claim: str | None = None  # RWX PVC mounted at store.uri when the store is a directory
-    data_claim: str | None = None  # PVC holding data.source, mounted read-only in the ingest Job
+    data_claim: str | None = None  # PVC holding data.source, mounted read-only in the ingest Job at data_mount
+    data_mount: str = "/data"  # where the data_claim's root appears; data.source is a path below it
+    model_cache_claim: str | None = None  # PVC mounted at HF_HOME: the student is downloaded once, not per pod
     resources: dict[str, dict[str, str]] = {}  # per stage: {cpu, memory, ephemeral-storage} overrides
-    pending_grace_s: int = Field(600, ge=0)  # driver gives up on an unschedulable / image-pull-failing pod
+    cpu_limit: str | None = None  # CPU limit above the request (kind: let small requests burst); None: = request
+    pending_grace_s: int = Field(600, ge=0)  # driver gives up on a pod stuck pulling or unschedulable w/o scale-up
     poll_s: float = Field(5.0, gt=0)  # watch window between pod checks (log streams, stuck pods)
+    request_timeout_s: float = Field(30.0, gt=0)  # one API call; a silent API server fails after a few of these
+    dry_run: bool = True  # server-side dry run of every Job before the first stage starts
 
 
 class RunConfig(Section):

@@ -141,7 +141,9 @@ def test_job_defaults_labels_and_writable_paths(rendered):
     config = load_config(CLOUD)
     for stage, job in _jobs(rendered["cloud"]).items():
         spec = job["spec"]
-        assert spec["backoffLimit"] == config.k8s.backoff_limit
+        retries = "backoffLimitPerIndex" if spec.get("completionMode") == "Indexed" else "backoffLimit"
+        assert spec[retries] == config.k8s.backoff_limit
+        assert spec["podReplacementPolicy"] == "Failed"
         assert spec["activeDeadlineSeconds"] == config.k8s.active_deadline_s
         assert spec["ttlSecondsAfterFinished"] == config.k8s.ttl_after_finished_s
         rules = spec["podFailurePolicy"]["rules"]
@@ -159,7 +161,7 @@ def test_job_defaults_labels_and_writable_paths(rendered):
         assert env["HF_HOME"]["value"].startswith("/var/cache/ielts-distill")
         assert container["args"] == [stage] and container["image"] == image(config, stage)
         if stage == "ingest":
-            assert mounts[config.data.source]["readOnly"] is True  # k8s.data_claim
+            assert mounts[config.k8s.data_mount]["readOnly"] is True  # k8s.data_claim
 
 
 def test_indexed_stages_and_shard_count(rendered):

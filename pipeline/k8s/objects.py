@@ -24,8 +24,11 @@ from pipeline.stages import STAGES, StageSpec, spec
 CONFIG_DIR = "/etc/ielts-distill"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 CACHE_DIR = "/var/cache/ielts-distill"
+HF_HOME = f"{CACHE_DIR}/huggingface"
 UID = 10001  # the non-root user of every image (images/base/Dockerfile)
-GPU = "nvidia.com/gpu"
+GPU_TAINT = "nvidia.com/gpu"  # the taint GPU node pools carry (whatever k8s.gpu_resource is requested)
+GPU_NODE_LABEL = "nvidia.com/gpu.present"  # set by GPU feature discovery: CPU stages stay off those nodes
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 EXIT_CONFIG_ERROR = 2  # pipeline.errors.ConfigError.exit_code: retrying cannot help
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 
@@ -56,6 +59,14 @@ def labels(config: RunConfig, stage: str | None = None) -> dict[str, str]:
     }
     if stage:
         out.update({"app.kubernetes.io/component": stage, "ielts-distill/stage": stage})
+    return out
+
+
+def job_labels(config: RunConfig, stage: str) -> dict[str, str]:
+    """A Job's own labels: the stage's, plus the Kueue LocalQueue (k8s.queue_name) when set."""
+    out = labels(config, stage)
+    if config.k8s.queue_name:
+        out[QUEUE_LABEL] = config.k8s.queue_name
     return out
 
 
@@ -126,7 +137,7 @@ def _env(config: RunConfig, stage: str, shards: int | None) -> list[k.V1EnvVar]:
         k.V1EnvVar(name="IELTS_CONFIG", value=CONFIG_FILE),
         k.V1EnvVar(name="HOME", value="/tmp"),
         k.V1EnvVar(name="XDG_CACHE_HOME", value=CACHE_DIR),
-        k.V1EnvVar(name="HF_HOME", value=f"{CACHE_DIR}/huggingface"),
+        k.V1EnvVar(name="HF_HOME", value=HF_HOME),
         k.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"),
     ]
     if shards is not None:  # Kubernetes sets JOB_COMPLETION_INDEX itself; Shard.from_env needs the count
@@ -160,11 +171,17 @@ def _volumes(config: RunConfig, stage: StageSpec, res: dict[str, str]) -> tuple[
         volumes.append(k.V1Volume(name="store", persistent_volume_claim=claim))
         mounts.append(k.V1VolumeMount(name="store", mount_path=store_path))
     if stage.name == "ingest" and config.k8s.data_claim:
-        if not PurePosixPath(config.data.source).is_absolute():
-            raise ConfigError(f"data.source {config.data.source!r}: must be an absolute path when k8s.data_claim is set")
+        mount = PurePosixPath(config.k8s.data_mount)
+        if not mount.is_absolute() or not PurePosixPath(config.data.source).is_relative_to(mount):
+            raise ConfigError(f"data.source {config.data.source!r}: must be a path under k8s.data_mount "
+                              f"({config.k8s.data_mount}, where the k8s.data_claim volume is mounted)")
         claim = k.V1PersistentVolumeClaimVolumeSource(claim_name=config.k8s.data_claim, read_only=True)
         volumes.append(k.V1Volume(name="data", persistent_volume_claim=claim))
-        mounts.append(k.V1VolumeMount(name="data", mount_path=config.data.source, read_only=True))
+        mounts.append(k.V1VolumeMount(name="data", mount_path=str(mount), read_only=True))
+    if config.k8s.model_cache_claim:  # the Hub cache on a PVC: the student is downloaded once, not per pod
+        claim = k.V1PersistentVolumeClaimVolumeSource(claim_name=config.k8s.model_cache_claim)
+        volumes.append(k.V1Volume(name="models", persistent_volume_claim=claim))
+        mounts.append(k.V1VolumeMount(name="models", mount_path=HF_HOME))
     return volumes, mounts
 
 
@@ -173,9 +190,13 @@ def _container(config: RunConfig, stage: str, shards: int | None) -> tuple[k.V1C
     quantities = dict(res)
     gpus = spec(stage).gpu_count(config)
     if gpus:
-        quantities[GPU] = str(gpus)
+        quantities[config.k8s.gpu_resource] = str(gpus)
+    limits = dict(quantities)
+    if config.k8s.cpu_limit:
+        limits["cpu"] = config.k8s.cpu_limit
     volumes, mounts = _volumes(config, spec(stage), res)
-    env_from = [k.V1EnvFromSource(secret_ref=k.V1SecretEnvSource(name=config.k8s.s3_secret))] if _is_s3(config) else None
+    secrets = ([config.k8s.s3_secret] if _is_s3(config) else []) + list(config.k8s.env_secrets)
+    env_from = [k.V1EnvFromSource(secret_ref=k.V1SecretEnvSource(name=name)) for name in secrets] or None
     container = k.V1Container(
         name=stage,
         image=image(config, stage),
@@ -183,7 +204,7 @@ def _container(config: RunConfig, stage: str, shards: int | None) -> tuple[k.V1C
         args=[stage],
         env=_env(config, stage, shards),
         env_from=env_from,
-        resources=k.V1ResourceRequirements(requests=dict(quantities), limits=dict(quantities)),
+        resources=k.V1ResourceRequirements(requests=dict(quantities), limits=limits),
         volume_mounts=mounts,
         termination_message_policy="FallbackToLogsOnError",  # the last log lines say why it failed
         security_context=k.V1SecurityContext(
@@ -191,6 +212,25 @@ def _container(config: RunConfig, stage: str, shards: int | None) -> tuple[k.V1C
             capabilities=k.V1Capabilities(drop=["ALL"]), seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
     )
     return container, volumes
+
+
+def _scheduling(config: RunConfig, stage: str, gpu: bool) -> dict[str, Any]:
+    """nodeSelector, tolerations, affinity: k8s.scheduling.<stage> when set, else GPU stages select GPU nodes
+    and tolerate their taint, and (cloud profile) CPU stages keep off nodes labelled as having GPUs."""
+    kc = config.k8s
+    if stage in kc.scheduling:
+        own = kc.scheduling[stage]
+        return {"node_selector": dict(own.node_selector) or None, "tolerations": list(own.tolerations) or None,
+                "affinity": own.affinity}
+    if gpu:
+        return {"node_selector": dict(kc.gpu_node_selector) or None,
+                "tolerations": [k.V1Toleration(key=GPU_TAINT, operator="Exists", effect="NoSchedule")]}
+    if kc.profile == "cloud":
+        term = k.V1NodeSelectorTerm(match_expressions=[
+            k.V1NodeSelectorRequirement(key=GPU_NODE_LABEL, operator="NotIn", values=["true"])])
+        return {"affinity": k.V1Affinity(node_affinity=k.V1NodeAffinity(
+            required_during_scheduling_ignored_during_execution=k.V1NodeSelector(node_selector_terms=[term])))}
+    return {}
 
 
 def build_job(config: RunConfig, stage: str) -> k.V1Job:
@@ -210,8 +250,9 @@ def build_job(config: RunConfig, stage: str) -> k.V1Job:
         security_context=k.V1PodSecurityContext(
             run_as_non_root=True, run_as_user=UID, run_as_group=UID, fs_group=UID,
             seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
-        node_selector=dict(kc.gpu_node_selector) if gpu and kc.gpu_node_selector else None,
-        tolerations=[k.V1Toleration(key=GPU, operator="Exists", effect="NoSchedule")] if gpu else None,
+        priority_class_name=kc.priority_class,
+        image_pull_secrets=[k.V1LocalObjectReference(name=n) for n in kc.image_pull_secrets] or None,
+        **_scheduling(config, stage, gpu),
     )
     failure_policy = k.V1PodFailurePolicy(rules=[
         k.V1PodFailurePolicyRule(action="FailJob", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
@@ -224,13 +265,15 @@ def build_job(config: RunConfig, stage: str) -> k.V1Job:
         active_deadline_seconds=kc.active_deadline_s,
         ttl_seconds_after_finished=kc.ttl_after_finished_s,
         pod_failure_policy=failure_policy,
+        pod_replacement_policy="Failed",  # a replacement starts only once the old pod is gone (no two writers)
         template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=labels(config, stage)), spec=pod),
     )
-    if shards is not None:
+    if shards is not None:  # each shard retries on its own: one bad shard never kills the healthy ones
         job_spec.completion_mode, job_spec.completions, job_spec.parallelism = "Indexed", shards, shards
+        job_spec.backoff_limit, job_spec.backoff_limit_per_index, job_spec.max_failed_indexes = None, kc.backoff_limit, shards
     return k.V1Job(
         api_version="batch/v1", kind="Job",
-        metadata=k.V1ObjectMeta(name=job_name(config, stage), namespace=kc.namespace, labels=labels(config, stage),
+        metadata=k.V1ObjectMeta(name=job_name(config, stage), namespace=kc.namespace, labels=job_labels(config, stage),
                                 annotations={"ielts-distill/version": __version__}),
         spec=job_spec)
 

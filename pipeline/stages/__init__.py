@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
-Resources = dict[str, str]  # cpu, memory, ephemeral-storage (Kubernetes quantities)
+Resources = dict[str, str]  # cpu, memory, ephemeral-storage (Kubernetes quantities); "cpu" profile: fits kind
 
 
 @dataclass(frozen=True)
@@ -70,30 +70,30 @@ def _res(cpu: str, memory: str, disk: str) -> Resources:
 
 SPECS: tuple[StageSpec, ...] = (
     StageSpec("ingest", (), ("charts", "rejected", "images"),
-              {"cloud": _res("1", "2Gi", "4Gi"), "cpu": _res("500m", "1Gi", "2Gi")},
+              {"cloud": _res("1", "2Gi", "4Gi"), "cpu": _res("200m", "512Mi", "2Gi")},
               summary="Chart-to-Text charts, titles and data tables into the store"),
     StageSpec("teacher", ("ingest",), ("teacher_essays",),
-              {"cloud": _res("1", "2Gi", "2Gi"), "cpu": _res("1", "2Gi", "2Gi")},
+              {"cloud": _res("1", "2Gi", "2Gi"), "cpu": _res("250m", "1Gi", "2Gi")},
               shard_over="items", parallelism="teacher.parallelism", extras=("local-llm",),
               summary="a Band-9 essay per chart from the teacher LLM"),
     StageSpec("dataset", ("ingest", "teacher"), ("splits", "dataset_split", "dataset_card"),
-              {"cloud": _res("2", "8Gi", "8Gi"), "cpu": _res("500m", "2Gi", "2Gi")},
+              {"cloud": _res("2", "8Gi", "8Gi"), "cpu": _res("200m", "1Gi", "2Gi")},
               summary="structured and unstructured variants, 70/15/15"),
     StageSpec("finetune", ("dataset",), ("student_base", "adapter", "metrics", "loss_png"),
-              {"cloud": _res("8", "64Gi", "60Gi"), "cpu": _res("2", "6Gi", "6Gi")},
+              {"cloud": _res("8", "64Gi", "60Gi"), "cpu": _res("300m", "2Gi", "6Gi")},
               shard_over="variants", gpus="finetune.gpus", shm=True,
               summary="LoRA on the student per variant"),
     StageSpec("generate", ("dataset", "finetune"), ("generated_essays",),
-              {"cloud": _res("4", "32Gi", "40Gi"), "cpu": _res("2", "6Gi", "6Gi")},
+              {"cloud": _res("4", "32Gi", "40Gi"), "cpu": _res("300m", "2Gi", "6Gi")},
               shard_over="items", parallelism="generate.parallelism", gpus="generate.gpus", shm=True,
               summary="baseline and fine-tuned essays on the test charts"),
     StageSpec("judge", ("ingest", "teacher", "dataset", "generate"), ("verdicts",),
-              {"cloud": _res("1", "1Gi", "2Gi"), "cpu": _res("1", "2Gi", "2Gi")},
+              {"cloud": _res("1", "1Gi", "2Gi"), "cpu": _res("250m", "1Gi", "2Gi")},
               shard_over="items", parallelism="judge.parallelism", extras=("local-llm",),
               summary="pairwise LLM judge against the golden essay"),
     StageSpec("report", ("ingest", "teacher", "dataset", "finetune", "generate", "judge"),
               ("report_summary", "report_md", "report_html"),
-              {"cloud": _res("1", "2Gi", "2Gi"), "cpu": _res("500m", "1Gi", "1Gi")},
+              {"cloud": _res("1", "2Gi", "2Gi"), "cpu": _res("200m", "1Gi", "1Gi")},
               summary="win rates with intervals, failure modes, loss curves, sample essays"),
 )
 STAGES: tuple[str, ...] = tuple(s.name for s in SPECS)
