@@ -29,7 +29,7 @@ def compare_batched(model, processor, charts, *, max_new_tokens: int, batch_size
 
     variants = {"one_by_one": lambda: run(1), "batched": lambda: run(batch_size)}
     if plain:  # one padded prefill of the batch in arrival order, then generate: what plain HF batching does
-        variants["plain_hf"] = lambda: run(batch_size, prefill_batch=batch_size, sort_by_length=False)
+        variants["plain_hf"] = lambda: run(batch_size, sort_by_length=False)
     run(min(batch_size, len(charts)))  # warm-up (allocator, kernels)
     best, texts = {}, {}
     for _ in range(rounds):

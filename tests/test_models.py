@@ -143,8 +143,15 @@ def test_batched_generation_equals_one_by_one(tiny_loaded, sample_dir):
     charts = sample_charts(sample_dir, 10)
     batched = generate_essays(model, processor, charts, max_new_tokens=16, batch_size=4)
     single = generate_essays(model, processor, charts, max_new_tokens=16, batch_size=1)
-    micro = generate_essays(model, processor, charts, max_new_tokens=16, batch_size=4, prefill_batch=3)
-    assert [r.text for r in batched] == [r.text for r in single] == [r.text for r in micro]
+    from pipeline.models.features import ChartCache
+
+    cache, keys = ChartCache("t"), [f"c{i}" for i in range(len(charts))]
+    shared = generate_essays(model, processor, charts, max_new_tokens=16, batch_size=3, sort_by_length=False,
+                             cache=cache, keys=keys)
+    assert len(cache.prompts) == len(charts)  # a second model of this base reuses prompts and features
+    again = generate_essays(model, processor, charts, max_new_tokens=16, batch_size=4, cache=cache, keys=keys)
+    assert [r.text for r in batched] == [r.text for r in single] == [r.text for r in shared] == \
+        [r.text for r in again]
     assert [r.tokens for r in batched] == [r.tokens for r in single]
     assert all(0 < r.tokens <= 16 and r.seconds > 0 for r in batched)
     # an essay is "length" exactly when it ran to the limit without a stop token

@@ -107,28 +107,40 @@ def pad_token_id(processor) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def collate(items: list[Encoded], pad_id: int, side: str = "right") -> dict[str, Any]:
-    """Pad a batch: token ids (``side``), labels with -100, attention mask, and image tiles with zero
-    images (Idefics3 drops all-zero tiles). Training pads right, generation pads left."""
+def pad_tiles(items: list[Encoded]):
+    """The charts' image tiles as [charts, max tiles, 3, H, W] pixels and [charts, max tiles, H, W] masks,
+    padded with zero tiles (Idefics3 drops all-zero tiles)."""
     import torch
 
-    width = max(len(x) for x in items)
     tiles = max(x.pixel_values.shape[0] for x in items)
     h = max(x.pixel_values.shape[2] for x in items)
     w = max(x.pixel_values.shape[3] for x in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros((len(items), width), dtype=torch.long)
     pixels = torch.zeros((len(items), tiles, 3, h, w), dtype=items[0].pixel_values.dtype)
     pmask = torch.zeros((len(items), tiles, h, w), dtype=torch.bool)
     for i, x in enumerate(items):
-        n = len(x)
+        t, _, ph, pw = x.pixel_values.shape
+        pixels[i, :t, :, :ph, :pw] = x.pixel_values
+        pmask[i, :t, :ph, :pw] = x.pixel_attention_mask
+    return pixels, pmask
+
+
+def collate(items, pad_id: int, side: str = "right", pixels: bool = True) -> dict[str, Any]:
+    """Pad a batch: token ids (``side``), labels with -100, attention mask, and (``pixels``) the image tiles
+    (``pad_tiles``). Training pads right, generation pads left. Without ``pixels`` the items need only
+    ``input_ids`` and ``labels`` (the vision features come from a ``ChartCache``)."""
+    import torch
+
+    width = max(len(x.input_ids) for x in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(items), width), dtype=torch.long)
+    for i, x in enumerate(items):
+        n = len(x.input_ids)
         cols = slice(width - n, width) if side == "left" else slice(0, n)
         ids[i, cols] = torch.tensor(x.input_ids)
         labels[i, cols] = torch.tensor(x.labels)
         attn[i, cols] = 1
-        t, _, ph, pw = x.pixel_values.shape
-        pixels[i, :t, :, :ph, :pw] = x.pixel_values
-        pmask[i, :t, :ph, :pw] = x.pixel_attention_mask
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels, "pixel_values": pixels,
-            "pixel_attention_mask": pmask}
+    out = {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    if pixels:
+        out["pixel_values"], out["pixel_attention_mask"] = pad_tiles(items)
+    return out

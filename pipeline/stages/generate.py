@@ -71,16 +71,21 @@ def _raw_image():
 
 
 def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[str, tuple[Any, str]],
-                 base: str, tmp: Path) -> None:
+                 base: str, tmp: Path, caches: dict[str, Any]) -> None:
+    """``name``'s essays for the ``pending`` charts; ``caches`` (by ``cache_tag``) holds the prompts and
+    vision features the models of one base share, so each chart's vision side runs once per stage."""
     from tqdm import tqdm
 
     from pipeline.models import generate_essays, load_student
+    from pipeline.models.features import ChartCache, cache_tag
 
     cfg, student = ctx.config.generate, ctx.config.student
     adapter = None if name == BASELINE else artifacts.fetch_adapter(ctx, name, tmp)
     model, processor = load_student(base, adapter=adapter, device=student.device,
                                     attn_implementation=student.attn_implementation, merge=True,
                                     image_longest_edge=student.image_longest_edge)
+    tag = cache_tag(base, processor, model.dtype)
+    cache = caches.setdefault(tag, ChartCache(tag, tmp / "charts"))
     records = ctx.records(name)
     bar = tqdm(total=len(pending), desc=f"generate {name}", unit="essay", disable=None)
 
@@ -96,7 +101,7 @@ def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[
     for start in range(0, len(pending), chunk):
         ids = pending[start:start + chunk]
         generate_essays(model, processor, [charts[i] for i in ids], max_new_tokens=limit,
-                        batch_size=cfg.batch_size, do_sample=cfg.do_sample,
+                        batch_size=cfg.batch_size, do_sample=cfg.do_sample, cache=cache, keys=ids,
                         on_batch=lambda idx, res, off=start: store_batch([off + i for i in idx], res))
     bar.close()
 
@@ -119,11 +124,11 @@ def run(ctx: StageContext) -> None:
         charts = load_test_charts(ctx, todo)
         single = ctx.config.student.tiny
         with tempfile.TemporaryDirectory(prefix="ielts-generate-") as tmp, cpu_threads(single=single):
-            base = artifacts.student_base(ctx, tmp)
+            base, caches = artifacts.student_base(ctx, tmp), {}
             for name in names:
                 if pending[name]:
                     ctx.log.info("generate %s: %d of %d test charts to do", name, len(pending[name]), len(ids))
-                    generate_for(ctx, name, pending[name], charts, base, Path(tmp))
+                    generate_for(ctx, name, pending[name], charts, base, Path(tmp), caches)
 
     def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         models = {name: {"essays": len(ids),
