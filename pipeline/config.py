@@ -355,5 +355,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def dump_config(config: RunConfig) -> str:
-    """YAML of the resolved config (holds no secrets: keys live in the environment)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """YAML of the resolved config. Keys live in the environment, and credentials written into a value
+    (``https://user:pw@host``, ``?api-key=...``) are masked (pipeline.redact)."""
+    from pipeline.redact import redact
+
+    def masked(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: masked(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [masked(v) for v in value]
+        return redact(value) if isinstance(value, str) else value
+
+    return yaml.safe_dump(masked(config.model_dump(mode="json")), sort_keys=False)

@@ -26,6 +26,7 @@ from pipeline.store import ArtifactStore
 INPUTS = "_INPUTS"  # beside a stage's records: the fingerprint of the inputs they were made from
 CLAIMS = "_claims"  # beside a stage's records: who is paying for which item now (Claims)
 STALE = "_stale"  # beside a stage's records: records of earlier inputs, moved aside
+OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this process, as a claimant
 
 
 def stable_hash(text: str, salt: str = "") -> int:
@@ -188,9 +189,9 @@ class Claims:
     it works (``renew``); an expired claim (its owner died) is taken over with a conditional replace, so
     exactly one of several contenders wins it."""
 
-    def __init__(self, records: RecordSet, lease_s: float = 120.0):
+    def __init__(self, records: RecordSet, lease_s: float = 120.0, owner: str | None = None):
         self.records, self.lease_s = records, lease_s
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = owner or OWNER  # a rerun in the same process takes its own leftover claims back
         self.held: dict[str, bytes] = {}  # item id -> our claim's current body
 
     def key(self, item_id: str) -> str:

@@ -217,7 +217,8 @@ class S3Store(ArtifactStore):
         self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         cfg = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"},
-                     connect_timeout=10, read_timeout=120)
+                     connect_timeout=10, read_timeout=120,
+                     max_pool_connections=32)  # the LLM runner writes records from up to 2 x concurrency threads
         # A session of its own: boto3's default session caches the credentials it first saw.
         self.client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=cfg,
                                    region_name=region or os.environ.get("AWS_REGION") or "us-east-1")

@@ -13,7 +13,8 @@ In a test::
         assert max(llm.counts.values()) == 1
 
 ``llm.script`` (a deque) forces the next actions in order: ``"429"``, ``"500"``, ``"timeout"``,
-``"garbage"``, ``"drop"``, ``"400"``, ``"401"``, ``"ok"`` or ``("reply", "text")``. ``llm.rule`` (a callable
+``"garbage"``, ``"drop"``, ``"400"``, ``"401"``, ``"echo400"``/``"echo401"`` (the error quotes the
+request's ``Authorization`` header), ``"ok"`` or ``("reply", "text")``. ``llm.rule`` (a callable
 ``(key, attempt) -> action | None``) picks the action per prompt key (attempt counts from 1).
 ``llm.reply`` is a callable ``(request_json, key) -> str`` producing the answer text.
 
@@ -226,6 +227,9 @@ def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
                            {"Retry-After": f"{llm.retry_after:g}"})
             elif action in ("500", "400", "401"):
                 self._json(int(action), {"error": {"message": f"fake error {action}"}})
+            elif action in ("echo400", "echo401"):  # a server that quotes the request's key back
+                self._json(int(action[4:]), {"error": {"message": f"invalid header: Authorization: "
+                                                                  f"{self.headers.get('Authorization')}"}})
             elif action == "timeout":
                 time.sleep(llm.hang_s)
                 self.close_connection = True

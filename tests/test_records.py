@@ -88,7 +88,7 @@ def test_records_of_changed_inputs_are_dropped(store):
 
 def test_claims_one_owner_expiry_and_takeover(store):
     rs = RecordSet(store, "run/teacher/records")
-    first, second = Claims(rs, lease_s=60), Claims(rs, lease_s=60)
+    first, second = Claims(rs, lease_s=60, owner="host-a:1:a"), Claims(rs, lease_s=60, owner="host-b:1:b")
     assert first.take("c/1") and not second.take("c/1")  # exclusive
     assert first.take("c/1")  # its own claim again
     assert rs.done_ids() == set() and rs.pending(["c/1"]) == ["c/1"]  # a claim is not a record
@@ -96,8 +96,7 @@ def test_claims_one_owner_expiry_and_takeover(store):
     assert not second.take("c/1")
     first.release("c/1")
     assert second.take("c/1") and not first.take("c/1")
-    expired = Claims(rs, lease_s=-1)  # a claimant whose lease ran out (it died on another host)
-    expired.owner = "elsewhere:1:x"
+    expired = Claims(rs, lease_s=-1, owner="host-c:1:c")  # its lease ran out (it died on another host)
     assert expired.take("c/2")
-    contenders = [Claims(rs, lease_s=60) for _ in range(4)]
+    contenders = [Claims(rs, lease_s=60, owner=f"host-{i}:1:x") for i in range(4)]
     assert [c.take("c/2") for c in contenders].count(True) == 1  # exactly one takes the expired claim over
