@@ -25,13 +25,15 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.config import LLMSection
+from pipeline.config import LLMSection, is_reasoning, token_limit
 from pipeline.errors import PipelineError
 from pipeline.redact import redact, register_secret_env
 
 log = logging.getLogger("ielts_distill.llm")
 
 _THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
+# OpenAI's reasoning models take max_completion_tokens and reject max_tokens
+_COMPLETION_TOKENS_MODELS = re.compile(r"^(o[134]|gpt-5)", re.I)
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 IMAGE_MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
 
@@ -68,7 +70,9 @@ class Completion:
     cost_usd: float
     retries: int
     seconds: float
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # the last attempt's: "stop", or "length" when cut at the token limit
+    truncated: bool = False  # cut at the token limit even after one retry with twice the room
+    reasoning_tokens: int = 0  # thinking a reasoning model returned separately (reasoning_content)
 
 
 @dataclass
@@ -95,6 +99,16 @@ def strip_think(text: str) -> str:
     if "<think>" in low:
         text = text[: low.index("<think>")]
     return text.strip()
+
+
+def _reasoning_text(message: Any) -> str:
+    """Reasoning an API returns beside the answer (``reasoning_content``: DeepSeek, MiniMax, vLLM;
+    ``reasoning``: OpenRouter, Ollama), or ''."""
+    for name in ("reasoning_content", "reasoning"):
+        value = getattr(message, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 def image_mime(image_format: str | None) -> str:
@@ -255,24 +269,50 @@ class LLMClient:
                 self.usage.timeouts += 1
                 raise
         choices = getattr(resp, "choices", None)
-        if not choices or getattr(choices[0], "message", None) is None or choices[0].message.content is None:
+        message = getattr(choices[0], "message", None) if choices else None
+        if message is None or (message.content is None and choices[0].finish_reason != "length"
+                                and not _reasoning_text(message)):
             raise _BadResponse("response has no message content")
         return resp
 
     async def chat(self, messages: list[dict[str, Any]], **overrides: Any) -> Completion:
         """One chat completion (n=1). Raises LLMError when the endpoint rejects the request for good (4xx),
         TransientLLMError when retries ran out on transient failures, FatalLLMError when the endpoint cannot
-        work at all (401/403/404 or ``fail_after`` consecutive failures), BudgetExceeded."""
+        work at all (401/403/404 or ``fail_after`` consecutive failures), BudgetExceeded.
+
+        The token limit is ``max_tokens`` plus, for a reasoning model, ``reasoning_tokens``. An answer cut at the
+        limit (``finish_reason: length``) is asked once more with twice the room when the thinking may have
+        eaten it (a reasoning model, or nothing left of the answer); if it is still cut, ``truncated`` is set."""
+        if self._consecutive_failures >= self.fail_after:
+            raise FatalLLMError(f"{self.name}: endpoint {redact(self.cfg.base_url)} failing ({self._consecutive_failures} "
+                                "consecutive requests failed after retries); stopped")
+        limit_param = "max_completion_tokens" if _COMPLETION_TOKENS_MODELS.search(self.cfg.model or "") else "max_tokens"
+        params = {"model": self.cfg.model, "temperature": self.cfg.temperature, limit_param: token_limit(self.cfg),
+                  **{k: v for k, v in overrides.items() if k != "n"}, "n": 1}
+        started = time.monotonic()
+        done = await self._request(messages, params)
+        cut = done.finish_reason == "length"
+        if cut and limit_param not in overrides and (is_reasoning(self.cfg) or not done.text):
+            # cut at the limit (a reasoning model's long thought, or a long answer): once more with twice the
+            # room, then give up and say so (never an empty or half answer passed off as complete)
+            log.info("%s: answer cut at %d tokens; asking once more with %d", self.name, params[limit_param],
+                     2 * params[limit_param])
+            again = await self._request(messages, {**params, limit_param: 2 * params[limit_param]})
+            again.prompt_tokens += done.prompt_tokens
+            again.completion_tokens += done.completion_tokens
+            again.cost_usd += done.cost_usd
+            again.retries += done.retries + 1
+            done = again
+        done.truncated = done.finish_reason == "length"
+        done.seconds = time.monotonic() - started
+        return done
+
+    async def _request(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion:
+        """One request with retries (chat's errors), as a Completion."""
         import openai
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
         api_errors = _api_errors()
-        if self._consecutive_failures >= self.fail_after:
-            raise FatalLLMError(f"{self.name}: endpoint {redact(self.cfg.base_url)} failing ({self._consecutive_failures} "
-                                "consecutive requests failed after retries); stopped")
-        params = {"model": self.cfg.model, "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens,
-                  **{k: v for k, v in overrides.items() if k != "n"}, "n": 1}
-        started = time.monotonic()
         retrying = AsyncRetrying(stop=stop_after_attempt(self.cfg.max_retries + 1), wait=self._wait,
                                  retry=retry_if_exception(self._retryable), before_sleep=self._count_retry,
                                  reraise=True)
@@ -290,7 +330,8 @@ class LLMClient:
             why = f"{_describe(exc)} (after {attempts} attempt{'s' * (attempts > 1)})"
             raise (TransientLLMError if self._retryable(exc) else LLMError)(why) from None
         self._consecutive_failures = 0
-        raw = resp.choices[0].message.content or ""
+        message = resp.choices[0].message
+        raw = message.content or ""
         usage = getattr(resp, "usage", None)
         p_tok = int(getattr(usage, "prompt_tokens", 0) or 0) if usage else 0
         c_tok = int(getattr(usage, "completion_tokens", 0) or 0) if usage else 0
@@ -301,7 +342,9 @@ class LLMClient:
         self.usage.prompt_tokens += p_tok
         self.usage.completion_tokens += c_tok
         self.usage.cost_usd += cost
+        reasoning = _reasoning_text(message)
         return Completion(text=strip_think(raw), raw_text=raw, prompt_tokens=p_tok, completion_tokens=c_tok,
                           cost_usd=cost, retries=retrying.statistics.get("attempt_number", 1) - 1,
-                          seconds=time.monotonic() - started, finish_reason=resp.choices[0].finish_reason)
+                          seconds=0.0, finish_reason=resp.choices[0].finish_reason,
+                          reasoning_tokens=len(reasoning) // 4)
 

@@ -111,6 +111,10 @@ async def judge_one(client, item: Item, messages: list[dict[str, Any]], **overri
         choice = parse_choice(done.text)
         if choice:
             break
+        if done.truncated:  # the judge ran out of tokens (thinking): a reminder cannot help
+            reason = (f"answer cut at the token limit (finish_reason 'length', {done.completion_tokens} tokens): "
+                      "raise judge.reasoning_tokens or judge.max_tokens")
+            break
         convo = [*messages, {"role": "assistant", "content": done.text},
                  {"role": "user", "content": REMINDER}]
     first, second = item.first_second

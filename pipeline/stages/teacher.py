@@ -77,7 +77,11 @@ def make_handler(ctx: StageContext):
             record["usage"]["completion_tokens"] += done.completion_tokens
             record["cost_usd"] = round(record["cost_usd"] + done.cost_usd, 8)
             record["raw_answer"] = done.raw_text
+            record["finish_reason"] = done.finish_reason
             findings = gate_findings(done.text, chart.get("table"), cfg)
+            if done.truncated:  # a cut essay may still pass the gates: it is never accepted
+                findings.insert(0, ("truncated", f"the answer was cut at the token limit (finish_reason 'length'); "
+                                                 f"write at most {cfg.max_words} words"))
             if not findings:
                 record.update(status="accepted", essay=done.text)
                 return record
