@@ -12,9 +12,9 @@ Bare integers up to 12 (``three paragraphs``, ``10 years``) are not treated as d
 
 from __future__ import annotations
 
-import bisect
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.essays import EssayFormatError, essay_paragraphs, parse_structured, word_count
@@ -35,19 +35,19 @@ _BULLET = re.compile(r"^\s*(?:[-*+\u2022\u25cf\u25aa\u2013]|\d{1,2}[.)])\s+\S")
 _MARKDOWN = (re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__"), re.compile(r"^\s*#{1,6}\s+\S", re.M),
              re.compile(r"`[^`\n]+`"), re.compile(r"^\s*\|.*\|\s*$", re.M), re.compile(r"\[[^\]\n]+\]\([^)\s]+\)"))
 _SENTENCE = re.compile(r"(?<=[.!?])[\"\u201d]?\s+(?=[\"\u201c]?[A-Z0-9])")
-_MAX_PAIRS = 400  # table values beyond this: no difference matching (keeps the check O(n log n))
 
 
 # --------------------------------------------------------------------------- numbers
 
 
-def _numbers(text: str) -> list[tuple[str, float, float, int]]:
-    """(as written, value, scale word's factor, decimals written) for each figure in ``text``."""
+def _numbers(text: str) -> list[tuple[str, float, float, int, int, int]]:
+    """(as written, value, scale word's factor, decimals written, start, end) for each figure in ``text``."""
     out = []
     for m in _NUMBER.finditer(text):
         value = float(m.group(1).replace(",", "") + (m.group(2) or ""))
         unit = (m.group(3) or "").lower().replace(" ", "")
-        out.append((m.group(0).strip(), value, _SCALE.get(unit, 1.0), len(m.group(2) or ".") - 1))
+        out.append((m.group(0).strip(), value, _SCALE.get(unit, 1.0), len(m.group(2) or ".") - 1,
+                    m.start(), m.end()))
     return out
 
 
@@ -60,78 +60,226 @@ def _prose(text: str) -> str:
     return "\n\n".join(essay_paragraphs(text))
 
 
-def _figures(text: str) -> list[tuple[str, float, float, int]]:
-    """``_numbers`` of the essay's prose (structure markers excluded) that are data, not counts."""
-    return [f for f in _numbers(_prose(text)) if _is_data(f[0], f[1])]
-
-
 def numbers_in(text: str) -> list[float]:
     """The figures of the essay's prose as numbers (structure markers excluded; scale words not applied)."""
-    return [value for _, value, _, _ in _figures(text)]
+    return [f[1] for f in _numbers(_prose(text)) if _is_data(f[0], f[1])]
 
 
-def _cell_value(cell: Any) -> float | None:
-    """The number of a cell that holds exactly one figure, else None."""
+def _cell_value(cell: Any) -> tuple[float, float] | None:
+    """(value, half a unit of its last digit) of a cell that holds exactly one figure, else None."""
     found = _numbers(str(cell))
-    return found[0][1] if len(found) == 1 else None
+    if len(found) != 1:
+        return None
+    _, value, scale, decimals, _, _ = found[0]
+    return value * scale, 0.5 * 10 ** -decimals * scale
 
 
 def numbers_in_table(rows: Iterable[Iterable[Any]] | None) -> list[float]:
     """Every number in every cell (header cells included: years often sit there), sorted and unique."""
-    found = {value for row in rows or [] for cell in row for _, value, _, _ in _numbers(str(cell))}
-    return sorted(found)
+    return sorted({f[1] for row in rows or [] for cell in row for f in _numbers(str(cell))})
 
 
-class _Table:
-    """Sorted table values, and differences within a column or a row (labels and header excluded)."""
+def _half_unit(written: str, value: float, decimals: int) -> float:
+    """Half a unit of the last digit written: "29.8" -> 0.05, "30" -> 0.5; an integer ending in three or more
+    zeros is read as rounded there ("4,700,000" -> 50,000), a shorter one as exact ("350" -> 0.5)."""
+    if decimals or value == 0:
+        return 0.5 * 10 ** -decimals
+    digits = re.sub(r"\D", "", written.split(".")[0])
+    zeros = len(digits) - len(digits.rstrip("0"))
+    return 0.5 * 10 ** zeros if zeros >= 3 and zeros < len(digits) else 0.5
 
-    def __init__(self, rows: Iterable[Iterable[Any]]):
-        rows = [list(r) for r in rows]
-        self.values = numbers_in_table(rows)
-        cells = [[_cell_value(c) for c in row] for row in rows[1:]]
-        lines = [[v for v in row[1:] if v is not None] for row in cells]  # a row's values, its label excluded
-        lines += [[v for v in col if v is not None] for col in zip(*cells)] if cells else []
-        self.diffs = sorted({round(abs(a - b), 6) for line in lines if len(line) <= _MAX_PAIRS
-                             for i, a in enumerate(line) for b in line[i + 1:]})
 
-    @staticmethod
-    def _near(sorted_vals: list[float], x: float, tol: float) -> bool:
-        i = bisect.bisect_left(sorted_vals, x - tol)
-        return i < len(sorted_vals) and sorted_vals[i] <= x + tol
+_UNIT = re.compile(r"\bin\s+(?:(?:u\.?s\.?\s+)?(?:\$|us\$)?\s*)?(thousand|million|billion|trillion|1,000|1,000,000)s?\b",
+                   re.I)
+_UNIT_FACTOR = {"thousand": 1e3, "1,000": 1e3, "million": 1e6, "1,000,000": 1e6, "billion": 1e9, "trillion": 1e12}
+_STOP = {"and", "the", "of", "in", "for", "to", "by", "on", "at", "a", "an", "other", "others", "total", "share",
+         "number", "value", "values", "percentage", "per", "cent", "vs"}
+_CUE = re.compile(r"\b(by|differences?|gap|points?|times|growth|increases?d?|decreases?d?|changes?d?|more|less|"
+                  r"higher|lower|fewer|rise|rose|drop|dropped|fall|fell|jump|jumped|up|down|grew|twice|double)\b", re.I)
+_MAX_PAIRS = 60  # cells per line beyond this: no derived quantities (keeps the check small)
 
-    def has(self, value: float, scale: float, decimals: int) -> bool:
-        """Is the figure a table value or a difference of two, read as written, scaled, or as %/fraction?"""
-        rounding = 0.5 * 10 ** -decimals  # "about 30" stands for 29.5..30.5; "4.75" for 4.745..4.755
-        for factor in {1.0, scale, 100.0, 0.01}:
-            x, tol = value * factor, rounding * factor
-            tol = max(tol, 0.01 * abs(x))  # "4,700,000" for 4,751,653: rounding beyond the digits shown
-            if self._near(self.values, x, tol) or self._near(self.diffs, x, tol):
-                return True
+
+_TOKEN = re.compile(r"[a-z][a-z'-]+|\d+(?:[.,]\d+)*")
+
+
+def _label_keys(label: str) -> tuple[str, set[str]]:
+    """A label's normalised text (parentheses, footnote marks dropped) and its content words and numbers."""
+    text = re.sub(r"\([^)]*\)|[*\u2020]", " ", label.lower())
+    text = re.sub(r"\s+", " ", re.sub(r"[^\w%.,' -]", " ", text)).strip(" .,")
+    words = {w for w in _TOKEN.findall(text) if w not in _STOP and (len(w) >= 3 or w[0].isdigit())}
+    return text, words
+
+
+def _mentions(sentence: str, words_in: set[str], label: tuple[str, set[str]]) -> bool:
+    text, words = label
+    if not text:
+        return False
+    if len(text) >= 3 and re.search(rf"(?<!\w){re.escape(text)}(?!\w)", sentence):
+        return True
+    return bool(words) and words <= words_in
+
+
+def _written_key(written: str) -> str:
+    return re.sub(r"[\s,]", "", written.lower())
+
+
+@dataclass
+class Figure:
+    """One figure of an essay and what it was matched to."""
+
+    written: str
+    kind: str  # "value" (a cell), "derived" (difference, change or ratio of two cells), "reference", "unmatched"
+    cell: tuple[int, int] | None = None  # (row, column) of the table, header row = 0
+
+    @property
+    def correct(self) -> bool:
+        return self.kind in ("value", "derived")
+
+
+class DataTable:
+    """A chart's data table: numeric cells with their rounding, row labels, column headers and the title's unit.
+
+    ``align(essay)`` matches each figure of the essay to a cell in a row or column its sentence names
+    (any cell when it names none), within the rounding of both the figure and the cell, in the title's unit
+    ("1.6 billion" for 1,608 in a table "in million"); near a change word ("by", "points", "increase",
+    "times") also to differences, percentage changes and ratios of two cells in one row or column.
+    Numbers that appear in the title, the header row or the label column (years, age groups) are references,
+    not data, and count neither way.
+    """
+
+    def __init__(self, rows: Iterable[Iterable[Any]], title: str | None = None):
+        rows = [[str(c) for c in r] for r in rows]
+        self.rows = rows
+        header = rows[0] if rows else []
+        unit = _UNIT.search(" ".join([title or "", *header]))
+        self.unit = _UNIT_FACTOR[unit.group(1).lower()] if unit else 1.0
+        self.cells: dict[tuple[int, int], tuple[float, float]] = {}
+        for i, row in enumerate(rows[1:], 1):
+            for j, cell in enumerate(row[1:], 1):
+                parsed = _cell_value(cell)
+                if parsed is not None:
+                    self.cells[(i, j)] = parsed
+        self.references = {_written_key(f[0]) for text in [title or "", *header, *(r[0] for r in rows[1:] if r)]
+                           for f in _numbers(text)}
+        self.row_labels = {i: _label_keys(r[0]) for i, r in enumerate(rows[1:], 1) if r}
+        self.col_labels = {j: _label_keys(h) for j, h in enumerate(header) if j}
+
+    # ---------------------------------------------------------------- alignment
+
+    def candidates(self, sentence: str) -> list[list[tuple[int, int]]]:
+        """The cells a sentence is about, most specific first: the named rows' cells in the named columns,
+        then the named rows' other cells (a series named, its year left implicit), else the named columns'
+        cells; every cell when it names neither. A value of an unnamed row is never its match."""
+        low = sentence.lower()
+        words = set(_TOKEN.findall(low))
+        rows = {i for i, lab in self.row_labels.items() if _mentions(low, words, lab)}
+        cols = {j for j, lab in self.col_labels.items() if _mentions(low, words, lab)}
+        if rows:
+            return [[c for c in self.cells if c[0] in rows and c[1] in cols],
+                    [c for c in self.cells if c[0] in rows and c[1] not in cols]]
+        return [[c for c in self.cells if c[1] in cols or not cols]]
+
+    def _near(self, x: float, tol: float, cell: tuple[float, float]) -> bool:
+        value, half = cell
+        return any(abs(abs(x) - abs(v)) < tol + h for v, h in ((value, half), (value * self.unit, half * self.unit)))
+
+    def match(self, written: str, value: float, scale: float, decimals: int, sentence: str, window: str
+              ) -> Figure:
+        if _written_key(written) in self.references:
+            return Figure(written, "reference")
+        half = _half_unit(written, value, decimals)
+        percent = "%" in written or "cent" in written.lower()
+        forms = [(value * scale, half * scale)] + ([(value, half)] if scale != 1.0 else [])
+        groups = self.candidates(sentence)
+        for cid in (c for group in groups for c in group):
+            cell = self.cells[cid]
+            for x, tol in forms:
+                if self._near(x, tol, cell):
+                    return Figure(written, "value", cid)
+        if _CUE.search(window) and self._derived(value * scale, half * scale, percent, sum(groups, [])):
+            return Figure(written, "derived")
+        return Figure(written, "unmatched")
+
+    def _derived(self, x: float, tol: float, percent: bool, cells: list[tuple[int, int]]) -> bool:
+        """Is x the difference, percentage change or ratio of two candidate cells in one row or column?"""
+        lines: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        for i, j in cells:
+            lines.setdefault(("row", i), []).append(self.cells[(i, j)])
+            lines.setdefault(("col", j), []).append(self.cells[(i, j)])
+        for line in lines.values():
+            if len(line) > _MAX_PAIRS:
+                continue
+            for a, ha in line:
+                for b, hb in line:
+                    if a == b and ha == hb:
+                        continue
+                    for scale in (1.0, self.unit):
+                        d, hd = abs(a - b) * scale, (ha + hb) * scale
+                        if abs(x - d) < tol + hd:
+                            return True
+                    if a and b:
+                        ratio, rel = b / a, ha / abs(a) + hb / abs(b)
+                        if percent and abs(abs(x) - abs(ratio - 1) * 100) < tol + 100 * abs(ratio) * rel:
+                            return True
+                        if not percent and ratio > 1 and abs(x - ratio) < tol + ratio * rel:
+                            return True
         return False
 
+    def align(self, essay: str) -> list[Figure]:
+        out = []
+        for paragraph in essay_paragraphs(essay):
+            for sentence in _SENTENCE.split(paragraph):
+                for written, value, scale, decimals, start, end in _numbers(sentence):
+                    if _is_data(written, value):
+                        window = sentence[max(0, start - 30):end + 20]
+                        out.append(self.match(written, value, scale, decimals, sentence, window))
+        return out
 
-def invented_numbers(text: str, table_rows: Iterable[Iterable[Any]] | None) -> list[str] | None:
+    def key_cells(self) -> set[tuple[int, int]]:
+        """What an overview should mention: each column's first, last, largest and smallest cell."""
+        keys: set[tuple[int, int]] = set()
+        by_col: dict[int, list[tuple[int, int]]] = {}
+        for cid in sorted(self.cells):
+            by_col.setdefault(cid[1], []).append(cid)
+        for col in by_col.values():
+            keys |= {col[0], col[-1], max(col, key=lambda c: self.cells[c][0]),
+                     min(col, key=lambda c: self.cells[c][0])}
+        return keys
+
+
+def numeric_scores(essay: str, table_rows: Iterable[Iterable[Any]] | None, title: str | None = None
+                   ) -> dict[str, Any] | None:
+    """Numeric faithfulness of one essay against its chart's table; None without a table.
+
+    ``precision``: share of the essay's data figures that match their cell (or a difference, change or
+    ratio of two), None when it quotes none; ``coverage``: share of the table's key cells (each column's
+    first, last, largest, smallest) that some figure matches; ``unmatched``: the figures as written."""
+    rows = list(table_rows or [])
+    if not rows:
+        return None
+    table = DataTable(rows, title)
+    figures = [f for f in table.align(essay) if f.kind != "reference"]
+    keys = table.key_cells()
+    covered = keys & {f.cell for f in figures if f.cell}
+    return {"figures": len(figures), "correct": sum(f.correct for f in figures),
+            "precision": sum(f.correct for f in figures) / len(figures) if figures else None,
+            "key_cells": len(keys), "covered": len(covered),
+            "coverage": len(covered) / len(keys) if keys else None,
+            "unmatched": [f.written for f in figures if not f.correct]}
+
+
+def invented_numbers(text: str, table_rows: Iterable[Iterable[Any]] | None, title: str | None = None
+                     ) -> list[str] | None:
     """The essay's figures (as written) that match nothing in the table; None without a table."""
-    rows = list(table_rows or [])
-    if not rows:
-        return None
-    return _not_in_table(_figures(text), rows)
+    scores = numeric_scores(text, table_rows, title)
+    return None if scores is None else scores["unmatched"]
 
 
-def _not_in_table(figures: list[tuple[str, float, float, int]], rows: list[Any]) -> list[str]:
-    table = _Table(rows)
-    return [w for w, v, s, d in figures if not table.has(v, s, d)]
-
-
-def numeric_faithfulness(essay: str, table_rows: Iterable[Iterable[Any]] | None) -> float | None:
-    """Share of the essay's figures found in the table (1.0 when it quotes none); None without a table."""
-    rows = list(table_rows or [])
-    if not rows:
-        return None
-    figures = _figures(essay)
-    if not figures:
-        return 1.0
-    return 1.0 - len(_not_in_table(figures, rows)) / len(figures)
+def numeric_faithfulness(essay: str, table_rows: Iterable[Iterable[Any]] | None, title: str | None = None
+                         ) -> float | None:
+    """Numeric precision (see :func:`numeric_scores`); None without a table or without data figures."""
+    scores = numeric_scores(essay, table_rows, title)
+    return None if scores is None else scores["precision"]
 
 
 # --------------------------------------------------------------------------- detectors
