@@ -32,10 +32,9 @@ def make_source(sample_dir: Path, tmp: Path, n: int = 8) -> Path:
     src = tmp / "source"
     src.mkdir(parents=True, exist_ok=True)
     rows = pick_charts(sample_dir, n)
-    for r in rows:
-        r["image"] = str(sample_dir / r["image"])
-        if r.get("data"):
-            r["data"] = str(sample_dir / r["data"])
+    for sub in ("images", "data"):  # ingest reads only paths inside data.source: link the sample's folders
+        if not (src / sub).exists():
+            (src / sub).symlink_to(sample_dir / sub, target_is_directory=True)
     (src / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return src
 

@@ -134,3 +134,51 @@ def test_stride_spans_the_source_in_stable_order(sample_dir, tmp_path):
     assert summary["read"] == 30
     assert {c["id"] for c in charts} | {r["id"] for r in rejected} == set(expected)
     assert {c["type"] for c in charts} == {"bar", "line", "pie", "table"}
+
+
+def test_hostile_rows_rejected_one_by_one_and_colliding_ids_kept_apart(sample_dir, tmp_path, monkeypatch):
+    """Bad ids, titles and paths are rejected per row with a reason (the stage never stops); ids that an
+    older key scheme mapped to one key (``coll x``/``coll_x``/``coll:x``) each keep their own teacher
+    essay, each paid once."""
+    from fake_llm import FakeLLM
+
+    good = next(r for r in sample_rows(sample_dir) if r["chart_type_ielts"] == "bar")
+    root = tmp_path / "src"
+    (root / "images").mkdir(parents=True)
+    (root / "data").mkdir()
+    shutil.copy(sample_dir / good["image"], root / good["image"])
+    shutil.copy(sample_dir / good["data"], root / good["data"])
+    outside = tmp_path / "secret.png"
+    shutil.copy(sample_dir / good["image"], outside)
+
+    def row(chart_id, title="A chart of things", **extra):
+        return {**good, "id": chart_id, "title": title, **extra}
+
+    rows = [row("coll x", "Coll space"), row("coll_x", "Coll underscore"), row("coll:x", "Coll colon"),
+            row(""), row("."), row(".."), row("../up"), row("/abs"), row("nul\x00id"), row("x" * 300),
+            row("t-number", 42), row("t-list", ["a"]), row(["list-id"]), row("p-abs", image=str(outside)),
+            row("p-up", image="../secret.png"), row("p-data", data="../../etc/passwd")]
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store, charts, rejected, summary = ingest(str(tmp_path / "s"), root)
+    assert [c["id"] for c in charts] == ["coll x", "coll_x", "coll:x"]
+    assert summary["read"] == len(rows) == len(charts) + len(rejected)
+    reasons = {r["id"]: r["reason"] for r in rejected}
+    assert reasons[""] == "chart id is empty"
+    for bad in (".", "..", "../up", "/abs", "nul\x00id", "x" * 300):
+        assert "is not usable as a key" in reasons[bad], bad
+    assert reasons["t-number"] == "title is not a string (int)" and reasons["t-list"] == "title is not a string (list)"
+    assert reasons["manifest-line-13"] == "manifest.jsonl line 13 has an 'id' that is not a string (list)"
+    assert reasons["p-abs"].startswith("image path") and "leaves data.source" in reasons["p-abs"]
+    assert "leaves data.source" in reasons["p-up"] and "leaves data.source" in reasons["p-data"]
+    assert len(list(store.list("demo/ingest/images/"))) == 3  # nothing from outside data.source copied
+
+    monkeypatch.setenv("MINIMAX_API_KEY", "k")
+    with FakeLLM() as llm:
+        config = load_config(None, [f"store.uri={tmp_path / 's'}", f"data.source={root}",
+                                    f"teacher.base_url={llm.base_url}", "teacher.vision=false"])
+        assert run_stage(config, store, "teacher")
+    essays = store.get_jsonl("demo/teacher/essays.jsonl")
+    assert [e["chart_id"] for e in essays] == ["coll x", "coll_x", "coll:x"]
+    assert all(n == 1 for n in llm.counts.values()) and len(llm.counts) == 3
+    assert [k.rsplit("/", 1)[1] for k in store.list("demo/teacher/records/")] == \
+        ["coll%20x.json", "coll%3Ax.json", "coll_x.json"]  # one key each, escaped (not replaced)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -51,24 +52,62 @@ class Rejected(Exception):
 
 
 def read_manifest(root: Path) -> list[Candidate]:
+    """One Candidate per manifest line; a line that cannot be one becomes a Candidate carrying the reason
+    (``extra["error"]``), so it is rejected with it and never stops the stage."""
     out = []
     for n, line in enumerate((root / "manifest.jsonl").read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            chart_id = str(row["id"])
+            raw_id = row["id"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            out.append(Candidate(f"manifest-line-{n}", "?", "?", None, root / "?", None, None,
-                                 {"error": f"manifest.jsonl line {n} is not a JSON object with an 'id'"}))
+            out.append(_bad_line(root, n, "is not a JSON object with an 'id'"))
+            continue
+        if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
+            out.append(_bad_line(root, n, f"has an 'id' that is not a string ({type(raw_id).__name__})"))
             continue
         data = row.get("data")
+        extra: dict[str, Any] = {k: row[k] for k in ("summary", "source_url", "complexity") if row.get(k)}
+        title = row.get("title")
+        if title is not None and not isinstance(title, str):
+            extra["error"] = f"title is not a string ({type(title).__name__})"
+        for field, value in (("image", row.get("image", "")), ("data", data)):
+            if value is not None and (not isinstance(value, str) or not _inside(root, value)):
+                extra["error"] = f"{field} path {str(value)[:80]!r} leaves data.source"
         out.append(Candidate(
-            id=chart_id, source=str(row.get("source", "")), source_type=str(row.get("chart_type", "")).lower(),
-            title=row.get("title"), image=root / str(row.get("image", "")),
-            data=root / data if data else None, data_format=row.get("data_format"),
-            extra={k: row[k] for k in ("summary", "source_url", "complexity") if row.get(k)}))
+            id=str(raw_id), source=str(row.get("source", "")), source_type=str(row.get("chart_type", "")).lower(),
+            title=title if isinstance(title, str) else None, image=root / str(row.get("image", "")),
+            data=root / str(data) if data else None, data_format=row.get("data_format"), extra=extra))
     return out
+
+
+def _bad_line(root: Path, n: int, why: str) -> Candidate:
+    return Candidate(f"manifest-line-{n}", "?", "?", None, root / "?", None, None,
+                     {"error": f"manifest.jsonl line {n} {why}"})
+
+
+def _inside(root: Path, relative: str) -> bool:
+    """``relative`` names a file under ``root`` (lexically: no absolute path, no ``..`` out of it; a symlink
+    inside the folder is the owner's choice)."""
+    path = os.path.normpath(os.path.join(root, relative))
+    return bool(relative) and not os.path.isabs(relative) and "\x00" not in relative and \
+        path.startswith(os.path.normpath(root) + os.sep)
+
+
+def check_id(chart_id: str) -> None:
+    """A chart id must map to one store key and back: not empty, no ``.``/``..`` part, no control
+    characters, not too long (pipeline.records.safe_id)."""
+    from pipeline.errors import PipelineError
+    from pipeline.records import safe_id
+
+    if not chart_id.strip():
+        raise Rejected("chart id is empty")
+    try:
+        safe_id(chart_id)
+    except PipelineError:
+        raise Rejected(f"chart id {chart_id[:60]!r} is not usable as a key (an empty, '.' or '..' part, a "
+                       "control character, or too long)") from None
 
 
 def _metadata(folder: Path) -> dict[str, dict[str, str]]:
@@ -182,6 +221,7 @@ def load_table(path: Path, fmt: str | None) -> tuple[list[list[str]] | None, str
 
 
 def check(c: Candidate, max_pixels: int, min_side: int) -> tuple[dict[str, Any], bytes]:
+    check_id(c.id)
     if "error" in c.extra:
         raise Rejected(c.extra["error"])
     ielts_type = TYPE_MAP.get(c.source_type)
