@@ -206,15 +206,21 @@ class LLMClient:
                                    max_retries=0)
 
     def _api_key(self) -> str:
-        register_secret_env(self.cfg.api_key_env)  # its value is masked in every error line and record
-        key = os.environ.get(self.cfg.api_key_env or "")
+        return self.api_key_for(self.cfg, self.name)
+
+    @staticmethod
+    def api_key_for(cfg: LLMSection, name: str) -> str:
+        """The key from the environment variable ``cfg.api_key_env`` (one-line PipelineError when unset;
+        local servers need none). Its value is masked from then on in every error line and record."""
+        register_secret_env(cfg.api_key_env)
+        key = os.environ.get(cfg.api_key_env or "")
         if key:
             return key
-        host = urlparse(self.cfg.base_url or "").hostname or ""
-        if self.cfg.embedded or host in _LOOPBACK:
+        host = urlparse(cfg.base_url or "").hostname or ""
+        if cfg.embedded or host in _LOOPBACK:
             return "no-key-needed"  # llama.cpp and other local servers ignore the key
-        raise PipelineError(f"{self.name}: environment variable {self.cfg.api_key_env} is not set "
-                            f"(it must hold the API key for {redact(self.cfg.base_url)})")
+        raise PipelineError(f"{name}: environment variable {cfg.api_key_env} is not set "
+                            f"(it must hold the API key for {redact(cfg.base_url)})")
 
     async def aclose(self) -> None:
         await self._client.close()
