@@ -78,8 +78,10 @@ def prompt_text(request: dict[str, Any]) -> str:
 class FakeLLM:
     def __init__(self, *, latency: float = 0.0, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS,
                  seed: int = 0, think: bool = False, retry_after: float = 0.05, hang_s: float = 5.0,
-                 key_pattern: str = r'^<TITLE_LAST>: "(.*)"\s*$', reply: Callable[[dict, str], str] = default_reply):
+                 key_pattern: str = r'^<TITLE_LAST>: "(.*)"\s*$', reply: Callable[[dict, str], str] = default_reply,
+                 host: str = "127.0.0.1"):
         self.latency, self.fault_rate, self.faults = latency, fault_rate, faults
+        self.host = host  # another loopback address (127.0.0.2) looks like a remote endpoint: a key is needed
         self.think, self.retry_after, self.hang_s = think, retry_after, hang_s
         self.key_re = re.compile(key_pattern, re.M)
         self.reply = reply
@@ -98,7 +100,7 @@ class FakeLLM:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, port: int = 0) -> "FakeLLM":
-        self._server = _Server(("127.0.0.1", port), _handler(self))
+        self._server = _Server((self.host, port), _handler(self))
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True, name="fake-llm").start()
         return self
@@ -122,7 +124,7 @@ class FakeLLM:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     @property
     def total(self) -> int:

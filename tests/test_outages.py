@@ -15,7 +15,7 @@ from eval_helpers import seed_run
 from fake_llm import FakeLLM
 from pipeline.config import load_config
 from pipeline.context import store_for
-from pipeline.errors import StageError
+from pipeline.errors import PipelineError, StageError
 from pipeline.executors.local import run_pipeline, run_stage
 from pipeline.llm import LLMClient
 from tcp_proxy import TcpProxy
@@ -196,3 +196,54 @@ def test_credentials_in_urls_are_masked_in_the_stored_config(tmp_path):
     assert redact("HTTP 401: invalid header Authorization: Bearer sk-abcdefgh12345") == \
         "HTTP 401: invalid header Authorization: *** ***"
     assert redact(f"key {KEY} leaked") == "key *** leaked"  # MINIMAX_API_KEY's value, wherever it shows up
+
+
+# --------------------------------------------------------------------------- validate, then purge
+
+
+def test_force_with_a_missing_key_loses_nothing(tmp_path, sample_dir, monkeypatch):
+    """``stage judge --force`` with a changed judge model and the key variable unset: it fails on the key
+    before any verdict is touched; with the key back and the old model, the rerun pays for nothing."""
+    with FakeLLM(key_pattern=JUDGE_TITLE, reply=lambda r, k: "<FIRST>", host="127.0.0.2") as llm:
+        monkeypatch.setenv("JUDGE_KEY", "jk-5f1e2d3c4b")
+        config = seed_run(str(tmp_path / "s"), sample_dir, tmp_path, overrides=(
+            f"judge.base_url={llm.base_url}", "judge.model=fake-judge", "judge.api_key_env=JUDGE_KEY"))
+        store = store_for(config)
+        assert run_stage(config, store, "judge")
+        paid, before = llm.total, records_of(store, "judge", config.run.id)
+        assert paid == len(before) > 0
+        monkeypatch.delenv("JUDGE_KEY")
+        config.judge.model = "another-judge"
+        with pytest.raises(PipelineError, match="judge: environment variable JUDGE_KEY is not set"):
+            run_stage(config, store, "judge", force=True)
+        assert records_of(store, "judge", config.run.id) == before and llm.total == paid
+        assert not list(store.list(f"{config.run.id}/judge/records/_stale/"))
+        monkeypatch.setenv("JUDGE_KEY", "jk-5f1e2d3c4b")
+        config.judge.model = "fake-judge"
+        assert run_stage(config, store, "judge") and llm.total == paid  # every verdict was still there
+        config.judge.model = "another-judge"  # a real change of judge: old verdicts moved aside, not deleted
+        assert run_stage(config, store, "judge", force=True) and llm.total == 2 * paid
+    aside = [k for k in store.list(f"{config.run.id}/judge/records/_stale/") if k.endswith(".json")]
+    assert len(aside) == paid
+
+
+def test_teacher_check_catches_what_would_fail_before_paying(tmp_path, sample_dir, monkeypatch):
+    from pipeline.context import StageContext
+    from pipeline.stages import teacher
+
+    with FakeLLM(host="127.0.0.2") as llm:
+        cfg, store, _ = teacher_run(str(tmp_path / "s"), llm, sample_dir, "data.limit=4")
+        ctx = StageContext(cfg, store, "teacher")
+        teacher.check(ctx)  # all good
+        cfg.teacher.templates = "v9"
+        with pytest.raises(PipelineError, match="prompt template not found: pipeline/prompts/teacher/v9/"):
+            teacher.check(ctx)
+        cfg.teacher.templates = "v1"
+        monkeypatch.delenv("MINIMAX_API_KEY")
+        with pytest.raises(PipelineError, match="MINIMAX_API_KEY is not set"):
+            teacher.check(ctx)
+        monkeypatch.setenv("MINIMAX_API_KEY", KEY)
+        llm.stop()
+        with pytest.raises(PipelineError, match=r"endpoint http://127.0.0.2:\d+/v1 not reachable"):
+            teacher.check(ctx)
+    assert llm.total == 0

@@ -3,9 +3,10 @@
 
 from pipeline.llm.client import (BudgetExceeded, Completion, FatalLLMError, LLMClient, LLMError, TransientLLMError,
                                  Usage, image_data_url, image_mime, strip_think, user_message)
+from pipeline.llm.preflight import check_endpoint
 from pipeline.llm.runner import RunSummary, run_items, run_stage_items
 from pipeline.llm.server import embedded_server, find_gguf
 
-__all__ = ["BudgetExceeded", "Completion", "FatalLLMError", "LLMClient", "LLMError", "RunSummary",
+__all__ = ["BudgetExceeded", "Completion", "FatalLLMError", "check_endpoint", "LLMClient", "LLMError", "RunSummary",
            "TransientLLMError", "Usage", "embedded_server", "find_gguf", "image_data_url", "image_mime",
            "run_items", "run_stage_items", "strip_think", "user_message"]

@@ -184,18 +184,29 @@ def progress(ctx: StageContext) -> tuple[int, int | None]:
 # --------------------------------------------------------------------------- the stage
 
 
-def run(ctx: StageContext) -> None:
-    from pipeline.llm import run_stage_items
+def check(ctx: StageContext) -> Plan:
+    """Everything that can fail before a verdict is paid for or set aside: upstream outputs, something to
+    judge, the template, the key variable, the endpoint answering and taking the key. Returns the plan."""
+    from pipeline.llm import check_endpoint
 
     plan = make_plan(ctx)
     if not plan.items:
         raise StageError("judge: nothing to judge (no test chart has a golden essay and both models' essays)")
+    load_template(ctx.config.judge.template)
+    check_endpoint(ctx.config.judge_llm(), "judge")
+    return plan
+
+
+def run(ctx: StageContext) -> None:
+    from pipeline.llm import run_stage_items
+
+    plan = check(ctx)  # before any verdict is moved aside
     llm_cfg = ctx.config.judge_llm()
     template = load_template(ctx.config.judge.template)
     stale = ctx.records().keep_if_inputs(inputs_fingerprint(ctx, plan))
     if stale:
-        ctx.log.warning("judge: the essays or the judge changed since the last run: %d stale verdicts deleted",
-                        stale)
+        ctx.log.warning("judge: the essays or the judge changed since the last run: %d stale verdicts moved to "
+                        "%s/_stale/", stale, ctx.store.url(ctx.records().prefix))
     ctx.log.info("judge: %d requests planned (%d comparisons x 2 orders), shard %s; judge %s%s",
                  len(plan.items), len(ctx.config.judge.comparisons), ctx.shard, llm_cfg.model,
                  " with the chart image" if llm_cfg.vision else "")

@@ -93,6 +93,18 @@ def make_handler(ctx: StageContext):
     return essay_for
 
 
+def check(ctx: StageContext) -> None:
+    """Everything that can fail before a chart is paid for, with one line each: ingest done, a template
+    for every chart type present, the key variable set, the endpoint answering and taking the key."""
+    from pipeline.llm import check_endpoint
+    from pipeline.prompts import teacher_template
+
+    ctx.require("ingest")
+    for chart_type in sorted({c["type"] for c in artifacts.charts(ctx)}):
+        teacher_template(chart_type, ctx.config.teacher.templates)
+    check_endpoint(ctx.config.teacher, "teacher")
+
+
 def run(ctx: StageContext) -> None:
     from pipeline.llm import run_stage_items
 
