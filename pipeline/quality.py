@@ -17,7 +17,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.essays import EssayFormatError, essay_paragraphs, parse_structured, word_count
+from pipeline.essays import (
+    EssayFormatError,
+    essay_paragraphs,
+    parse_structured,
+    word_count,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import TeacherSection
@@ -26,14 +31,14 @@ MODES = ("question_list", "markdown", "bullets", "too_short", "too_long", "missi
          "structure_markers", "invented_numbers")
 
 _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?!\d)"
-                     r"(?:\s*(%|per ?cent|thousand|million|billion|trillion|bn|m\b|k\b))?", re.I)
+                     r"(?:\s*(%|per ?cent|thousand|million|billion|trillion|bn|m\b|k\b))?", re.IGNORECASE)
 _SCALE = {"thousand": 1e3, "k": 1e3, "million": 1e6, "m": 1e6, "billion": 1e9, "bn": 1e9, "trillion": 1e12}
 _MARKER = re.compile(r"^\s*(?:#+\s*)?[*_]*\s*(?:[1-3]\s*[.):]\s*)?[*_]*\s*(?:<[^<>\n]{1,80}>|"
                      r"(?:body\s+)?paragraph\s*\d+|(?:describe a graph|find the key points[^:\n]*|"
-                     r"write a summary[^:\n]*|graph description|overview))\s*[*_]*\s*:?\s*[*_]*\s*:?\s*[*_]*\s*$", re.I)
+                     r"write a summary[^:\n]*|graph description|overview))\s*[*_]*\s*:?\s*[*_]*\s*:?\s*[*_]*\s*$", re.IGNORECASE)
 _BULLET = re.compile(r"^\s*(?:[-*+\u2022\u25cf\u25aa\u2013]|\d{1,2}[.)])\s+\S")
-_MARKDOWN = (re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__"), re.compile(r"^\s*#{1,6}\s+\S", re.M),
-             re.compile(r"`[^`\n]+`"), re.compile(r"^\s*\|.*\|\s*$", re.M), re.compile(r"\[[^\]\n]+\]\([^)\s]+\)"))
+_MARKDOWN = (re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__"), re.compile(r"^\s*#{1,6}\s+\S", re.MULTILINE),
+             re.compile(r"`[^`\n]+`"), re.compile(r"^\s*\|.*\|\s*$", re.MULTILINE), re.compile(r"\[[^\]\n]+\]\([^)\s]+\)"))
 _SENTENCE = re.compile(r"(?<=[.!?])[\"\u201d]?\s+(?=[\"\u201c]?[A-Z0-9])")
 
 
@@ -90,12 +95,12 @@ def _half_unit(written: str, value: float, decimals: int) -> float:
 
 
 _UNIT = re.compile(r"\bin\s+(?:(?:u\.?s\.?\s+)?(?:\$|us\$)?\s*)?(thousand|million|billion|trillion|1,000|1,000,000)s?\b",
-                   re.I)
+                   re.IGNORECASE)
 _UNIT_FACTOR = {"thousand": 1e3, "1,000": 1e3, "million": 1e6, "1,000,000": 1e6, "billion": 1e9, "trillion": 1e12}
 _STOP = {"and", "the", "of", "in", "for", "to", "by", "on", "at", "a", "an", "other", "others", "total", "share",
          "number", "value", "values", "percentage", "per", "cent", "vs"}
 _CUE = re.compile(r"\b(by|differences?|gap|points?|times|growth|increases?d?|decreases?d?|changes?d?|more|less|"
-                  r"higher|lower|fewer|rise|rose|drop|dropped|fall|fell|jump|jumped|up|down|grew|twice|double)\b", re.I)
+                  r"higher|lower|fewer|rise|rose|drop|dropped|fall|fell|jump|jumped|up|down|grew|twice|double)\b", re.IGNORECASE)
 _MAX_PAIRS = 60  # cells per line beyond this: no derived quantities (keeps the check small)
 
 
@@ -196,7 +201,7 @@ class DataTable:
             for x, tol in forms:
                 if self._near(x, tol, cell):
                     return Figure(written, "value", cid)
-        if _CUE.search(window) and self._derived(value * scale, half * scale, percent, sum(groups, [])):
+        if _CUE.search(window) and self._derived(value * scale, half * scale, percent, [c for g in groups for c in g]):
             return Figure(written, "derived")
         return Figure(written, "unmatched")
 
@@ -320,8 +325,8 @@ def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
         if parsed is not None or len(lines) != len([ln for ln in text.split("\n") if ln.strip()]):
             found.append(("structure_markers", "contains structure markers (expected plain prose)"))
         elif len(paragraphs := essay_paragraphs(text)) < 3:
-            found.append(("missing_paragraphs", f"{len(paragraphs)} paragraph(s); expected a "
-                                                "description, body paragraphs and an overview"))
+            found.append(("missing_paragraphs", (f"{len(paragraphs)} paragraph(s); expected a "
+                                                 "description, body paragraphs and an overview")))
     invented = invented_numbers(text, table_rows)
     if invented:
         shown = ", ".join(invented[:5]) + (f" (+{len(invented) - 5} more)" if len(invented) > 5 else "")
@@ -342,7 +347,7 @@ def failure_modes(text: str, *, variant: str | None = None, min_words: int = 120
 
 
 def gate_findings(essay: str, table_rows: Iterable[Iterable[Any]] | None,
-                  cfg: "TeacherSection") -> list[tuple[str, str]]:
+                  cfg: TeacherSection) -> list[tuple[str, str]]:
     """[(mode, reason)] for the teacher's gate (mode ``empty`` for an empty answer)."""
     if not essay or not essay.strip():
         return [("empty", "empty answer")]
@@ -350,7 +355,7 @@ def gate_findings(essay: str, table_rows: Iterable[Iterable[Any]] | None,
                      max_words=cfg.max_words, table_rows=table_rows if cfg.check_numbers else None)
 
 
-def gate(essay: str, table_rows: Iterable[Iterable[Any]] | None, cfg: "TeacherSection") -> list[str]:
+def gate(essay: str, table_rows: Iterable[Iterable[Any]] | None, cfg: TeacherSection) -> list[str]:
     """Human-readable reasons the teacher's essay fails (empty: it passes). Thresholds from ``cfg``:
     ``min_words``/``max_words``, ``require_structure`` (structured variant), ``check_numbers``."""
     return [why for _, why in gate_findings(essay, table_rows, cfg)]

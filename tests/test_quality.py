@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import TeacherSection
-from pipeline.quality import MODES, DataTable, failure_modes, gate, invented_numbers, numbers_in, \
-    numbers_in_table, numeric_faithfulness, numeric_scores
+from pipeline.quality import (
+    MODES,
+    DataTable,
+    failure_modes,
+    gate,
+    invented_numbers,
+    numbers_in,
+    numbers_in_table,
+    numeric_faithfulness,
+    numeric_scores,
+)
 
 TABLE = [["Source", "1995", "2005"], ["Coal", "29.80%", "30.9%"], ["Gas", "29.63%", "30.1%"],
          ["Nuclear", "6.40%", "10.10%"], ["Petrol", "29.27%", "19.55%"], ["Shipments (TEU)", "4751653", "5,020,114"]]
@@ -226,18 +235,20 @@ def _planted_essays(rows: list[list[str]], seed: int, labels: bool = True) -> di
     rng = random.Random(seed)
     cells = [(i, j, m) for i, row in enumerate(rows[1:], 1) for j, cell in enumerate(row[1:], 1)
              if j < len(rows[0]) and len(found := list(_NUMBER.finditer(cell))) == 1 for m in found]
-    value = lambda m: float(m.group(1).replace(",", "") + (m.group(2) or ""))  # noqa: E731
+
+    def value(m) -> float:
+        return float(m.group(1).replace(",", "") + (m.group(2) or ""))
+
     low, high = min(value(m) for *_, m in cells), max(value(m) for *_, m in cells)
     out: dict[str, list[str]] = {"true": [], "plus7": [], "random": []}
     for i, j, m in rng.sample(cells, min(10, len(cells))):
         cell, decimals, v = rows[i][j], len(m.group(2) or ".") - 1, value(m)
-        end = m.end(2) if m.group(2) else m.end(1)
-        put = lambda x: cell[:m.start(1)] + f"{x:.{decimals}f}" + cell[end:]  # noqa: E731
+        head, tail = cell[:m.start(1)], cell[m.end(2) if m.group(2) else m.end(1):]
         wrong = v * 1.07 if round(v * 1.07, decimals) != round(v, decimals) else v + 10 ** -decimals
         lead = f"In {rows[0][j]}, {rows[i][0]} stood at " if labels else "One value stood at "
         out["true"].append(lead + cell + ".")
-        out["plus7"].append(lead + put(wrong) + ".")
-        out["random"].append(lead + put(rng.uniform(low, high)) + ".")
+        out["plus7"].append(f"{lead}{head}{wrong:.{decimals}f}{tail}.")
+        out["random"].append(f"{lead}{head}{rng.uniform(low, high):.{decimals}f}{tail}.")
     return {k: " ".join(v) for k, v in out.items()}
 
 
