@@ -231,7 +231,8 @@ def push_dataset(config: RunConfig, variant: str, repo: str, private: bool) -> N
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--title", required=True, help="The chart's title, as the student saw titles in training.")
 @click.option("--adapter", type=click.Path(file_okay=False),
-              help="A PEFT adapter folder (finetune/<variant>/adapter); its config names the base model.")
+              help="A PEFT adapter folder, or the variant folder holding it (finetune/<variant>/[adapter]); "
+                   "its config names the base model.")
 @click.option("--model", help="Base student (Hub id or folder). Default: the adapter's base, else student.model.")
 @click.option("--max-new-tokens", type=int, help="Default: generate.max_new_tokens.")
 def write(config: RunConfig, image: str, title: str, adapter: str | None, model: str | None,

@@ -80,12 +80,20 @@ def local_copy(ref: str, tmp: Path, name: str) -> str:
     return str(open_store(f"s3://{url.netloc}").download_dir(key, tmp / name))
 
 
+def adapter_folder(path: str) -> str:
+    """``path`` itself, or its ``adapter/`` when ``path`` is a variant folder (``finetune/<variant>/``)."""
+    inner = Path(path) / "adapter"
+    if not (Path(path) / "adapter_config.json").is_file() and (inner / "adapter_config.json").is_file():
+        return str(inner)
+    return path
+
+
 def load(model: str | None, adapter: str | None, device: str, image_longest_edge: int | None,
          tmp: Path) -> tuple[Any, Any]:
     """(model, processor); an adapter that does not fit the base is a one-line error."""
     from pipeline.models import load_student
 
-    adapter = local_copy(adapter, tmp, "adapter") if adapter else None
+    adapter = adapter_folder(local_copy(adapter, tmp, "adapter")) if adapter else None
     base = model or (adapter_base(adapter) if adapter else None)
     base = local_copy(base, tmp, "base") if base else None
     if base is None:

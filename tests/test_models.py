@@ -51,7 +51,7 @@ def test_prompt_holds_image_title_and_instruction(tiny_loaded, sample_dir):
     prompt = prompt_text(processor, title)
     assert prompt.startswith("<|im_start|>User:<image>") and prompt.endswith("<end_of_utterance>\nAssistant:")
     assert user_prompt(title) in prompt and title in user_prompt(title)
-    assert answer_text(processor, title, "An essay.") == " An essay.<end_of_utterance>\n"
+    assert answer_text(processor, title, "An essay.") == " An essay.<end_of_utterance>"
     enc = encode(processor, image, title)
     text = processor.tokenizer.decode(enc.input_ids)
     assert "<global-img>" in text and "<row_1_col_1>" in text  # split into tiles plus the global view

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 IGNORE_INDEX = -100
+EOU = "<end_of_utterance>"
 
 # SmolVLM-Instruct's own chat template (Idefics3 format); the tiny student ships the same one.
 CHAT_TEMPLATE = (
@@ -49,7 +50,9 @@ def answer_text(processor, title: str, essay: str) -> str:
     full = processor.apply_chat_template(messages(title, essay), tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template does not render the prompt as a prefix of the full chat")
-    return full[len(prompt):]
+    answer = full[len(prompt):]
+    end = answer.rfind(EOU)  # the turn ends there: the template's newline after it is no answer token
+    return answer[:end + len(EOU)] if end >= 0 else answer
 
 
 @dataclass
