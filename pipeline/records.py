@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -20,12 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from pipeline.errors import ArtifactNotFound, PipelineError
+from pipeline.errors import ArtifactNotFound, PipelineError, StoreError
 from pipeline.store import ArtifactStore
 
 INPUTS = "_INPUTS"  # beside a stage's records: the fingerprint of the inputs they were made from
 CLAIMS = "_claims"  # beside a stage's records: who is paying for which item now (Claims)
 STALE = "_stale"  # beside a stage's records: records of earlier inputs, moved aside
+CORRUPT = "_corrupt"  # beside a stage's records: records that could not be read, moved aside
+log = logging.getLogger("ielts_distill.records")
 OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this process, as a claimant
 
 
@@ -144,13 +147,30 @@ class RecordSet:
         self.store.put_json(self.key(item_id), record)
 
     def read(self, item_id: str) -> dict[str, Any]:
-        return self.store.get_json(self.key(item_id))
+        """The item's record. A corrupt one (not a JSON object: a cut write, a stray edit) is moved aside to
+        ``<prefix>/_corrupt/`` with a warning, and StoreError says to rerun: the rerun redoes that item."""
+        key = self.key(item_id)
+        data = self.store.get_bytes(key)
+        try:
+            record = json.loads(data)
+            if isinstance(record, dict):
+                return record
+            why = f"a JSON {type(record).__name__}, not an object"
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            why = f"not valid JSON: {exc.__class__.__name__}"
+        aside = f"{self.prefix}/{CORRUPT}/{safe_id(item_id)}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        self.store.put_bytes(aside, data)
+        self.store.delete(key)
+        log.warning("record of %s was corrupt (%s): moved to %s", item_id, why, self.store.url(aside))
+        raise StoreError(f"record of {item_id!r} was corrupt ({why}): moved to {self.store.url(aside)}; "
+                         "rerun the stage to redo that item")
 
     def read_all(self, item_ids: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
         """Records in sorted key order (or in the order of ``item_ids``)."""
         if item_ids is None:
+            start = len(self.prefix) + 1
             for key in self._record_keys():
-                yield self.store.get_json(key)
+                yield self.read(unsafe_id(key[start:-5]))
         else:  # many small GETs: in parallel, results in order
             from concurrent.futures import ThreadPoolExecutor
 

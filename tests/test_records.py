@@ -100,3 +100,15 @@ def test_claims_one_owner_expiry_and_takeover(store):
     assert expired.take("c/2")
     contenders = [Claims(rs, lease_s=60, owner=f"host-{i}:1:x") for i in range(4)]
     assert [c.take("c/2") for c in contenders].count(True) == 1  # exactly one takes the expired claim over
+
+
+def test_a_corrupt_record_is_moved_aside_and_redone(store):
+    from pipeline.errors import StoreError
+
+    rs = RecordSet(store, "run/teacher/records")
+    rs.write("a b", {"id": "a b"})
+    store.put_bytes(rs.key("a b"), b'{"id": "a b", "ess')  # a cut write
+    with pytest.raises(StoreError, match=r"record of 'a b' was corrupt \(not valid JSON.*moved to .*_corrupt/.*rerun"):
+        list(rs.read_all(["a b"]))
+    assert rs.pending(["a b"]) == ["a b"]  # redone by the next run
+    assert [k.split("/")[3] for k in store.list("run/teacher/records/")] == ["_corrupt"]
