@@ -173,6 +173,8 @@ class FinetuneSection(Section):
     log_every: int = Field(10, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
     gradient_checkpointing: bool = False
+    val_subset: int | None = Field(128, ge=1)  # validation charts evaluated during training (all at the end)
+    num_workers: int | None = Field(None, ge=0)  # DataLoader workers (None: 4 on CUDA, 0 on CPU)
     bf16: bool = True  # used only on CUDA
     seed: int = 42
     gpus: int = Field(1, ge=0)  # Kubernetes GPU request for the finetune Job
@@ -182,6 +184,12 @@ class GenerateSection(Section):
     max_new_tokens: int | None = Field(None, ge=1)  # None: what teacher.max_words needs (checks.tokens_needed)
     batch_size: int = Field(16, ge=1)
     do_sample: bool = False  # greedy by default: identical decoding for every model
+    # No stop token before this many tokens, for every model alike: the untuned SmolLM2 student (build:
+    # smollm) ends its turn right after SmolVLM's "Assistant:" otherwise, and its baseline essay is empty.
+    min_new_tokens: int = Field(0, ge=0)
+    # No stop token before this many tokens, for every model alike: the untuned SmolLM2 student (build:
+    # smollm) ends its turn right after SmolVLM's "Assistant:" otherwise, and its baseline essay is empty.
+    min_new_tokens: int = Field(0, ge=0)
     limit: int | None = Field(None, ge=1)  # first N test charts (by id)
     parallelism: int = Field(1, ge=1)
     gpus: int = Field(0, ge=0)

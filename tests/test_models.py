@@ -227,3 +227,32 @@ def test_image_resolution_defaults_to_the_checkpoints_own(tiny_student):
     cluster = Path(__file__).parents[1] / "configs" / "cluster.yaml"
     assert load_config(None, []).student.image_longest_edge is None
     assert load_config(cluster).student.image_longest_edge is None
+
+
+def test_cached_features_and_answer_only_loss_equal_the_full_forward(tiny_student, sample_dir):
+    """The trainer's step (vision features from the ChartCache, LM head at answer positions only) gives the
+    loss of the model's own forward on pixels with -100 labels, and the same LoRA gradients."""
+    from pipeline.models.features import ChartCache
+    from pipeline.models.training import Collate, Samples, answer_loss
+
+    model, processor = load_student(tiny_student, device="cpu")
+    model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    rows = [{"chart_id": f"c{i}", "image": image, "title": title, "essay": r["summary"]}
+            for i, ((image, title), r) in enumerate(zip(sample_charts(sample_dir, 4), sample_rows(sample_dir)))]
+    cache = ChartCache("t")
+    samples = Samples(rows, processor, cache, model, max_length=512)
+    assert len(cache.prompts) == 4 and samples.lengths == [len(s.input_ids) for s in samples.items]
+    batch = Collate(processor.tokenizer.pad_token_id)([samples[i] for i in range(4)])
+    cached, n = answer_loss(model, batch, torch.device("cpu"), torch.float32)
+    (cached / n).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    full = collate([encode(processor, r["image"], r["title"], r["essay"], 512) for r in rows],
+                   processor.tokenizer.pad_token_id)
+    assert torch.equal(full["input_ids"], batch["input_ids"]) and torch.equal(full["labels"], batch["labels"])
+    reference = model(**full, use_cache=False).loss
+    reference.backward()
+    assert float(cached / n) == pytest.approx(float(reference), rel=1e-5)
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-6), k

@@ -1,14 +1,24 @@
 """A small LoRA trainer for the student: samples, batch plan, step, evaluation, checkpoint and resume.
 
-A plain PyTorch loop (simpler to keep resume exact than Trainer's): length-grouped batches (padding
-efficiency logged), gradient accumulation with token-weighted loss, AdamW, cosine/linear/constant
-schedule with warm-up, gradient clipping, optional gradient checkpointing, validation every
-``eval_every`` steps and at the end, optional early stopping (the best weights are kept).
-
-Checkpoints (``Checkpoints``: ``step-<N>/`` = adapter + ``state.pt`` with optimizer, scheduler, RNG and
-metrics, then ``latest.json``) live under a store prefix the caller chooses. A killed run resumes from the
-latest one: same weights, optimizer and scheduler state, RNG and data order (the batch plan is a pure
-function of the seed and epoch), so it continues exactly where an uninterrupted run would be.
+A plain PyTorch loop (simpler to keep resume exact than Trainer's):
+- **samples**: every chart is encoded and its frozen vision features (vision tower + connector) computed
+  once (``features.ChartCache``); a sample is then its token ids, labels and the chart's cached features,
+  so epochs, evaluations and variants never run the vision side again. Lengths come from those ids.
+- **input pipeline**: a ``torch.utils.data.DataLoader`` over the batch plan (length-grouped batches, a pure
+  function of the seed and epoch), with workers, pinned memory and prefetch on CUDA; the time the loop
+  waits for data is measured (``data_wait_share`` in the metrics).
+- **step**: the loss is computed at answer positions only (the LM head never sees prompt or image
+  positions), token-weighted over gradient accumulation; AdamW, cosine/linear/constant schedule with
+  warm-up, gradient clipping, optional gradient checkpointing.
+- **evaluation**: every ``eval_every`` steps on a fixed subset of ``val_subset`` validation charts (early
+  stopping keeps the best weights), on the full validation set at the end.
+- **checkpoint / resume**: ``Checkpoints`` (``step-<N>/`` = adapter + ``state.pt`` with optimizer,
+  scheduler, RNG and metrics, then ``latest.json`` with the run's fingerprint) under a store prefix the
+  caller chooses; also on SIGTERM (a preempted pod), then the run stops. A resumed run continues exactly
+  where an uninterrupted one would be.
+- **data parallel**: under ``torch.distributed`` (torchrun; gloo on CPU, NCCL on GPUs) each process takes
+  its share of every batch and the LoRA gradients are summed, so N processes train with the same global
+  batch and loss curve as one; rank 0 alone writes.
 The finetune stage owns what is trained and where the results go; this module owns how.
 """
 
@@ -17,7 +27,10 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,40 +42,131 @@ from pipeline.errors import StageError
 MEGABATCH = 50  # length grouping: sort within windows of MEGABATCH batches, then shuffle the batches
 
 
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among the data-parallel ones (rank 0 of 1 without torch.distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Dist:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch: list[int]) -> list[int]:
+        """This process's part of a global batch."""
+        return batch[self.rank::self.world]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over the processes."""
+        if self.world == 1:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_grads(self, params) -> None:
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun describes in the environment (NCCL on GPUs, else gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or (dist.is_available() and dist.is_initialized()):
+        return Dist.current()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist.current()
+
+
 # --------------------------------------------------------------------------- samples and batches
 
 
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+    key: str  # the chart's ChartCache key
+
+
 class Samples:
-    """A split encoded for training. Encodings are kept in memory up to ``keep_bytes`` of pixels (the
-    demo, the validation set); beyond that images are re-encoded when their batch comes."""
+    """A split ready for training: each row's prompt ids (from the ChartCache, which encodes the chart and
+    runs the vision side once) + its answer's ids, cut to ``max_length``; a torch map-style dataset whose
+    items also carry the chart's vision features."""
 
-    def __init__(self, rows, processor, max_length: int, keep_bytes: int = 2 << 30):
-        from pipeline.models.chat import encode
+    def __init__(self, rows, processor, cache, model, max_length: int, chunk: int = 64):
+        from pipeline.models.chat import IGNORE_INDEX, answer_text
 
-        self.rows, self.processor, self.max_length = rows, processor, max_length
-        self.lengths: list[int] = []
-        self.cache: dict[int, Any] = {}
-        kept = 0
-        for i, row in enumerate(rows):
+        self.cache = cache
+        self.items: list[Sample] = []
+        for start in range(0, len(rows), chunk):
+            part = rows.select(range(start, min(start + chunk, len(rows)))) if hasattr(rows, "select") \
+                else rows[start:start + chunk]
             try:
-                enc = encode(processor, row["image"], row["title"], row["essay"], max_length)
+                cache.fill(model, processor, {r["chart_id"]: (r["image"], r["title"]) for r in part})
             except ValueError as exc:
-                raise StageError(f"chart {row['chart_id']}: {exc}") from None
-            self.lengths.append(len(enc))
-            size = enc.pixel_values.numel() * enc.pixel_values.element_size()
-            if kept + size <= keep_bytes:
-                self.cache[i], kept = enc, kept + size
+                raise StageError(str(exc)) from None
+            for r in part:
+                prompt = cache.prompt_ids(r["chart_id"])
+                if len(prompt) > max_length:
+                    raise StageError(f"chart {r['chart_id']}: prompt of {len(prompt)} tokens (image included) "
+                                     f"exceeds max_length={max_length}")
+                answer = processor.tokenizer(answer_text(processor, r["title"], r["essay"]),
+                                             add_special_tokens=False)["input_ids"]
+                ids = (prompt + answer)[:max_length]
+                labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
+                self.items.append(Sample(ids, labels, r["chart_id"]))
+        self.lengths = [len(x.input_ids) for x in self.items]
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.items)
 
-    def __getitem__(self, i: int):
-        from pipeline.models.chat import encode
+    def __getitem__(self, i: int) -> tuple[Sample, Any]:
+        return self.items[i], self.cache.features(self.items[i].key)
 
-        if i in self.cache:
-            return self.cache[i]
-        row = self.rows[i]
-        return encode(self.processor, row["image"], row["title"], row["essay"], self.max_length)
+
+class Collate:
+    """Right-padded ids, labels and attention mask, plus the batch's vision features concatenated in order
+    (``mm_encoder_outputs`` is built on the model's side). A top-level class so DataLoader workers can use it."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[tuple[Sample, Any]]) -> dict[str, Any] | None:
+        import torch
+
+        from pipeline.models.chat import collate
+
+        if not items:
+            return None  # this process's share of a batch smaller than the number of processes
+        batch = collate([s for s, _ in items], self.pad_id, pixels=False)
+        batch["features"] = torch.cat([f for _, f in items])
+        return batch
 
 
 def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -85,6 +189,30 @@ def padding_efficiency(batches: list[list[int]], lengths: list[int]) -> float:
     real = sum(lengths[i] for b in batches for i in b)
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     return real / padded if padded else 1.0
+
+
+class BatchPlan:
+    """The micro-batches from number ``start`` to ``stop`` (epochs follow each other), this process's share
+    of each: the batch sampler of the training DataLoader."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, start: int, stop: int, dist: Dist):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.start, self.stop, self.dist = start, stop, dist
+        self.plans: dict[int, list[list[int]]] = {0: plan_batches(lengths, batch_size, seed, 0)}
+        self.per_epoch = len(self.plans[0])
+
+    def at(self, k: int) -> list[int]:
+        epoch = k // self.per_epoch
+        if epoch not in self.plans:
+            self.plans[epoch] = plan_batches(self.lengths, self.batch_size, self.seed, epoch)
+        return self.plans[epoch][k % self.per_epoch]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        for k in range(self.start, self.stop):
+            yield self.dist.share(self.at(k))
 
 
 # --------------------------------------------------------------------------- training state and checkpoints
@@ -120,7 +248,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 # finetune.* settings that do not change what is trained: a resumed run may change them
-RESUME_NEUTRAL = {"variants", "save_every", "log_every", "gpus", "gradient_checkpointing"}
+RESUME_NEUTRAL = {"variants", "save_every", "log_every", "gpus", "gradient_checkpointing", "num_workers"}
 
 
 def config_fingerprint(cfg) -> dict[str, Any]:
@@ -194,33 +322,68 @@ class Checkpoints:
 # --------------------------------------------------------------------------- step and evaluation
 
 
-def _batch_loss(model, batch: dict[str, Any]):
-    """(mean loss over the batch's answer tokens, number of those tokens)."""
-    out = model(**batch, use_cache=False)
-    return out.loss, int((batch["labels"][:, 1:] != -100).sum())
+def answer_loss(model, batch: dict[str, Any], device, dtype):
+    """(summed cross-entropy over the batch's answer tokens, number of those tokens). The text model runs
+    on the cached vision features, and the LM head only at the positions that carry a label."""
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from pipeline.models.chat import IGNORE_INDEX
+    from pipeline.models.features import base_model
+
+    base = base_model(model)
+    features = batch["features"].to(device, dtype, non_blocking=True)
+    hidden = base.model(input_ids=batch["input_ids"].to(device, non_blocking=True),
+                        attention_mask=batch["attention_mask"].to(device, non_blocking=True),
+                        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
+                        use_cache=False).last_hidden_state
+    labels = batch["labels"][:, 1:].to(device, non_blocking=True)
+    keep = labels != IGNORE_INDEX
+    logits = base.lm_head(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
 
 
-def _to_device(batch: dict[str, Any], device, dtype) -> dict[str, Any]:
-    out = {k: v.to(device) for k, v in batch.items()}
-    out["pixel_values"] = out["pixel_values"].to(dtype)
-    return out
-
-
-def evaluate(model, samples: Samples, batch_size: int, pad_id: int, device, dtype) -> float:
+def evaluate(model, samples: Samples, indices: list[int], batch_size: int, collate: Collate, device, dtype) -> float:
+    """Mean loss per answer token over ``indices`` (batched by length)."""
     import torch
 
-    from pipeline.models.chat import collate
-
     model.eval()
-    order = sorted(range(len(samples)), key=lambda i: samples.lengths[i])
+    order = sorted(indices, key=lambda i: samples.lengths[i])
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            batch = collate([samples[i] for i in order[start:start + batch_size]], pad_id)
-            loss, n = _batch_loss(model, _to_device(batch, device, dtype))
-            total, tokens = total + float(loss) * n, tokens + n
+            loss, n = answer_loss(model, collate([samples[i] for i in order[start:start + batch_size]]), device, dtype)
+            total, tokens = total + float(loss), tokens + n
     model.train()
     return total / max(tokens, 1)
+
+
+def val_subset(n: int, size: int | None, seed: int) -> list[int]:
+    """The fixed validation subset evaluated during training (all of it when ``size`` is unset or larger)."""
+    if not size or size >= n:
+        return list(range(n))
+    return sorted(random.Random(f"{seed}-validation").sample(range(n), size))
+
+
+class Preemption:
+    """Remembers a SIGTERM (a pod being preempted or deleted) so the loop can checkpoint and stop between
+    steps; the previous handler comes back afterwards. Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def plot_losses(metrics: list[dict[str, Any]], title: str) -> bytes:
@@ -298,36 +461,33 @@ class TrainResult:
                 "trainable_parameters": self.trainable_parameters}
 
 
-def train(model, processor, train_rows, val_rows, cfg, *, checkpoints: Checkpoints, tmp: Path, name: str,
+def train(model, processor, train_rows, val_rows, cfg, *, cache, checkpoints: Checkpoints, tmp: Path, name: str,
           log: logging.Logger, on_checkpoint: Callable[[list[dict[str, Any]]], None] | None = None) -> TrainResult:
     """Train ``model`` (LoRA-wrapped, from ``prepare_model``) on ``train_rows`` with the ``finetune.*``
-    settings ``cfg``, resuming from ``checkpoints`` when they hold one. ``on_checkpoint(metrics)`` runs after
-    each checkpoint. Returns with the final (or, after early stopping, the best) weights in ``model``."""
+    settings ``cfg``, resuming from ``checkpoints`` when they hold one; ``cache`` (a ``ChartCache`` of this
+    base model) holds the charts' prompts and vision features. ``on_checkpoint(metrics)`` runs after each
+    checkpoint. Returns with the final (or, after early stopping, the best) weights in ``model``. Under
+    torch.distributed every process calls this; only rank 0 writes."""
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
     from transformers import get_scheduler
 
-    from pipeline.models.chat import collate, pad_token_id
+    from pipeline.models.chat import pad_token_id
 
+    dist = Dist.current()
     device, dtype = next(model.parameters()).device, model.dtype
-    pad_id = pad_token_id(processor)
-    train_set = Samples(train_rows, processor, cfg.max_length)
-    val = Samples(val_rows, processor, cfg.max_length)
+    collate = Collate(pad_token_id(processor))
+    train_set = Samples(train_rows, processor, cache, model, cfg.max_length)
+    val = Samples(val_rows, processor, cache, model, cfg.max_length)
     if not len(train_set):
         raise StageError(f"finetune {name}: the train split is empty")
-    plans: dict[int, list[list[int]]] = {0: plan_batches(train_set.lengths, cfg.batch_size, cfg.seed, 0)}
-    per_epoch = len(plans[0])
+    per_epoch = len(plan_batches(train_set.lengths, cfg.batch_size, cfg.seed, 0))
     steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    val_during = val_subset(len(val), cfg.val_subset, cfg.seed)
 
-    def batch_at(k: int) -> list[int]:
-        epoch = k // per_epoch
-        if epoch not in plans:
-            plans[epoch] = plan_batches(train_set.lengths, cfg.batch_size, cfg.seed, epoch)
-        return plans[epoch][k % per_epoch]
-
-    efficiency = padding_efficiency(plans[0], train_set.lengths)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
@@ -336,17 +496,34 @@ def train(model, processor, train_rows, val_rows, cfg, *, checkpoints: Checkpoin
     if checkpoints.latest() is not None:
         state = checkpoints.load(model, optimizer, scheduler, name)
         log.info("finetune %s: resuming from checkpoint step %d of %d", name, state.step, total)
+    plan = BatchPlan(train_set.lengths, cfg.batch_size, cfg.seed, state.step * cfg.grad_accum,
+                     total * cfg.grad_accum, dist)
+    efficiency = padding_efficiency(plan.plans[0], train_set.lengths)
+    workers = cfg.num_workers if cfg.num_workers is not None else (min(4, os.cpu_count() or 1)
+                                                                   if device.type == "cuda" else 0)
+    loader = DataLoader(train_set, batch_sampler=plan, collate_fn=collate, num_workers=workers,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                        generator=torch.Generator().manual_seed(cfg.seed))  # the global RNG (dropout) stays untouched
     trainable = sum(p.numel() for p in params)
-    log.info("finetune %s: %d train / %d validation samples, %d steps (%d per epoch, batch %d x accum %d), "
-             "padding efficiency %.3f, %s trainable LoRA parameters on %s (%s)", name, len(train_set), len(val),
-             total, steps_per_epoch, cfg.batch_size, cfg.grad_accum, efficiency, f"{trainable:,}", device,
-             str(dtype).removeprefix("torch."))
+    if dist.main:
+        log.info("finetune %s: %d train / %d validation samples (%d evaluated during training), %d steps (%d per "
+                 "epoch, batch %d x accum %d%s), padding efficiency %.3f, %s trainable LoRA parameters on %s (%s), "
+                 "%d data workers", name, len(train_set), len(val), len(val_during), total, steps_per_epoch,
+                 cfg.batch_size, cfg.grad_accum, f" over {dist.world} processes" if dist.world > 1 else "",
+                 efficiency, f"{trainable:,}", device, str(dtype).removeprefix("torch."), workers)
 
-    def run_eval() -> bool:
-        """Validation loss; returns True when early stopping says stop."""
-        loss = evaluate(model, val, cfg.batch_size, pad_id, device, dtype) if len(val) else float("nan")
-        state.metrics.append({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "val_loss": loss})
-        log.info("%s", _fmt({"eval_loss": loss, "epoch": round(state.step / steps_per_epoch, 2)}))
+    def run_eval(indices: list[int], track: bool = True) -> bool:
+        """Validation loss; returns True when early stopping says stop. ``track``: the loss takes part in
+        choosing the best weights (only losses on the same charts are compared)."""
+        loss = evaluate(model, val, indices, cfg.batch_size, collate, device, dtype) if indices else float("nan")
+        row = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "val_loss": loss}
+        if len(indices) < len(val):
+            row["val_charts"] = len(indices)
+        state.metrics.append(row)
+        if dist.main:
+            log.info("%s", _fmt({"eval_loss": loss, "epoch": round(state.step / steps_per_epoch, 2)}))
+        if not track:
+            return False
         if state.best_val is None or loss < state.best_val:
             state.best_val, state.best_step, state.bad_evals = loss, state.step, 0
             if cfg.early_stopping_patience:
@@ -355,53 +532,73 @@ def train(model, processor, train_rows, val_rows, cfg, *, checkpoints: Checkpoin
             state.bad_evals += 1
         return bool(cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience)
 
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "started": time.perf_counter()}
-    stopped_early = False
-    bar = tqdm(total=total, initial=state.step, desc=f"finetune {name}", unit="step", disable=None)
-    while state.step < total and not stopped_early:
-        started = time.perf_counter()
-        micro = [collate([train_set[i] for i in batch_at(state.step * cfg.grad_accum + a)], pad_id)
-                 for a in range(cfg.grad_accum)]
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        step_loss = 0.0
-        for batch in micro:  # token-weighted: each micro-batch's mean loss x its share of answer tokens
-            loss, n = _batch_loss(model, _to_device(batch, device, dtype))
-            (loss * n / n_tokens).backward()
-            step_loss += float(loss.detach()) * n / n_tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.seconds += time.perf_counter() - started
-        window["loss"] += step_loss
-        window["steps"] += 1
-        window["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro)
-        window["samples"] += sum(len(b["input_ids"]) for b in micro)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
-        if state.step % cfg.log_every == 0 or state.step == total:
-            elapsed = max(time.perf_counter() - window["started"], 1e-9)
-            row = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
-                   "train_loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": window["tokens"] / elapsed, "samples_per_s": window["samples"] / elapsed}
-            state.metrics.append(row)
-            log.info("%s", _fmt({"loss": row["train_loss"], "grad_norm": grad_norm, "learning_rate": lr,
-                                 "epoch": round(row["epoch"], 2)}))
-            window.update(loss=0.0, steps=0, tokens=0, samples=0, started=time.perf_counter())
-        if state.step % cfg.eval_every == 0 and state.step < total:
-            stopped_early = run_eval()
-        if state.step % cfg.save_every == 0 and state.step < total and not stopped_early:
+    def save() -> None:
+        if dist.main:
             checkpoints.save(model, optimizer, scheduler, state, tmp)
             if on_checkpoint is not None:
                 on_checkpoint(state.metrics)
+
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "wait": 0.0, "started": time.perf_counter()}
+    stopped_early = False
+    batches = iter(loader)
+    bar = tqdm(total=total, initial=state.step, desc=f"finetune {name}", unit="step", disable=None if dist.main else True)
+    with Preemption() as preemption:
+        while state.step < total and not stopped_early:
+            started = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            waited = time.perf_counter() - started
+            mine = [b for b in micro if b is not None]
+            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mine)
+            n_tokens, n_real, n_samples = dist.sum([local_tokens, sum(int(b["attention_mask"].sum()) for b in mine),
+                                                    sum(len(b["input_ids"]) for b in mine)])
+            step_loss = 0.0
+            for batch in mine:  # token-weighted: summed over the global batch's answer tokens, then divided
+                loss, _ = answer_loss(model, batch, device, dtype)
+                (loss / n_tokens).backward()
+                step_loss += float(loss.detach()) / n_tokens
+            dist.sum_grads(params)
+            step_loss, stop = dist.sum([step_loss, float(preemption.requested)])
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.seconds += time.perf_counter() - started
+            window["loss"] += step_loss
+            window["steps"] += 1
+            window["tokens"] += n_real
+            window["samples"] += n_samples
+            window["wait"] += waited
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
+            if state.step % cfg.log_every == 0 or state.step == total:
+                elapsed = max(time.perf_counter() - window["started"], 1e-9)
+                row = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                       "train_loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": window["tokens"] / elapsed, "samples_per_s": window["samples"] / elapsed,
+                       "data_wait_share": round(window["wait"] / elapsed, 4)}
+                state.metrics.append(row)
+                if dist.main:
+                    log.info("%s", _fmt({"loss": row["train_loss"], "grad_norm": grad_norm, "learning_rate": lr,
+                                         "epoch": round(row["epoch"], 2)}))
+                window.update(loss=0.0, steps=0, tokens=0, samples=0, wait=0.0, started=time.perf_counter())
+            if stop:
+                save()
+                raise StageError(f"finetune {name}: stopped by SIGTERM at step {state.step} of {total}; "
+                                 "the checkpoint is saved and a rerun resumes from it")
+            if state.step % cfg.eval_every == 0 and state.step < total:
+                stopped_early = run_eval(val_during)
+            if state.step % cfg.save_every == 0 and state.step < total and not stopped_early:
+                save()
     bar.close()
-    if not stopped_early and (not state.metrics or state.metrics[-1].get("val_loss") is None
-                              or state.metrics[-1]["step"] != state.step):
-        run_eval()
+    del batches
+    last = state.metrics[-1] if state.metrics else {}
+    if not stopped_early and ("val_loss" not in last or last["step"] != state.step or "val_charts" in last):
+        run_eval(list(range(len(val))), track=len(val_during) == len(val))  # the full validation set at the end
     if state.best_lora is not None and (stopped_early or state.best_step != state.step):
         set_peft_model_state_dict(model, state.best_lora)
-        log.info("finetune %s: keeping the best weights (step %d, validation loss %.4f)", name,
-                 state.best_step, state.best_val)
+        if dist.main:
+            log.info("finetune %s: keeping the best weights (step %d, validation loss %.4f)", name,
+                     state.best_step, state.best_val)
     return TrainResult(state, total, len(train_set), len(val), efficiency, trainable, stopped_early)

@@ -71,13 +71,16 @@ def checkpoint_fingerprint(ctx: StageContext, variant: str) -> dict[str, Any]:
             "student.image_longest_edge": student.image_longest_edge}
 
 
-def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict[str, Any]:
+def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path, caches: dict[str, Any]) -> dict[str, Any]:
     """Train one variant with ``pipeline.models.training`` and store its adapter, metrics, loss plot and
     summary (last: the variant is done)."""
     from pipeline.models import training
+    from pipeline.models.features import ChartCache, cache_tag
 
     cfg = ctx.config.finetune
     model, processor = training.prepare_model(base, ctx.config.student, cfg)
+    tag = cache_tag(base, processor, model.dtype)  # the variants share the charts' prompts and vision features
+    cache = caches.setdefault(tag, ChartCache(tag, tmp / "charts"))
     checkpoints = training.Checkpoints(ctx.store, ctx.key(variant, artifacts.CHECKPOINTS),
                                        checkpoint_fingerprint(ctx, variant))
 
@@ -85,10 +88,12 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path) -> dict
         ctx.store.put_jsonl(ctx.key(variant, artifacts.METRICS), metrics)
 
     result = training.train(model, processor, artifacts.load_split(ctx, variant, "train"),
-                            artifacts.load_split(ctx, variant, "validation"), cfg, checkpoints=checkpoints,
+                            artifacts.load_split(ctx, variant, "validation"), cfg, cache=cache, checkpoints=checkpoints,
                             tmp=tmp / variant, name=variant, log=ctx.log, on_checkpoint=put_metrics)
     # the adapter names a base that outlives this run's temp folder: the Hub id, or the built student's store URL
     base_ref = ctx.store.url(artifacts.student_prefix(ctx)) if ctx.config.student.build else base
+    if not training.Dist.current().main:
+        return {}  # another data-parallel process: rank 0 stores the results
     model.peft_config["default"].base_model_name_or_path = base_ref
     model.save_pretrained(tmp / variant / "adapter")
     ctx.store.upload_dir(tmp / variant / "adapter", ctx.key(variant, artifacts.ADAPTER))
@@ -128,18 +133,76 @@ def run(ctx: StageContext) -> None:
                          f"(dataset.variants: {', '.join(ctx.config.dataset.variants)})")
     from pipeline.models.loading import cpu_threads
 
+    processes = max(1, ctx.config.finetune.gpus)
     with tempfile.TemporaryDirectory(prefix="ielts-finetune-") as tmp, cpu_threads(single=ctx.config.student.tiny):
-        base = None
+        base, caches = None, {}
         for variant in shard_variants(ctx):
             if variant_done(ctx, variant):
                 ctx.log.info("finetune %s: already trained (%s)", variant, ctx.store.url(ctx.key(variant, artifacts.ADAPTER)))
                 continue
             base = base or student_base(ctx, tmp)
-            train_variant(ctx, variant, base, Path(tmp))
+            if processes > 1:
+                data_parallel(ctx, variant, base, processes, Path(tmp))
+            else:
+                train_variant(ctx, variant, base, Path(tmp), caches)
     if all(variant_done(ctx, v) for v in variants):
         ctx.complete({v: artifacts.variant_summary(ctx, v) for v in variants})
+
+
+def data_parallel(ctx: StageContext, variant: str, base: str, processes: int, tmp: Path) -> None:
+    """Train ``variant`` with ``processes`` data-parallel processes on this node: torchrun runs this module's
+    ``worker`` (one process per GPU with ``finetune.gpus: N``; gloo processes on CPU). The Job itself runs the
+    stage as usual; a SIGTERM to this process is passed on, so the workers checkpoint before they stop."""
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.config import dump_config
+
+    config_file = tmp / f"finetune-{variant}.yaml"
+    config_file.write_text(dump_config(ctx.config), encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+           "-m", "pipeline.stages.finetune", str(config_file), variant, base]
+    ctx.log.info("finetune %s: %d data-parallel processes (torchrun)", variant, processes)
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    try:
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        raise StageError(f"finetune {variant}: the {processes} data-parallel processes failed (exit {code}); "
+                         "see their log above")
+
+
+def worker(config_file: str, variant: str, base: str) -> None:
+    """One data-parallel process (started by ``data_parallel`` through torchrun)."""
+    import logging
+
+    from pipeline.config import load_config
+    from pipeline.context import StageContext, store_for
+    from pipeline.models import training
+
+    config = load_config(config_file)
+    dist = training.init_distributed()
+    logging.basicConfig(level=logging.INFO if dist.main else logging.WARNING, datefmt="%H:%M:%S",
+                        format=f"%(asctime)s %(levelname)-5s [rank {dist.rank}] %(message)s")
+    ctx = StageContext(config=config, store=store_for(config), stage="finetune")
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"ielts-finetune-rank{dist.rank}-") as tmp:
+            train_variant(ctx, variant, base, Path(tmp), {})
+    finally:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:
     variants = ctx.config.finetune.variants
     return sum(variant_done(ctx, v) for v in variants), len(variants)
+
+
+if __name__ == "__main__":  # torchrun's entry point: python -m pipeline.stages.finetune CONFIG VARIANT BASE
+    import sys
+
+    worker(*sys.argv[1:4])
