@@ -131,14 +131,14 @@ class RecordSet:
         return [k for k in self.store.list(self.prefix + "/") if k.endswith(".json") and k[start] != "_"]
 
     def done_ids(self) -> set[str]:
-        """Keys (``safe_id``) of the records that exist (one listing call, cheap for thousands of items)."""
+        """Ids of the records that exist (one listing call, cheap for thousands of items)."""
         start = len(self.prefix) + 1
-        return {k[start:-5] for k in self._record_keys()}
+        return {unsafe_id(k[start:-5]) for k in self._record_keys()}
 
     def pending(self, item_ids: Iterable[str], shard: Shard = Shard()) -> list[str]:
         """Items this shard owns that have no record yet, in the given order."""
         done = self.done_ids()
-        return [i for i in shard.select(item_ids) if safe_id(i) not in done]
+        return [i for i in shard.select(item_ids) if i not in done]
 
     def exists(self, item_id: str) -> bool:
         return self.store.exists(self.key(item_id))
