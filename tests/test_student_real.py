@@ -143,3 +143,15 @@ def test_build_student_cli_builds_the_same_language_model(real_loaded, tmp_path)
         assert torch.equal(tensor, built.model.text_model.state_dict()[name]), name
     bad = CliRunner().invoke(main, ["build-student", str(tmp_path / "x"), "--from-gguf", str(tmp_path / "none.gguf")])
     assert bad.exit_code != 0 and "GGUF not found" in bad.output
+
+
+def test_min_new_tokens_keeps_the_untuned_student_from_ending_at_once(real_loaded, sample_dir):
+    """SmolLM2 ends its turn right after SmolVLM's "Assistant:"; generate.min_new_tokens holds the stop back."""
+    from pipeline.models import generate_essays
+
+    model, processor = real_loaded
+    charts = sample_charts(sample_dir, 2)
+    plain = generate_essays(model, processor, charts, max_new_tokens=6, batch_size=2)
+    held = generate_essays(model, processor, charts, max_new_tokens=6, batch_size=2, min_new_tokens=6)
+    assert [r.tokens for r in plain] == [0, 0] and [r.finish for r in plain] == ["stop", "stop"]
+    assert [r.tokens for r in held] == [6, 6] and all(r.text for r in held)
