@@ -187,9 +187,6 @@ class GenerateSection(Section):
     # No stop token before this many tokens, for every model alike: the untuned SmolLM2 student (build:
     # smollm) ends its turn right after SmolVLM's "Assistant:" otherwise, and its baseline essay is empty.
     min_new_tokens: int = Field(0, ge=0)
-    # No stop token before this many tokens, for every model alike: the untuned SmolLM2 student (build:
-    # smollm) ends its turn right after SmolVLM's "Assistant:" otherwise, and its baseline essay is empty.
-    min_new_tokens: int = Field(0, ge=0)
     limit: int | None = Field(None, ge=1)  # first N test charts (by id)
     parallelism: int = Field(1, ge=1)
     gpus: int = Field(0, ge=0)
