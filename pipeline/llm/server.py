@@ -85,7 +85,8 @@ def embedded_server(cfg: LLMSection, *, ready_timeout: float = 180.0, n_ctx: int
         raise PipelineError("embedded LLM: llama-cpp-python is not installed (pip install "
                             "'llama-cpp-python[server]'; see docs/teacher.md)") from None
     model, port = find_gguf(cfg), _free_port()
-    threads = max(1, (os.cpu_count() or 2) // 2)  # llama.cpp slows down badly on oversubscribed cores
+    # llama.cpp slows down badly on oversubscribed cores: half of them unless embedded_threads says otherwise
+    threads = cfg.embedded_threads or max(1, (os.cpu_count() or 2) // 2)
     cmd = [sys.executable, "-m", "pipeline.llm.server", "--model", str(model), "--model_alias", cfg.model,
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
            "--n_threads_batch", str(threads), "--verbose", "false"]
