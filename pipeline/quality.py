@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from pipeline.config import TeacherSection
 
 MODES = ("question_list", "markdown", "bullets", "too_short", "too_long", "missing_paragraphs",
-         "structure_markers", "invented_numbers")
+         "structure_markers", "invented_numbers", "truncated")
+# The seed's failure modes of the students, shown per model in the report whether or not they occur.
+SEED_MODES = ("question_list", "markdown", "bullets", "too_short", "truncated")
 
 _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?!\d)"
                      r"(?:\s*(%|per ?cent|thousand|million|billion|trillion|bn|m\b|k\b))?", re.IGNORECASE)
@@ -296,7 +298,7 @@ def _content_lines(text: str) -> list[str]:
 
 
 def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
-              table_rows: Iterable[Iterable[Any]] | None) -> list[tuple[str, str]]:
+              table_rows: Iterable[Iterable[Any]] | None, title: str | None = None) -> list[tuple[str, str]]:
     """[(mode, human-readable reason)] for one text; shared by failure_modes and gate."""
     found: list[tuple[str, str]] = []
     lines = _content_lines(text)
@@ -327,7 +329,7 @@ def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
         elif len(paragraphs := essay_paragraphs(text)) < 3:
             found.append(("missing_paragraphs", (f"{len(paragraphs)} paragraph(s); expected a "
                                                  "description, body paragraphs and an overview")))
-    invented = invented_numbers(text, table_rows)
+    invented = invented_numbers(text, table_rows, title)
     if invented:
         shown = ", ".join(invented[:5]) + (f" (+{len(invented) - 5} more)" if len(invented) > 5 else "")
         found.append(("invented_numbers", f"numbers not in the data table: {shown}"))
@@ -335,7 +337,7 @@ def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
 
 
 def failure_modes(text: str, *, variant: str | None = None, min_words: int = 120, max_words: int = 190,
-                  table_rows: Iterable[Iterable[Any]] | None = None) -> list[str]:
+                  table_rows: Iterable[Iterable[Any]] | None = None, title: str | None = None) -> list[str]:
     """What is wrong with ``text``, as names from ``MODES`` (empty: nothing detected).
 
     ``variant="structured"``: the three-step structure must parse (else ``missing_paragraphs``);
@@ -343,19 +345,63 @@ def failure_modes(text: str, *, variant: str | None = None, min_words: int = 120
     is ``missing_paragraphs``; ``None``: no structure expectation. ``invented_numbers`` needs ``table_rows``.
     """
     return [mode for mode, _ in _findings(text, variant=variant, min_words=min_words, max_words=max_words,
-                                          table_rows=table_rows)]
+                                          table_rows=table_rows, title=title)]
 
 
 def gate_findings(essay: str, table_rows: Iterable[Iterable[Any]] | None,
-                  cfg: TeacherSection) -> list[tuple[str, str]]:
+                  cfg: TeacherSection, title: str | None = None) -> list[tuple[str, str]]:
     """[(mode, reason)] for the teacher's gate (mode ``empty`` for an empty answer)."""
     if not essay or not essay.strip():
         return [("empty", "empty answer")]
     return _findings(essay, variant="structured" if cfg.require_structure else None, min_words=cfg.min_words,
-                     max_words=cfg.max_words, table_rows=table_rows if cfg.check_numbers else None)
+                     max_words=cfg.max_words, table_rows=table_rows if cfg.check_numbers else None, title=title)
 
 
-def gate(essay: str, table_rows: Iterable[Iterable[Any]] | None, cfg: TeacherSection) -> list[str]:
+def gate(essay: str, table_rows: Iterable[Iterable[Any]] | None, cfg: TeacherSection,
+         title: str | None = None) -> list[str]:
     """Human-readable reasons the teacher's essay fails (empty: it passes). Thresholds from ``cfg``:
     ``min_words``/``max_words``, ``require_structure`` (structured variant), ``check_numbers``."""
-    return [why for _, why in gate_findings(essay, table_rows, cfg)]
+    return [why for _, why in gate_findings(essay, table_rows, cfg, title)]
+
+
+# --------------------------------------------------------------------------- one essay, every measure
+
+
+def similarity(essay: str, golden: str) -> float:
+    """chrF++ (sacrebleu, 0..100) of the essay's prose against the golden essay's prose: structure markers
+    and quotes are stripped from both, so the layout itself earns nothing."""
+    from sacrebleu.metrics import CHRF
+
+    return float(CHRF(word_order=2).sentence_score(_prose(essay), [_prose(golden)]).score)
+
+
+def closeness(chrf: float | None, precision: float | None, has_table: bool) -> float | None:
+    """The deterministic judge's score of one essay: chrF++ to the golden essay (0..1), averaged with the
+    numeric precision when the chart has a table (an essay quoting no figure gets 0 there)."""
+    if chrf is None:
+        return None
+    return (chrf / 100 + (precision or 0.0)) / 2 if has_table else chrf / 100
+
+
+def score_essay(text: str, *, table_rows: Iterable[Iterable[Any]] | None = None, title: str | None = None,
+                golden: str | None = None, variant: str | None = None, finish: str | None = None,
+                min_words: int = 120, max_words: int = 190) -> dict[str, Any]:
+    """Every measure of one essay, as the report and ``ielts-distill score`` show it: words, the three-step
+    structure, failure modes (``truncated`` when ``finish == "length"``), numeric precision/coverage against
+    the table, and chrF++ to the golden essay with the deterministic judge's score when one is given."""
+    rows = list(table_rows or [])
+    try:
+        parse_structured(text)
+        structure, why = True, None
+    except EssayFormatError as exc:
+        structure, why = False, str(exc)
+    modes = failure_modes(text, variant=variant, min_words=min_words, max_words=max_words, table_rows=rows,
+                          title=title)
+    if finish == "length":
+        modes.append("truncated")
+    numeric = numeric_scores(text, rows, title)
+    chrf = similarity(text, golden) if golden is not None else None
+    return {"words": word_count(text), "three_step": structure, "structure_problem": why,
+            "paragraphs": len(essay_paragraphs(text)), "failure_modes": modes, "finish": finish,
+            "numeric": numeric, "chrf_to_golden": chrf,
+            "closeness": closeness(chrf, numeric["precision"] if numeric else None, bool(rows))}

@@ -162,3 +162,12 @@ def compare(a: str, b: str, pairs: Iterable[Pair]) -> dict[str, Any]:
         by_type.setdefault(p.type, []).append(p)
     return {"a": a, "b": b, "comparison": f"{a}-vs-{b}", **summarize(pairs),
             "by_type": {t: summarize(ps) for t, ps in sorted(by_type.items())}}
+
+
+def agreement(x: Sequence[str], y: Sequence[str]) -> dict[str, Any]:
+    """How often two judges give a pair the same outcome (win/loss/tie), pairs invalid for either excluded;
+    with a Wilson 95 % interval."""
+    both = [(p, q) for p, q in zip(x, y) if "invalid" not in (p, q)]
+    same = sum(p == q for p, q in both)
+    return {"n": len(both), "agree": same, "rate": same / len(both) if both else None,
+            "ci95": wilson(same, len(both))}

@@ -60,6 +60,14 @@ def model_essay(model: str, chart: dict) -> str:
     return unstructure(golden) + "\n\nThe data also shows 12345 of something invented."
 
 
+def finish(model: str, index: int) -> dict:
+    """generate's ``finish``: the unstructured model's 2nd essay hit the token limit; the baseline's records
+    predate the field (unknown)."""
+    if model == "baseline":
+        return {}
+    return {"finish": "length" if model == "unstructured" and index == 1 else "stop"}
+
+
 def seed_run(store_uri: str, sample_dir: Path, tmp: Path, *, n: int = 8, overrides: tuple[str, ...] = ()) -> RunConfig:
     """Ingest n charts for real; write teacher/dataset/generate outputs; return the run config."""
     config = load_config(None, [f"store.uri={store_uri}", f"data.source={make_source(sample_dir, tmp, n)}",
@@ -80,8 +88,8 @@ def seed_run(store_uri: str, sample_dir: Path, tmp: Path, *, n: int = 8, overrid
     dataset.complete({})
     generate = StageContext(config, store, "generate")
     store.put_jsonl(generate.key("essays.jsonl"),
-                    [{"model": m, "chart_id": c["id"], "essay": model_essay(m, c), "tokens": 10, "seconds": 0.1}
-                     for m in MODELS for c in charts])
+                    [{"model": m, "chart_id": c["id"], "essay": model_essay(m, c), "tokens": 10, "seconds": 0.1,
+                      **finish(m, i)} for m in MODELS for i, c in enumerate(charts)])
     generate.complete({})
     return config
 

@@ -11,11 +11,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
 from eval_helpers import seed_run, split_charts
+
 from pipeline.context import StageContext, store_for
 from pipeline.essays import word_count
 from pipeline.executors.local import run_stage
+
 
 # (a, b) -> verdicts (ab, ba) per test chart, in chart order; see the expected numbers below.
 def pattern(n: int) -> dict[tuple[str, str], list[tuple[str, str]]]:
@@ -99,12 +100,39 @@ def test_quality_per_model(report):
     base = models["baseline"]
     assert base["n"] == 7 and base["failure_modes"]["too_short"] == 7  # the title alone (min_words=60)
     assert base["mean_words"] == pytest.approx(sum(word_count(c["title"]) for c in charts) / 7)
+    assert base["failure_shares"]["too_short"] == 1.0 and base["three_step_share"] == 0.0
+    assert models["structured"]["three_step_share"] == models["teacher"]["three_step_share"] == 1.0
+    assert models["unstructured"]["three_step_share"] == 0.0
     with_table = sum(1 for c in charts if c["table"])
     assert models["unstructured"]["failure_modes"].get("invented_numbers") == with_table  # "12345" everywhere
     assert "structure_markers" not in models["unstructured"]["failure_modes"]
     assert "missing_paragraphs" not in models["structured"]["failure_modes"]
-    assert models["unstructured"]["numeric_faithfulness_n"] == with_table
-    assert models["structured"]["numeric_faithfulness"] > models["unstructured"]["numeric_faithfulness"]
+    assert models["unstructured"]["numeric_precision_n"] == models["unstructured"]["numeric_coverage_n"] == with_table
+    assert models["structured"]["numeric_precision"] == 1.0  # the golden essay quotes three true cells
+    assert models["unstructured"]["numeric_precision"] < 1.0
+    assert models["structured"]["chrf_to_golden"] == pytest.approx(100.0)
+    assert models["baseline"]["chrf_to_golden"] < models["unstructured"]["chrf_to_golden"] < 100.0
+    # finish (eval_helpers.finish): the unstructured model's essay for chart 1 (a test chart) hit the limit;
+    # the baseline's finish is unknown
+    assert models["unstructured"]["failure_modes"]["truncated"] == 1
+    assert models["unstructured"]["failure_shares"]["truncated"] == pytest.approx(1 / 7)
+    assert models["baseline"]["finish_known"] == 0 and models["baseline"]["failure_shares"]["truncated"] is None
+    cut = report["summary"]["truncation"]
+    assert (cut["hit_limit"], cut["finish_known"], cut["over_limit"]) == (1, 14, True)
+    assert report["summary"]["warnings"][0].startswith("1 of 14 generated essays (7.1 %) hit the token limit")
+
+
+def test_deterministic_judge(report):
+    det = {(c["a"], c["b"]): c for c in report["summary"]["deterministic"]["comparisons"]}
+    assert list(det) == [("structured", "baseline"), ("unstructured", "baseline"), ("unstructured", "structured")]
+    s = det[("structured", "baseline")]  # the golden essay itself against the chart's title
+    assert (s["wins"], s["losses"], s["ties"], s["n"]) == (7, 0, 0, 7) and s["ci95"][0] > 0.5
+    assert s["agreement_with_llm"] == {"n": 7, "agree": 7, "rate": 1.0, "ci95": pytest.approx([0.6456, 1.0], abs=1e-4)}
+    t = det[("unstructured", "structured")]  # the same prose plus an invented figure loses every time
+    assert (t["wins"], t["losses"], t["win_rate"]) == (0, 7, 0.0)
+    assert t["agreement_with_llm"]["rate"] == 0.0  # the LLM judge's verdicts were all ties (position bias)
+    u = det[("unstructured", "baseline")]
+    assert u["agreement_with_llm"]["n"] == 6  # the pair invalid for the LLM judge is left out
 
 
 def test_training_losses(report):

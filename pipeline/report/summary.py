@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 MODEL_ORDER = ("teacher", "baseline", "structured", "unstructured")
 # Which essay form each model is asked to produce (failure_modes checks structure accordingly).
 MODEL_VARIANT = {"teacher": "structured", "structured": "structured", "unstructured": "unstructured"}
+DETERMINISTIC_MARGIN = 0.01  # closeness scores closer than this are a tie for the deterministic judge
 LABELS = {"teacher": "golden (teacher)", "baseline": "baseline", "structured": "fine-tuned structured",
           "unstructured": "fine-tuned unstructured"}
 
@@ -93,37 +94,75 @@ def training_summary(series: dict[str, dict[str, list[tuple[float, float]]]],
 # --------------------------------------------------------------------------- essays per model
 
 
-def model_quality(inputs: Inputs, min_words: int, max_words: int) -> dict[str, Any]:
-    """Per model on the test charts: failure-mode counts, mean words, numeric faithfulness."""
-    from pipeline.essays import word_count
-    from pipeline.quality import failure_modes, numeric_faithfulness
+Scores = dict[str, dict[str, dict[str, Any]]]  # model -> chart_id -> pipeline.quality.score_essay(...)
+
+
+def essay_scores(inputs: Inputs, min_words: int, max_words: int) -> Scores:
+    """Every measure of every test essay (the same code as ``ielts-distill score``), computed once."""
+    from pipeline.quality import score_essay
+
+    finish = {(r["model"], r["chart_id"]): r.get("finish") for r in inputs.generated}
+    golden = inputs.essays.get("teacher", {})
+    out: Scores = {}
+    for model in inputs.models:
+        out[model] = {}
+        for cid in inputs.test_ids:
+            text = inputs.essays[model].get(cid)
+            if text is None:
+                continue
+            chart = inputs.charts.get(cid, {})
+            out[model][cid] = score_essay(
+                text, table_rows=chart.get("table"), title=chart.get("title"), golden=golden.get(cid),
+                variant=MODEL_VARIANT.get(model), finish="stop" if model == "teacher" else finish.get((model, cid)),
+                min_words=min_words, max_words=max_words)
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _share(count: int, total: int) -> float | None:
+    return count / total if total else None
+
+
+def model_quality(scores: Scores) -> dict[str, Any]:
+    """Per model on the test charts: words, three-step structure, failure modes, numeric faithfulness."""
+    from pipeline.quality import SEED_MODES
 
     out = {}
-    for model in inputs.models:
-        texts = {cid: inputs.essays[model][cid] for cid in inputs.test_ids if cid in inputs.essays[model]}
-        modes: Counter[str] = Counter()
-        failing = 0
-        faith = []
-        for cid, text in texts.items():
-            table = inputs.charts.get(cid, {}).get("table")
-            found = set(failure_modes(text, variant=MODEL_VARIANT.get(model), min_words=min_words,
-                                      max_words=max_words, table_rows=table))
-            modes.update(found)
-            failing += bool(found)
-            score = numeric_faithfulness(text, table) if table else None
-            if score is not None:
-                faith.append(score)
-        n = len(texts)
+    for model, by_chart in scores.items():
+        rows = list(by_chart.values())
+        n = len(rows)
+        modes = Counter(m for r in rows for m in set(r["failure_modes"]))
+        precision = [r["numeric"]["precision"] for r in rows if r["numeric"] and r["numeric"]["precision"] is not None]
+        coverage = [r["numeric"]["coverage"] for r in rows if r["numeric"] and r["numeric"]["coverage"] is not None]
+        chrf = [r["chrf_to_golden"] for r in rows if r["chrf_to_golden"] is not None]
+        known = sum(r["finish"] is not None for r in rows)
         out[model] = {
             "label": LABELS.get(model, model),
             "n": n,
-            "mean_words": sum(word_count(t) for t in texts.values()) / n if n else None,
+            "mean_words": _mean([r["words"] for r in rows]),
+            "three_step_share": sum(r["three_step"] for r in rows) / n if n else None,
             "failure_modes": dict(sorted(modes.items())),
-            "with_any_failure": failing,
-            "numeric_faithfulness": sum(faith) / len(faith) if faith else None,
-            "numeric_faithfulness_n": len(faith),
+            "failure_shares": {m: _share(modes[m], known if m == "truncated" else n) for m in SEED_MODES},
+            "with_any_failure": sum(bool(r["failure_modes"]) for r in rows),
+            "finish_known": known,
+            "numeric_precision": _mean(precision), "numeric_precision_n": len(precision),
+            "numeric_coverage": _mean(coverage), "numeric_coverage_n": len(coverage),
+            "chrf_to_golden": _mean(chrf) if model != "teacher" else None,
         }
     return out
+
+
+def truncation(scores: Scores, limit: float = 0.02) -> dict[str, Any]:
+    """Generated essays that hit the token limit (``finish == "length"``), over those whose finish is known."""
+    rows = [r for model, by_chart in scores.items() if model != "teacher" for r in by_chart.values()]
+    known = [r for r in rows if r["finish"] is not None]
+    cut = sum(r["finish"] == "length" for r in known)
+    share = cut / len(known) if known else None
+    return {"essays": len(rows), "finish_known": len(known), "hit_limit": cut, "share": share,
+            "limit": limit, "over_limit": share is not None and share > limit}
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -184,11 +223,10 @@ def caveats(c: dict[str, Any]) -> list[str]:
     return out
 
 
-def comparisons(config: RunConfig, inputs: Inputs) -> list[dict[str, Any]]:
+def comparisons(config: RunConfig, pairs: dict[tuple[str, str], list]) -> list[dict[str, Any]]:
     """The LLM judge's comparisons, in the configured order, each with its sentence and caveats."""
     from pipeline.stats import compare
 
-    pairs = comparison_pairs(inputs)
     wanted = [tuple(c) for c in config.judge.comparisons]
     ordered = [c for c in wanted if c in pairs] + sorted(set(pairs) - set(wanted))
     out = []
@@ -196,6 +234,37 @@ def comparisons(config: RunConfig, inputs: Inputs) -> list[dict[str, Any]]:
         c = compare(a, b, pairs[(a, b)])
         out.append({**c, "sentence": verdict_sentence(c), "caveats": caveats(c)})
     return out
+
+
+def deterministic(config: RunConfig, inputs: Inputs, scores: Scores,
+                  llm_pairs: dict[tuple[str, str], list]) -> dict[str, Any]:
+    """The deterministic judge: per chart, the essay closer to the golden one (chrF++ of the prose, averaged
+    with numeric precision where there is a table) wins; within ``DETERMINISTIC_MARGIN`` it is a tie. Its
+    comparisons, with their agreement with the LLM judge on the same charts."""
+    from pipeline.stats import Pair, agreement, compare
+
+    out = []
+    for a, b in (tuple(c) for c in config.judge.comparisons):
+        pairs = []
+        for cid in inputs.test_ids:
+            sa, sb = scores.get(a, {}).get(cid), scores.get(b, {}).get(cid)
+            if sa is None or sb is None or sa["closeness"] is None or sb["closeness"] is None:
+                continue
+            diff = sa["closeness"] - sb["closeness"]
+            verdicts = ("a", "a") if diff > DETERMINISTIC_MARGIN else ("b", "b") if diff < -DETERMINISTIC_MARGIN \
+                else ("a", "b")
+            pairs.append(Pair(cid, inputs.charts.get(cid, {}).get("type", "unknown"), verdicts, sa["words"],
+                              sb["words"]))
+        if not pairs:
+            continue
+        c = compare(a, b, pairs)
+        llm = {p.chart_id: p.outcome for p in llm_pairs.get((a, b), [])}
+        both = [(llm[p.chart_id], p.outcome) for p in pairs if p.chart_id in llm]
+        out.append({**c, "sentence": verdict_sentence(c), "caveats": caveats(c),
+                    "agreement_with_llm": agreement([x for x, _ in both], [y for _, y in both])})
+    return {"method": f"chrF++ (sacrebleu) of the prose to the golden essay's prose, averaged with numeric "
+                      f"precision where the chart has a table; a difference under {DETERMINISTIC_MARGIN} is a tie",
+            "margin": DETERMINISTIC_MARGIN, "comparisons": out}
 
 
 # --------------------------------------------------------------------------- gallery
@@ -216,10 +285,8 @@ def gallery_ids(inputs: Inputs, count: int) -> list[str]:
     return picked
 
 
-def gallery(inputs: Inputs, count: int, min_words: int, max_words: int) -> list[dict[str, Any]]:
+def gallery(inputs: Inputs, scores: Scores, count: int) -> list[dict[str, Any]]:
     """Per shown chart: its essays (words, failure modes) and each comparison's verdict per order."""
-    from pipeline.essays import word_count
-    from pipeline.quality import failure_modes
     from pipeline.stats import combine
 
     verdicts: dict[str, dict[tuple[str, str], dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
@@ -230,12 +297,10 @@ def gallery(inputs: Inputs, count: int, min_words: int, max_words: int) -> list[
         chart = inputs.charts.get(cid, {})
         essays = []
         for model in inputs.models:
-            text = inputs.essays[model].get(cid)
-            modes = [] if text is None else failure_modes(text, variant=MODEL_VARIANT.get(model),
-                                                          min_words=min_words, max_words=max_words,
-                                                          table_rows=chart.get("table"))
-            essays.append({"model": model, "label": LABELS.get(model, model), "text": text, "modes": modes,
-                           "words": None if text is None else word_count(text)})
+            score = scores.get(model, {}).get(cid)
+            essays.append({"model": model, "label": LABELS.get(model, model), "text": inputs.essays[model].get(cid),
+                           "modes": score["failure_modes"] if score else [],
+                           "words": score["words"] if score else None})
         rows = []
         for (a, b), by_order in sorted(verdicts[cid].items()):
             shown = [{"a": a, "b": b}.get(by_order[o], "invalid") if o in by_order else None for o in ORDERS]
@@ -251,6 +316,8 @@ def gallery(inputs: Inputs, count: int, min_words: int, max_words: int) -> list[
 
 
 def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
+    from pipeline.quality import SEED_MODES
+
     judge = config.judge_llm()
     teacher = config.teacher
     usage: Counter[str] = Counter()
@@ -258,19 +325,30 @@ def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
         usage.update({k: int(n) for k, n in (v.get("usage") or {}).items() if isinstance(n, (int, float))})
     series = {v: loss_series(d["rows"]) for v, d in inputs.training.items()}
     pngs = {v: d["loss_png"] for v, d in inputs.training.items() if d.get("loss_png")}
-    models = model_quality(inputs, teacher.min_words, teacher.max_words)
+    scores = essay_scores(inputs, teacher.min_words, teacher.max_words)
+    models = model_quality(scores)
+    pairs = comparison_pairs(inputs)
+    cut = truncation(scores)
+    warnings = []
+    if cut["over_limit"]:
+        warnings.append(f"{cut['hit_limit']} of {cut['finish_known']} generated essays ({pct(cut['share'])}) hit "
+                        "the token limit (finish 'length'): raise generate.max_new_tokens; cut essays lose to "
+                        "complete ones for that reason alone.")
     summary = {
         "run_id": run_id,
+        "warnings": warnings,
         "judge": {"model": judge.model, "template": config.judge.template, "vision": judge.vision,
                   "requests": sum(int(v.get("attempts") or 1) for v in inputs.verdicts),
                   "usage": dict(usage),
                   "cost_usd": round(sum(float(v.get("cost_usd") or 0) for v in inputs.verdicts), 6)},
         "test_charts": len(inputs.test_ids),
-        "comparisons": comparisons(config, inputs),
+        "comparisons": comparisons(config, pairs),
+        "deterministic": deterministic(config, inputs, scores, pairs),
         "models": models,
+        "seed_modes": list(SEED_MODES),
         "failure_mode_names": sorted({m for q in models.values() for m in q["failure_modes"]}),
+        "truncation": cut,
         "word_limits": {"min_words": teacher.min_words, "max_words": teacher.max_words},
         "training": training_summary(series, pngs),
     }
-    return ReportView(summary, gallery(inputs, config.report.gallery, teacher.min_words, teacher.max_words),
-                      series, pngs)
+    return ReportView(summary, gallery(inputs, scores, config.report.gallery), series, pngs)
