@@ -180,6 +180,42 @@ def unstructure(config: RunConfig, source) -> None:
 
 @main.command()
 @config_options
+@click.argument("essay_file", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option("--chart-data", "chart_data", type=click.Path(dir_okay=False),
+              help="The chart's data table as CSV (header row first), for numeric precision and coverage.")
+@click.option("--golden", type=click.Path(dir_okay=False), help="A golden essay: chrF++ to it and closeness.")
+@click.option("--title", help="The chart's title (its unit, e.g. 'in million', scales the table).")
+@click.option("--variant", type=click.Choice(["structured", "unstructured"]),
+              help="The form the essay should have (structure failure modes checked accordingly).")
+def score(config: RunConfig, essay_file: str, chart_data: str | None, golden: str | None, title: str | None,
+          variant: str | None) -> None:
+    """Print JSON for one essay: words, structure, failure modes, numeric precision/coverage (and closeness to
+    a golden essay) — the same code as the report's per-model table and deterministic judge."""
+    from pathlib import Path
+
+    from pipeline.quality import score_essay
+    from pipeline.stages.ingest import Rejected, load_table
+
+    def read(path: str, what: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"score: cannot read {what} {path}: {exc.__class__.__name__}") from None
+
+    table = None
+    if chart_data:
+        try:
+            table, _ = load_table(Path(chart_data), "csv_table")
+        except Rejected as exc:
+            raise PipelineError(f"score: --chart-data: {exc}") from None
+    result = score_essay(read(essay_file, "essay"), table_rows=table, title=title, variant=variant,
+                         golden=read(golden, "golden essay") if golden else None,
+                         min_words=config.teacher.min_words, max_words=config.teacher.max_words)
+    click.echo(json.dumps({"file": essay_file, **result}, indent=1, ensure_ascii=False))
+
+
+@main.command()
+@config_options
 @click.option("--format", "fmt", type=click.Choice(["k8s", "argo", "skaffold"]), default="k8s", show_default=True,
               help="k8s: a folder of objects + kustomization.yaml (the driver's Jobs); argo: one Argo Workflows "
                    "Workflow file; skaffold: the skaffold.yaml that builds every stage image.")

@@ -273,3 +273,30 @@ def test_faithfulness_calibration_on_sample_tables(sample_dir):
     bare = calibration(sample_dir, labels=False)
     print("calibration without labels:", bare)
     assert bare["true"][1] >= 0.95 and bare["plus7"][1] <= 0.2 and bare["random"][1] <= 0.2
+
+
+def test_score_cli_on_a_sample_chart(sample_dir, tmp_path):
+    """``ielts-distill score`` on a real chart's CSV: the same numbers as numeric_scores, as JSON."""
+    import csv
+    import json
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    csv_path = sample_dir / "data" / "statista-multi_col-284.csv"  # palladium production by country
+    rows = list(csv.reader(csv_path.open(encoding="utf-8")))
+    assert rows[1][0] == "Russia" and rows[0][-1] == "2019*"
+    essay = tmp_path / "essay.txt"
+    essay.write_text(f"Russia produced {rows[1][-1]} metric tons in 2019, ahead of South Africa with "
+                     f"{rows[2][-1]}.\n\nCanada stood at 31 tons in 2019.", encoding="utf-8")
+    golden = tmp_path / "golden.txt"
+    golden.write_text("Russia produced 86 metric tons in 2019.", encoding="utf-8")
+    result = CliRunner().invoke(main, ["score", str(essay), "--chart-data", str(csv_path), "--golden", str(golden)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["numeric"]["figures"] == 3 and out["numeric"]["unmatched"] == ["31"]  # Canada: 20
+    assert out["numeric"]["precision"] == pytest.approx(2 / 3)
+    assert out["words"] > 10 and out["three_step"] is False and 0 < out["chrf_to_golden"] < 100
+    bad = CliRunner().invoke(main, ["score", str(essay), "--chart-data", str(tmp_path / "missing.csv")])
+    assert bad.exit_code == 1 and "score: --chart-data: data file missing: missing.csv" in bad.output
