@@ -191,14 +191,32 @@ class RecordSet:
         stale = self._record_keys() if self.store.exists(key) else []
         if stale:
             aside = f"{self.prefix}/{STALE}/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-            start = len(self.prefix) + 1
-            for k in stale:
-                self.store.put_bytes(f"{aside}/{k[start:]}", self.store.get_bytes(k))
+            self._move(stale, self.prefix, aside)
             self.store.put_text(f"{aside}/{INPUTS}", self.store.get_text(key))
-            for k in stale:
-                self.store.delete(k)
+            self.aside = aside
         self.store.put_text(key, fingerprint + "\n")
         return len(stale)
+
+    aside: str | None = None  # where keep_if_inputs last moved stale records
+
+    def restore_stale(self) -> int:
+        """Undo the last ``keep_if_inputs`` move when no new record was written since (the run failed before
+        replacing any): the records and their fingerprint go back. Returns how many records came back."""
+        if not self.aside or self._record_keys():
+            return 0
+        back = [k for k in self.store.list(self.aside + "/") if k.endswith(".json")]
+        self._move(back, self.aside, self.prefix)
+        self.store.put_text(f"{self.prefix}/{INPUTS}", self.store.get_text(f"{self.aside}/{INPUTS}"))
+        self.store.delete(f"{self.aside}/{INPUTS}")
+        self.aside = None
+        return len(back)
+
+    def _move(self, keys: list[str], src: str, dst: str) -> None:
+        """Copy then delete (stores have no rename); a crash in between leaves a copy, never nothing."""
+        for k in keys:
+            self.store.put_bytes(f"{dst}/{k[len(src) + 1:]}", self.store.get_bytes(k))
+        for k in keys:
+            self.store.delete(k)
 
 
 class Claims:

@@ -221,10 +221,16 @@ def test_force_with_a_missing_key_loses_nothing(tmp_path, sample_dir, monkeypatc
         monkeypatch.setenv("JUDGE_KEY", "jk-5f1e2d3c4b")
         config.judge.model = "fake-judge"
         assert run_stage(config, store, "judge") and llm.total == paid  # every verdict was still there
-        config.judge.model = "another-judge"  # a real change of judge: old verdicts moved aside, not deleted
-        assert run_stage(config, store, "judge", force=True) and llm.total == 2 * paid
+        config.judge.model = "another-judge"  # a real change of judge, but the endpoint fails at once:
+        llm.rule = lambda key, n: "500"  # the old verdicts are set aside, then put back (none replaced)
+        with pytest.raises(StageError, match="failing .* left without a record|pending: rerun"):
+            run_stage(config, store, "judge", force=True)
+        assert records_of(store, "judge", config.run.id) == before
+        assert not [k for k in store.list(f"{config.run.id}/judge/records/_stale/") if k.endswith(".json")]
+        llm.rule, paid = None, llm.total
+        assert run_stage(config, store, "judge", force=True) and llm.total == paid + len(before)
     aside = [k for k in store.list(f"{config.run.id}/judge/records/_stale/") if k.endswith(".json")]
-    assert len(aside) == paid
+    assert len(aside) == len(before)  # moved aside, not deleted
 
 
 def test_teacher_check_catches_what_would_fail_before_paying(tmp_path, sample_dir, monkeypatch):

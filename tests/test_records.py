@@ -83,6 +83,9 @@ def test_records_of_changed_inputs_are_dropped(store):
     aside = [k for k in store.list("run/generate/records/_stale/")]  # moved aside, never deleted
     assert [k.split("/", 5)[-1] for k in aside] == ["_INPUTS", "baseline/a.json", "baseline/b.json"]
     assert store.get_json(aside[1]) == {"essay": "x"}
+    assert rs.restore_stale() == 2  # the run failed before writing a new record: they come back
+    assert rs.done_ids() == {"baseline/a", "baseline/b"} and not list(store.list("run/generate/records/_stale/"))
+    assert rs.keep_if_inputs(fingerprint({"adapter": "v1"}, 48)) == 0  # and so does their fingerprint
     assert fingerprint({"b": 1, "a": 2}) == fingerprint({"a": 2, "b": 1}) != fingerprint({"a": 1})
 
 

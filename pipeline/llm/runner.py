@@ -340,15 +340,34 @@ async def _quietly(awaitable: Awaitable[Any]) -> None:
 
 def run_stage_items(ctx: StageContext, llm_cfg: LLMSection, items: Sequence[T],
                     handle: Callable[[T, LLMClient], Awaitable[dict[str, Any]]], *, item_id: Callable[[T], str],
-                    noun: str = "items", **kwargs: Any) -> RunSummary:
-    """A sharded stage's LLM work in one call: store what an earlier run spilled, list this shard's pending
-    items (none: return at once, without starting anything), start the embedded server if configured, give
-    this shard its share of ``budget_usd`` (shards split it evenly), ``run_items`` over ``ctx.records()`` and
-    ``ctx.shard``, and raise StageError when the run stopped early or items stay pending after transient
-    errors ("N items pending: rerun"). ``kwargs`` go to run_items (``outcome``, ``reason``)."""
-    name = ctx.stage
+                    noun: str = "items", inputs: str | None = None, **kwargs: Any) -> RunSummary:
+    """A sharded stage's LLM work in one call: store what an earlier run spilled, set aside records made from
+    other ``inputs`` (a fingerprint, see RecordSet.keep_if_inputs; they come back if this run fails before
+    writing a new record), list this shard's pending items (none: return at once, without starting
+    anything), start the embedded server if configured, give this shard its share of ``budget_usd`` (shards
+    split it evenly), ``run_items`` over ``ctx.records()`` and ``ctx.shard``, and raise StageError when the
+    run stopped early or items stay pending after transient errors ("N items pending: rerun").
+    ``kwargs`` go to run_items (``outcome``, ``reason``)."""
     records = ctx.records()
     store_spilled(records)
+    stale = records.keep_if_inputs(inputs) if inputs is not None else 0
+    if stale:
+        log.warning("%s: inputs changed since the last run: %d stale %s moved to %s", ctx.stage, stale, noun,
+                    ctx.store.url(records.aside or ""))
+    try:
+        return _run_stage_items(ctx, llm_cfg, items, handle, records, item_id, noun, **kwargs)
+    except BaseException:
+        try:
+            if stale and records.restore_stale():
+                log.warning("%s: no new record written: the %d set-aside %s are back", ctx.stage, stale, noun)
+        except StoreError:
+            pass  # the store is down: they stay under _stale/
+        raise
+
+
+def _run_stage_items(ctx: StageContext, llm_cfg: LLMSection, items: Sequence[T], handle, records: RecordSet,
+                     item_id: Callable[[T], str], noun: str, **kwargs: Any) -> RunSummary:
+    name = ctx.stage
     ids = [item_id(i) for i in items]
     pending = records.pending(ids, ctx.shard)
     if not pending:

@@ -203,10 +203,6 @@ def run(ctx: StageContext) -> None:
     plan = check(ctx)  # before any verdict is moved aside
     llm_cfg = ctx.config.judge_llm()
     template = load_template(ctx.config.judge.template)
-    stale = ctx.records().keep_if_inputs(inputs_fingerprint(ctx, plan))
-    if stale:
-        ctx.log.warning("judge: the essays or the judge changed since the last run: %d stale verdicts moved to "
-                        "%s/_stale/", stale, ctx.store.url(ctx.records().prefix))
     ctx.log.info("judge: %d requests planned (%d comparisons x 2 orders), shard %s; judge %s%s",
                  len(plan.items), len(ctx.config.judge.comparisons), ctx.shard, llm_cfg.model,
                  " with the chart image" if llm_cfg.vision else "")
@@ -223,7 +219,8 @@ def run(ctx: StageContext) -> None:
                                **overrides)
 
     run_stage_items(ctx, llm_cfg, plan.items, handle, item_id=lambda i: i.id, noun="requests",
-                    outcome=lambda r: r["verdict"], reason=lambda r: r.get("reason"))
+                    inputs=inputs_fingerprint(ctx, plan), outcome=lambda r: r["verdict"],
+                    reason=lambda r: r.get("reason"))
     finish(ctx, plan)
 
 
