@@ -218,6 +218,7 @@ def test_force_with_a_missing_key_loses_nothing(tmp_path, sample_dir, monkeypatc
             run_stage(config, store, "judge", force=True)
         assert records_of(store, "judge", config.run.id) == before and llm.total == paid
         assert not list(store.list(f"{config.run.id}/judge/records/_stale/"))
+        assert store.exists(f"{config.run.id}/judge/_SUCCESS")  # validated before anything was cleared
         monkeypatch.setenv("JUDGE_KEY", "jk-5f1e2d3c4b")
         config.judge.model = "fake-judge"
         assert run_stage(config, store, "judge") and llm.total == paid  # every verdict was still there
