@@ -65,3 +65,15 @@ def test_a_bug_inside_a_request_is_not_an_api_error(llm):
         asyncio.run(go())
     assert llm.total == 0 and client.usage.failed == 0 and client.usage.retries == 0
     assert not isinstance(TypeError(), LLMError)
+
+
+def test_timed_out_requests_are_counted_as_possibly_billed(tmp_path, llm):
+    """A request past timeout_s may still be finished (and billed) by the server: counted apart, and the item
+    stays pending (no record) when the retries run out."""
+    llm.hang_s = 1.0
+    llm.rule = lambda key, n: "timeout" if key == "slow" else None
+    records = RecordSet(LocalStore(tmp_path), "run/teacher/records")
+    summary = run_items(["fast", "slow"], _ask, records=records, item_id=str,
+                        client=_client(llm, "teacher.timeout_s=0.3", "teacher.max_retries=1"))
+    assert summary.usage.timeouts == 2 and summary.transient.keys() == {"slow"}
+    assert records.done_ids() == {"fast"} and "2 timed out (possibly billed)" in summary.line("teacher")

@@ -4,7 +4,7 @@ requests are counted on the test server (tests/fake_llm.py)."""
 
 from __future__ import annotations
 
-import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -127,9 +127,31 @@ def test_s3_outage_mid_judge_pays_each_request_once(s3_proxy, sample_dir, tmp_pa
         assert run_stage(config, store, "judge")
         assert proxy.downs == 1 and len(llm.requests) > 8
     rows = store.get_jsonl(f"{config.run.id}/judge/verdicts.jsonl")
+    # each verdict needs one request at least: as many requests as verdicts = none paid for twice
     assert len(llm.requests) == len(rows) and all(r["verdict"] in ("a", "b") for r in rows)
-    sent = {(json.dumps(r["messages"])) for r in llm.requests}
-    assert len(sent) == len(llm.requests)  # no request sent twice
+
+
+@pytest.mark.slow
+def test_two_judge_processes_on_one_run_pay_each_request_once(tmp_path, sample_dir):
+    import subprocess
+    import sys
+
+    import yaml
+
+    with FakeLLM(latency=0.05, key_pattern=JUDGE_TITLE, reply=lambda r, k: "<SECOND>") as llm:
+        config = seed_run(str(tmp_path / "s"), sample_dir, tmp_path, overrides=(
+            f"judge.base_url={llm.base_url}", "judge.model=fake-judge", "judge.concurrency=3"))
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        cli = str(Path(sys.executable).parent / "ielts-distill")
+        procs = [subprocess.Popen([cli, "stage", "judge", "--config", str(path)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+    rows = store_for(config).get_jsonl(f"{config.run.id}/judge/verdicts.jsonl")
+    # each verdict needs one request at least: as many requests as verdicts = none paid for twice
+    assert len(llm.requests) == len(rows) > 0
+    assert all(re.search(r"judge: [1-9]\d* [ab]", out) for out in outs), outs  # both did a share
 
 
 # --------------------------------------------------------------------------- the endpoint goes away
