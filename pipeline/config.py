@@ -214,6 +214,14 @@ class JudgeSection(LLMSection):
     # Constrain the answer to exactly "<FIRST>" or "<SECOND>" with a GBNF grammar in the request body
     # (llama.cpp servers, e.g. the embedded demo judge, which cannot follow the format otherwise).
     answer_grammar: bool = False
+    # The golden essay the judge sees: prose (structure markers stripped: neutral between the variants),
+    # structured (as the teacher wrote it), or variant (the layout of the fine-tuned model(s) in the pair;
+    # prose when the pair mixes layouts).
+    golden_form: Literal["prose", "structured", "variant"] = "prose"
+    # Judge self-test: planted pairs (golden vs a corrupted copy) on this many test charts, judged in both
+    # orders like every pair; win rates are flagged untrustworthy below selftest_min_accuracy. 0: off.
+    selftest_charts: int = Field(10, ge=0)
+    selftest_min_accuracy: float = Field(0.9, ge=0, le=1)
 
 
 class ReportSection(Section):

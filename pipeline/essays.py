@@ -40,11 +40,11 @@ _STEP = re.compile(
     rf"(?:<\s*(?P<angled>[^<>\n]{{1,80}}?)\s*:?\s*>|(?P<bare>[A-Za-z][A-Za-z ,/&-]{{2,60}}?)\s*(?={_B}\s*:))"
     rf"\s*{_B}\s*:?\s*{_B}\s*(?P<rest>.*)$")
 _PARA = re.compile(rf"^\s*(?:#+\s*)?{_B}\s*(?:body\s+)?paragraph\s*\d+\s*(?:\([^()\n]{{0,60}}\)\s*)?{_B}\s*"
-                   rf"(?:[:.)\-\u2013\u2014]\s*{_B}\s*(?P<rest>.*)|$)", re.I)
+                   rf"(?:[:.)\-\u2013\u2014]\s*{_B}\s*(?P<rest>.*)|$)", re.IGNORECASE)
 _WORDS = (  # step 1, 2, 3: words that name the step when a header has no number
-    re.compile(r"describ|graph description|introduc", re.I),
-    re.compile(r"key points|trends|body|compar", re.I),
-    re.compile(r"summar|overview|conclu", re.I),
+    re.compile(r"describ|graph description|introduc", re.IGNORECASE),
+    re.compile(r"key points|trends|body|compar", re.IGNORECASE),
+    re.compile(r"summar|overview|conclu", re.IGNORECASE),
 )
 _OPENERS = set('"\u201c\u201e\u00ab')  # straight and curly double quotes, low-9 and guillemet
 _CLOSERS = set('"\u201d\u201c\u00bb')
@@ -180,3 +180,18 @@ def word_count(text: str) -> int:
     "1989" count once and a lone dash does not (close to how IELTS examiners count).
     """
     return sum(1 for p in essay_paragraphs(text) for tok in p.split() if any(ch.isalnum() for ch in tok))
+
+
+def golden_view(text: str, form: str, models: tuple[str, ...] = ()) -> str:
+    """The golden essay as the judge is shown it (``judge.golden_form``): ``structured`` as written;
+    ``prose`` its paragraphs without step headers, labels or quotes; ``variant`` structured when the
+    fine-tuned model(s) among ``models`` are all the structured one, else prose."""
+    if form == "structured":
+        return text
+    if form == "variant":
+        tuned = {m for m in models if m in ("structured", "unstructured")}
+        if tuned == {"structured"}:
+            return text
+    elif form != "prose":
+        raise ValueError(f"unknown golden form {form!r} (expected prose, structured or variant)")
+    return "\n\n".join(essay_paragraphs(text))

@@ -405,3 +405,43 @@ def score_essay(text: str, *, table_rows: Iterable[Iterable[Any]] | None = None,
             "paragraphs": len(essay_paragraphs(text)), "failure_modes": modes, "finish": finish,
             "numeric": numeric, "chrf_to_golden": chrf,
             "closeness": closeness(chrf, numeric["precision"] if numeric else None, bool(rows))}
+
+
+# --------------------------------------------------------------------------- the judge's self-test
+
+PLANTED = ("figures", "truncated", "questions", "bullets", "other_chart")
+
+
+def _perturb_figures(text: str, rng) -> str:
+    """Every data figure but years moved by 20-50 % up or down, written with the same number of decimals."""
+    def moved(m: re.Match) -> str:
+        value = float(m.group(1).replace(",", "") + (m.group(2) or ""))
+        year = not (m.group(2) or m.group(3)) and 1900 <= value <= 2100
+        if year or not _is_data(m.group(0).strip(), value):
+            return m.group(0)
+        decimals = len(m.group(2) or ".") - 1
+        new = value * rng.choice((rng.uniform(1.2, 1.5), rng.uniform(0.5, 0.8)))
+        digits = f"{new:,.{decimals}f}" if "," in m.group(1) else f"{new:.{decimals}f}"
+        return digits + m.string[m.end(2) if m.group(2) else m.end(1):m.end()]
+
+    return _NUMBER.sub(moved, text)
+
+
+def planted(golden: str, kind: str, other: str, rng) -> str:
+    """A copy of the (prose) golden essay that is worse in one known way, for the judge's self-test:
+    ``figures`` perturbed, ``truncated`` mid-sentence, rewritten as ``questions`` or ``bullets``, or the
+    golden essay of ``other_chart``."""
+    sentences = [s.strip() for s in _SENTENCE.split(" ".join(essay_paragraphs(golden))) if s.strip()]
+    if kind == "figures":
+        return _perturb_figures(golden, rng)
+    if kind == "truncated":
+        words = golden.split()
+        return " ".join(words[: max(3, int(len(words) * rng.uniform(0.35, 0.6)))]).rstrip(".,;:!?")
+    if kind == "questions":
+        return "\n".join(f"{i}. What does the chart say about this: {s.rstrip('.!?')}?"
+                         for i, s in enumerate(sentences, 1))
+    if kind == "bullets":
+        return "\n".join(f"- {s}" for s in sentences)
+    if kind == "other_chart":
+        return other
+    raise ValueError(f"unknown planted corruption {kind!r} (expected one of {', '.join(PLANTED)})")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import base64
 from collections import Counter
-from pathlib import Path
 
 import pytest
-
 from eval_helpers import seed_run, split_charts
 from fake_llm import FakeLLM
+
 from pipeline.context import StageContext, store_for
 from pipeline.errors import StageError
+from pipeline.essays import golden_view
 from pipeline.executors.local import run_stage
 from pipeline.llm import LLMClient
 from pipeline.records import Shard
@@ -54,7 +54,7 @@ def fair(request: dict, key: str) -> str:
 def setup_run(store_uri, sample_dir, tmp_path, llm: FakeLLM, *extra: str):
     config = seed_run(store_uri, sample_dir, tmp_path, overrides=(
         f"judge.base_url={llm.base_url}", "judge.model=fake-judge", "judge.timeout_s=2", "judge.max_retries=1",
-        *extra))
+        "judge.selftest_charts=0", *extra))  # the self-test's planted pairs: test_selftest_* below
     return config, store_for(config)
 
 
@@ -82,7 +82,8 @@ def test_fair_judge_both_orders_with_image(store_uri, sample_dir, tmp_path):
         assert text.startswith("Decide which plot description resembles the one below more")
         title = next(t for t in (c["title"] for c in charts.values()) if f"\n    {t}\n" in text)
         cid = next(i for i, c in charts.items() if c["title"] == title)
-        assert golden[cid] in text
+        assert golden_view(golden[cid], "prose") in text  # judge.golden_form: prose by default
+        assert "<Describe a graph>" not in text.split("<FIRST>")[0]
         image = next(p for p in request["messages"][0]["content"] if p["type"] == "image_url")["image_url"]["url"]
         assert base64.b64decode(image.split(",", 1)[1]) == store.get_bytes(charts[cid]["image"])
     record = store.get_json(f"{config.run.id}/judge/records/structured-vs-baseline/{next(iter(charts))}/ba.json")
@@ -206,3 +207,77 @@ def test_changed_essays_make_old_verdicts_stale(tmp_path, sample_dir):
         assert len(llm.requests) == 2 * total  # every pair judged again, on the new essays
         assert all(first_text(r).count("Revised.") == 2 for r in llm.requests[total:])
         assert len(verdicts(store, config)) == total
+
+
+# --------------------------------------------------------------------------- the judge's self-test
+
+
+def golden_shown(request: dict) -> str:
+    """The golden essay of a judge request (between the title line and <FIRST>)."""
+    head = first_text(request).split("\n\n    <FIRST>")[0]
+    return head.split("ought to compare to:\n", 1)[1].split("\n", 1)[1]
+
+
+def faithful(request: dict, key: str) -> str:
+    """Picks the essay whose prose is the golden essay's prose; otherwise judges like ``fair``."""
+    first, second = shown(request)
+    golden = " ".join(golden_view(golden_shown(request), "prose").split())
+    for tag, essay in (("<FIRST>", first), ("<SECOND>", second)):
+        if " ".join(golden_view(essay, "prose").split()) == golden:
+            return tag
+    return fair(request, key)
+
+
+def test_selftest_planted_pairs_in_both_orders(tmp_path, sample_dir):
+    from pipeline.quality import PLANTED, numbers_in
+
+    with FakeLLM(reply=faithful, key_pattern=TITLE_KEY) as llm:
+        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm, "judge.selftest_charts=3",
+                                  "judge.golden_form=structured")
+        assert run_stage(config, store, "judge")
+        charts = split_charts(store, config)
+        rows = verdicts(store, config)
+        planted = [r for r in rows if r["a"] == "golden"]
+        # 3 charts per corruption, but "figures" only where the golden essay quotes figures
+        picked = {r["chart_id"] for r in rows if r["b"] == "selftest-truncated"}
+        golden = {r["chart_id"]: r["essay"] for r in store.get_jsonl(f"{config.run.id}/teacher/essays.jsonl")}
+        with_figures = {cid for cid in picked if numbers_in(golden[cid])}
+        assert len(picked) == 3 and 0 < len(with_figures) < 3
+        assert {r["chart_id"] for r in rows if r["b"] == "selftest-figures"} == with_figures
+        assert len(rows) == len(llm.requests) == 3 * len(charts) * 2 + ((len(PLANTED) - 1) * 3 + len(with_figures)) * 2
+        assert {r["b"] for r in planted} == {f"selftest-{k}" for k in PLANTED}
+        assert Counter((r["b"], r["chart_id"]) for r in planted).most_common(1)[0][1] == 2  # both orders
+        assert all(r["verdict"] == "a" for r in planted)  # this judge recognises the golden essay
+        # the golden essay shown is the teacher's as written (golden_form: structured); planted essays are prose
+        assert all(golden_shown(r).lstrip().startswith("1. <Describe a graph>") for r in llm.requests)
+        assert run_stage(config, store, "report")
+    summary = store.get_json(f"{config.run.id}/report/summary.json")
+    assert summary["selftest"]["accuracy"] == 1.0 and summary["selftest"]["trustworthy"] is True
+    assert set(summary["selftest"]["by_corruption"]) == set(PLANTED)
+    assert {c["comparison"] for c in summary["comparisons"]} == set(COMPARISONS)
+
+
+def test_selftest_catches_a_position_biased_judge(tmp_path, sample_dir):
+    with FakeLLM(reply=lambda request, key: "<FIRST>", key_pattern=TITLE_KEY) as llm:
+        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm, "judge.selftest_charts=2",
+                                  "judge.comparisons=[[structured, baseline]]")
+        assert run_stage(config, store, "judge") and run_stage(config, store, "report")
+    summary = store.get_json(f"{config.run.id}/report/summary.json")
+    st = summary["selftest"]
+    assert (st["accuracy"], st["flipped"], st["trustworthy"]) == (0.0, st["n"], False)
+    assert summary["warnings"][0].startswith("Judge self-test:") and "untrustworthy" in summary["warnings"][0]
+
+
+def test_golden_view_forms():
+    from eval_helpers import golden_essay
+
+    text = golden_essay({"title": "Sales by year", "table": [["Year", "Sales"], ["2019", "12.5"]]})
+    prose = golden_view(text, "prose")
+    assert "<Describe a graph>" not in prose and "Paragraph 1" not in prose and '"' not in prose
+    assert prose.startswith("The chart illustrates sales by year.") and prose.count("\n\n") == 3
+    assert golden_view(text, "structured") == text
+    assert golden_view(text, "variant", ("structured", "baseline")) == text  # the structured student's layout
+    assert golden_view(text, "variant", ("unstructured", "structured")) == prose  # mixed: neutral prose
+    assert golden_view(text, "variant", ("unstructured", "baseline")) == prose
+    with pytest.raises(ValueError, match="unknown golden form 'bold'"):
+        golden_view(text, "bold")

@@ -300,3 +300,19 @@ def test_score_cli_on_a_sample_chart(sample_dir, tmp_path):
     assert out["words"] > 10 and out["three_step"] is False and 0 < out["chrf_to_golden"] < 100
     bad = CliRunner().invoke(main, ["score", str(essay), "--chart-data", str(tmp_path / "missing.csv")])
     assert bad.exit_code == 1 and "score: --chart-data: data file missing: missing.csv" in bad.output
+
+
+def test_planted_corruptions_are_worse_in_the_named_way():
+    import random
+
+    from pipeline.essays import golden_view
+    from pipeline.quality import PLANTED, planted
+
+    prose = golden_view(GOOD, "prose")
+    out = {k: planted(prose, k, "Another chart's essay.", random.Random(k)) for k in PLANTED}
+    assert numeric_scores(prose, TABLE)["precision"] == 1.0
+    moved = numeric_scores(out["figures"], TABLE)
+    assert moved["precision"] == 0.0 and "1995" in out["figures"]  # every figure but the years moved
+    assert not out["truncated"].rstrip().endswith(".") and len(out["truncated"]) < 0.7 * len(prose)
+    assert "question_list" in failure_modes(out["questions"]) and "bullets" in failure_modes(out["bullets"])
+    assert out["other_chart"] == "Another chart's essay."

@@ -25,6 +25,11 @@ def pattern(n: int) -> dict[tuple[str, str], list[tuple[str, str]]]:
             ("unstructured", "structured"): [("a", "b"), ("b", "a")] * (n // 2) + [("a", "b")] * (n % 2)}
 
 
+# planted pairs (golden vs a worse copy): 13 of 15 correct, two flips on truncated essays -> 86.7 % < 90 %
+SELFTEST = {"figures": [("a", "a")] * 5, "truncated": [("a", "a")] * 3 + [("a", "b"), ("b", "a")],
+            "bullets": [("a", "a")] * 5}
+
+
 def loss_png() -> bytes:
     from PIL import Image, ImageDraw
 
@@ -56,6 +61,11 @@ def report(tmp_path_factory, sample_dir):
                       "verdict": v, "raw_answer": "<FIRST>", "attempts": 1,
                       "usage": {"prompt_tokens": 100, "completion_tokens": 2}, "cost_usd": 0.001}
                      for order, v in zip(("ab", "ba"), orders)]
+    for kind, per_chart in SELFTEST.items():  # the judge's self-test on the first 5 test charts
+        for chart, orders in zip(charts, per_chart):
+            rows += [{"comparison": f"golden-vs-selftest-{kind}", "a": "golden", "b": f"selftest-{kind}",
+                      "chart_id": chart["id"], "order": order, "verdict": v, "raw_answer": "<FIRST>", "attempts": 1,
+                      "usage": {}, "cost_usd": 0.0} for order, v in zip(("ab", "ba"), orders)]
     store.put_jsonl(judge.key("verdicts.jsonl"), rows)
     judge.complete({})
     finetune = StageContext(config, store, "finetune")
@@ -90,7 +100,8 @@ def test_win_rates_match_hand_computation(report):
             assert sum(bt[field] for bt in c["by_type"].values()) == c[field]
         assert set(c["by_type"]) == {ch["type"] for ch in report["charts"]}
         assert "win_rate" in c["length_controlled"]
-    assert report["summary"]["judge"]["cost_usd"] == pytest.approx(0.001 * 6 * n)
+    assert report["summary"]["judge"]["cost_usd"] == pytest.approx(0.001 * 6 * n)  # self-test rows cost 0 here
+    assert report["summary"]["judge"]["requests"] == 6 * n + 30
 
 
 def test_quality_per_model(report):
@@ -119,7 +130,24 @@ def test_quality_per_model(report):
     assert models["baseline"]["finish_known"] == 0 and models["baseline"]["failure_shares"]["truncated"] is None
     cut = report["summary"]["truncation"]
     assert (cut["hit_limit"], cut["finish_known"], cut["over_limit"]) == (1, 14, True)
-    assert report["summary"]["warnings"][0].startswith("1 of 14 generated essays (7.1 %) hit the token limit")
+    assert report["summary"]["warnings"][1].startswith("1 of 14 generated essays (7.1 %) hit the token limit")
+
+
+def test_judge_selftest_comes_first_and_flags_the_win_rates(report):
+    st = report["summary"]["selftest"]
+    assert (st["n"], st["correct"], st["flipped"], st["min_accuracy"], st["trustworthy"]) == (15, 13, 2, 0.9, False)
+    assert st["accuracy"] == pytest.approx(13 / 15) and st["ci95"] == pytest.approx([0.6212, 0.9626], abs=1e-4)
+    assert {k: (v["n"], v["correct"]) for k, v in st["by_corruption"].items()} == \
+        {"bullets": (5, 5), "figures": (5, 5), "truncated": (5, 3)}
+    assert report["summary"]["warnings"][0].startswith("Judge self-test: the judge preferred the golden essay "
+                                                       "over a planted worse copy in both orders in 13 of 15 pairs")
+    assert all(c["trustworthy"] is False for c in report["summary"]["comparisons"])
+    assert report["summary"]["judge"]["golden_form"] == "prose"
+    md = (report["dir"] / "report.md").read_text()
+    assert md.index("## Judge self-test") < md.index("## Win rates (untrustworthy: the judge failed its self-test)")
+    assert "| truncated | 5 | 3 | 60.0 % |" in md and "Golden essay shown to the judge: prose" in md
+    html = (report["dir"] / "report.html").read_text()
+    assert html.index("<h2>Judge self-test</h2>") < html.index("<h2>Win rates")
 
 
 def test_deterministic_judge(report):

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.artifacts import ORDERS
+from pipeline.artifacts import ORDERS, SELFTEST_GOLDEN, SELFTEST_PREFIX
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -24,6 +24,10 @@ LABELS = {"teacher": "golden (teacher)", "baseline": "baseline", "structured": "
           "unstructured": "fine-tuned unstructured"}
 
 
+def is_selftest(verdict: dict[str, Any]) -> bool:
+    return verdict["a"] == SELFTEST_GOLDEN and verdict["b"].startswith(SELFTEST_PREFIX)
+
+
 @dataclass
 class Inputs:
     """Everything the report reads from the store, keyed for quick lookup."""
@@ -34,6 +38,11 @@ class Inputs:
     test_ids: list[str]
     training: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> metrics rows, loss.png
     generated: list[dict[str, Any]] = field(default_factory=list)  # generate's rows (finish, tokens, ...)
+
+    @property
+    def judged(self) -> list[dict[str, Any]]:
+        """The verdicts of the configured comparisons (the self-test's planted pairs left out)."""
+        return [v for v in self.verdicts if not is_selftest(v)]
 
     @property
     def models(self) -> list[str]:
@@ -174,7 +183,7 @@ def comparison_pairs(inputs: Inputs) -> dict[tuple[str, str], list]:
     from pipeline.stats import Pair
 
     grouped: dict[tuple[str, str], dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
-    for v in inputs.verdicts:
+    for v in inputs.judged:
         grouped[(v["a"], v["b"])][v["chart_id"]][v["order"]] = v["verdict"]
     out = {}
     for (a, b), by_chart in grouped.items():
@@ -267,12 +276,43 @@ def deterministic(config: RunConfig, inputs: Inputs, scores: Scores,
             "margin": DETERMINISTIC_MARGIN, "comparisons": out}
 
 
+# --------------------------------------------------------------------------- the judge's self-test
+
+
+def _accuracy(outcomes: list[str]) -> dict[str, Any]:
+    from pipeline.stats import wilson
+
+    correct = sum(o == "win" for o in outcomes)
+    counts = Counter(outcomes)
+    return {"n": len(outcomes), "correct": correct, "accuracy": _share(correct, len(outcomes)),
+            "ci95": wilson(correct, len(outcomes)), "flipped": counts["tie"], "wrong": counts["loss"],
+            "invalid": counts["invalid"]}
+
+
+def selftest(inputs: Inputs, min_accuracy: float) -> dict[str, Any] | None:
+    """The judge's accuracy on planted pairs (golden vs a copy made worse in a known way): a pair is correct
+    when both orders pick the golden essay; a flip, a wrong pick or an invalid answer is not."""
+    from pipeline.stats import combine
+
+    grouped: dict[str, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
+    for v in inputs.verdicts:
+        if is_selftest(v):
+            grouped[v["b"][len(SELFTEST_PREFIX):]][v["chart_id"]][v["order"]] = v["verdict"]
+    if not grouped:
+        return None
+    outcomes = {kind: [combine(tuple(o[x] for x in ORDERS if x in o)) for o in by_chart.values()]
+                for kind, by_chart in grouped.items()}
+    overall = _accuracy([o for kind in outcomes.values() for o in kind])
+    return {**overall, "min_accuracy": min_accuracy, "trustworthy": overall["accuracy"] >= min_accuracy,
+            "by_corruption": {kind: _accuracy(o) for kind, o in sorted(outcomes.items())}}
+
+
 # --------------------------------------------------------------------------- gallery
 
 
 def gallery_ids(inputs: Inputs, count: int) -> list[str]:
     """Up to ``count`` judged test charts, alternating chart types so each type is shown."""
-    judged = sorted({v["chart_id"] for v in inputs.verdicts})
+    judged = sorted({v["chart_id"] for v in inputs.judged})
     by_type: dict[str, list[str]] = {}
     for cid in judged:
         by_type.setdefault(inputs.charts.get(cid, {}).get("type", "unknown"), []).append(cid)
@@ -290,7 +330,7 @@ def gallery(inputs: Inputs, scores: Scores, count: int) -> list[dict[str, Any]]:
     from pipeline.stats import combine
 
     verdicts: dict[str, dict[tuple[str, str], dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
-    for v in inputs.verdicts:
+    for v in inputs.judged:
         verdicts[v["chart_id"]][(v["a"], v["b"])][v["order"]] = v["verdict"]
     out = []
     for cid in gallery_ids(inputs, count):
@@ -329,7 +369,16 @@ def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
     models = model_quality(scores)
     pairs = comparison_pairs(inputs)
     cut = truncation(scores)
+    check = selftest(inputs, config.judge.selftest_min_accuracy)
     warnings = []
+    if check and not check["trustworthy"]:
+        warnings.append(f"Judge self-test: the judge preferred the golden essay over a planted worse copy in both "
+                        f"orders in {check['correct']} of {check['n']} pairs ({pct(check['accuracy'])}, 95 % CI "
+                        f"{ci_text(check['ci95'])}), below judge.selftest_min_accuracy "
+                        f"{pct(check['min_accuracy'])}: the LLM judge's win rates below are untrustworthy.")
+    elif check is None and inputs.judged:
+        warnings.append("No judge self-test in this run (judge.selftest_charts: 0, or verdicts from before it "
+                        "existed): the LLM judge's win rates are unchecked.")
     if cut["over_limit"]:
         warnings.append(f"{cut['hit_limit']} of {cut['finish_known']} generated essays ({pct(cut['share'])}) hit "
                         "the token limit (finish 'length'): raise generate.max_new_tokens; cut essays lose to "
@@ -337,12 +386,15 @@ def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
     summary = {
         "run_id": run_id,
         "warnings": warnings,
+        "selftest": check,
         "judge": {"model": judge.model, "template": config.judge.template, "vision": judge.vision,
+                  "golden_form": config.judge.golden_form,
                   "requests": sum(int(v.get("attempts") or 1) for v in inputs.verdicts),
                   "usage": dict(usage),
                   "cost_usd": round(sum(float(v.get("cost_usd") or 0) for v in inputs.verdicts), 6)},
         "test_charts": len(inputs.test_ids),
-        "comparisons": comparisons(config, pairs),
+        "comparisons": [{**c, "trustworthy": None if check is None else check["trustworthy"]}
+                        for c in comparisons(config, pairs)],
         "deterministic": deterministic(config, inputs, scores, pairs),
         "models": models,
         "seed_modes": list(SEED_MODES),

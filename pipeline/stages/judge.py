@@ -160,7 +160,33 @@ def make_plan(ctx: StageContext) -> Plan:
         ids = [cid for cid in test if cid in essays[a] and cid in essays[b] and cid in golden and cid in charts]
         for cid in ids[: cfg.limit] if cfg.limit else ids:
             items += [Item(a, b, cid, order) for order in ORDERS]
+    items += selftest_items(cfg.selftest_charts, test, golden, charts, essays)
     return Plan(items, charts, golden, essays)
+
+
+def selftest_items(count: int, test: list[str], golden: dict[str, str], charts: dict[str, Any],
+                   essays: dict[str, dict[str, str]]) -> list[Item]:
+    """The judge's self-test: on ``count`` test charts (by stable hash), the golden essay in prose against a
+    copy made worse in one known way (:data:`pipeline.quality.PLANTED`), judged in both orders like every
+    pair (a chart whose golden essay the corruption leaves unchanged is skipped). Adds them to ``essays``."""
+    import random
+
+    from pipeline.essays import golden_view
+    from pipeline.quality import PLANTED, planted
+    from pipeline.records import stable_hash
+
+    ids = sorted((c for c in test if c in golden and c in charts), key=lambda c: stable_hash(c, "selftest"))[:count]
+    prose = {cid: golden_view(golden[cid], "prose") for cid in ids}
+    items = []
+    for kind in PLANTED if len(ids) > 1 else [k for k in PLANTED if k != "other_chart"]:
+        model = artifacts.SELFTEST_PREFIX + kind
+        worse = {cid: planted(prose[cid], kind, prose[ids[(i + 1) % len(ids)]], random.Random(f"{cid}/{kind}"))
+                 for i, cid in enumerate(ids)}
+        essays[model] = {cid: text for cid, text in worse.items() if text != prose[cid]}  # e.g. no figures to move
+        items += [Item(artifacts.SELFTEST_GOLDEN, model, cid, order) for cid in essays[model] for order in ORDERS]
+    if ids:
+        essays[artifacts.SELFTEST_GOLDEN] = prose
+    return items
 
 
 def inputs_fingerprint(ctx: StageContext, plan: Plan) -> str:
@@ -169,8 +195,8 @@ def inputs_fingerprint(ctx: StageContext, plan: Plan) -> str:
     from pipeline.records import fingerprint
 
     judge, llm = ctx.config.judge, ctx.config.judge_llm()
-    return fingerprint(plan.golden, plan.essays, judge.template, judge.answer_grammar, llm.model, llm.vision,
-                       llm.temperature, llm.max_tokens)
+    return fingerprint(plan.golden, plan.essays, judge.template, judge.golden_form, judge.answer_grammar, llm.model,
+                       llm.vision, llm.temperature, llm.max_tokens)
 
 
 def progress(ctx: StageContext) -> tuple[int, int | None]:
@@ -198,6 +224,7 @@ def check(ctx: StageContext) -> Plan:
 
 
 def run(ctx: StageContext) -> None:
+    from pipeline.essays import golden_view
     from pipeline.llm import run_stage_items
 
     plan = check(ctx)  # before any verdict is moved aside
@@ -212,8 +239,9 @@ def run(ctx: StageContext) -> None:
     async def handle(item: Item, client) -> dict[str, Any]:
         chart = plan.charts[item.chart_id]
         first, second = item.first_second
-        prompt = build_prompt(template, chart["title"], plan.golden[item.chart_id],
-                              plan.essays[first][item.chart_id], plan.essays[second][item.chart_id])
+        golden = golden_view(plan.golden[item.chart_id], ctx.config.judge.golden_form, (item.a, item.b))
+        prompt = build_prompt(template, chart["title"], golden, plan.essays[first][item.chart_id],
+                              plan.essays[second][item.chart_id])
         image = await asyncio.to_thread(image_of, chart["image"]) if llm_cfg.vision else None
         return await judge_one(client, item, messages_for(prompt, image, chart.get("image_format", "png")),
                                **overrides)
