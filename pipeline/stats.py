@@ -11,9 +11,9 @@ The pair's outcome (from a's side):
 
 ``win_rate = (wins + ties/2) / (n - invalid)``, with a Wilson 95 % interval from statsmodels (ties count
 as half a success). ``swap_consistency`` is the share of valid pairs whose two orders agree. The
-length-controlled win rate is the prediction, at zero length difference, of a logistic (binomial GLM)
-regression of the pair's score (1, 1/2, 0) on the word-count difference a - b, as in AlpacaEval's idea:
-judges prefer longer answers, so part of a raw win rate may be length alone.
+length-controlled win rate follows AlpacaEval's length-controlled form: a logistic (binomial GLM)
+regression of the pair's score (1, 1/2, 0) on the bounded term tanh(diff / sd(diff)) of the word-count
+difference a - b, read at equal length; "not identifiable" when equal length lies outside the data.
 """
 
 from __future__ import annotations
@@ -87,18 +87,26 @@ def sign_test(wins: int, losses: int) -> float | None:
     return float(binomtest(wins, wins + losses, 0.5).pvalue)
 
 
-def length_controlled(scores: Sequence[float], length_diff: Sequence[float]) -> dict[str, Any]:
-    """Win rate at zero length difference from a binomial GLM of score on (words a - words b) / 100.
+LC_MIN_OVERLAP = 0.1  # below this share of pairs on the minority side of "equal length": not identifiable
 
-    Returns ``{win_rate, ci95, coef_per_100_words, p_value, note}``; ``win_rate`` is None (with the
-    reason in ``note``) when the data cannot identify it: no pairs, perfect separation on length.
+
+def length_controlled(scores: Sequence[float], length_diff: Sequence[float]) -> dict[str, Any]:
+    """Win rate at equal length, in AlpacaEval's form: a binomial GLM of the pair's score (1, 1/2, 0) on a
+    bounded length term ``tanh(diff / sd(diff))`` (diff = words a - words b), read at diff = 0.
+
+    Returns ``{win_rate, ci95, length_coef, p_value, longer_share, identifiable, note}``. Equal length must
+    lie inside the data: when fewer than ``LC_MIN_OVERLAP`` of the pairs fall on each side of it (one model is
+    almost always the longer one) the rate would be extrapolation, so it is None, ``identifiable`` False and
+    ``note`` says so. Also None on perfect separation; the raw rate (with a note) when nothing varies.
     """
-    out: dict[str, Any] = {"win_rate": None, "ci95": None, "coef_per_100_words": None, "p_value": None,
-                           "note": None}
+    out: dict[str, Any] = {"win_rate": None, "ci95": None, "length_coef": None, "p_value": None,
+                           "longer_share": None, "identifiable": None, "note": None}
     n = len(scores)
     if n == 0:
         out["note"] = "no valid pairs"
         return out
+    longer = (sum(d > 0 for d in length_diff) + sum(d == 0 for d in length_diff) / 2) / n
+    out["longer_share"] = longer
     mean = sum(scores) / n
     if len(set(scores)) == 1:
         out.update(win_rate=mean, note="every pair had the same outcome: nothing for length to explain")
@@ -106,17 +114,23 @@ def length_controlled(scores: Sequence[float], length_diff: Sequence[float]) -> 
     if len(set(length_diff)) == 1:
         out.update(win_rate=mean, note="no variation in length difference: raw win rate reported")
         return out
+    if min(longer, 1 - longer) < LC_MIN_OVERLAP:
+        out.update(identifiable=False, note=f"not identifiable: the first model is the longer one in "
+                                            f"{100 * longer:.0f} % of the pairs, so the lengths barely overlap and "
+                                            "a rate at equal length would be extrapolation")
+        return out
     import numpy as np
     import statsmodels.api as sm
 
-    x = sm.add_constant(np.asarray(length_diff, dtype=float) / 100.0, has_constant="add")
+    diff = np.asarray(length_diff, dtype=float)
+    x = sm.add_constant(np.tanh(diff / diff.std()), has_constant="add")
     y = np.asarray(scores, dtype=float)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # separation / convergence warnings are checked below
         try:
             fit = sm.GLM(y, x, family=sm.families.Binomial()).fit()
             params, bse, pvalues = fit.params, fit.bse, fit.pvalues
-        except Exception as exc:  # statsmodels raises several types on degenerate designs
+        except Exception as exc:  # noqa: BLE001 -- statsmodels raises several types on degenerate designs
             out["note"] = f"regression failed ({exc.__class__.__name__}): not estimable"
             return out
     finite = all(math.isfinite(v) for v in (*params, *bse))
@@ -125,7 +139,7 @@ def length_controlled(scores: Sequence[float], length_diff: Sequence[float]) -> 
         return out
     b0, se0 = float(params[0]), float(bse[0])
     out.update(win_rate=_expit(b0), ci95=[_expit(b0 - Z95 * se0), _expit(b0 + Z95 * se0)],
-               coef_per_100_words=float(params[1]), p_value=float(pvalues[1]))
+               length_coef=float(params[1]), p_value=float(pvalues[1]), identifiable=True)
     return out
 
 

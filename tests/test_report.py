@@ -179,6 +179,9 @@ def test_markdown_says_when_the_interval_includes_half(report):
     assert "unstructured vs structured: swap consistency 0.0 %: most verdicts follow the position" in md
     assert "structured vs baseline: swap consistency" not in md
     assert "![win rates](win_rates.png)" in md and (report["dir"] / "win_rates.png").is_file()
+    # unstructured is always longer than the baseline (a title): no rate at equal length, said in words
+    assert "| **unstructured vs baseline** | 7 | 5 / 0 / 1 / 1 | 91.7 % | [51.7, 99.1] | not identifiable |" in md
+    assert "length-controlled rate: not identifiable: the first model is the longer one in 100 % of the pairs" in md
 
 
 class _Refs(HTMLParser):

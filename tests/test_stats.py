@@ -70,14 +70,36 @@ def test_wilson_reference_newcombe():
 def test_length_control_removes_a_pure_length_effect():
     # a is longer (+100 words) on 80 charts and wins 3:1 there; shorter on 40 and loses 3:1.
     # The judge only rewards length: at equal length the rate is exactly 1/2, the raw rate is not.
+    import math
+
     scores = [1.0] * 60 + [0.0] * 20 + [1.0] * 10 + [0.0] * 30
     diffs = [100] * 80 + [-100] * 40
     lc = length_controlled(scores, diffs)
     assert sum(scores) / len(scores) == pytest.approx(70 / 120)
     assert lc["win_rate"] == pytest.approx(0.5, abs=1e-6)
-    assert lc["coef_per_100_words"] == pytest.approx(1.0986123, abs=1e-5)  # log(3)
+    sd = math.sqrt(sum((d - 100 / 3) ** 2 for d in diffs) / len(diffs))  # 94.28 words
+    assert lc["length_coef"] == pytest.approx(math.log(3) / math.tanh(100 / sd), abs=1e-5)  # odds 3 at +100
     assert lc["ci95"][0] < 0.5 < lc["ci95"][1]
-    assert lc["note"] is None
+    assert lc["note"] is None and lc["identifiable"] is True and lc["longer_share"] == pytest.approx(2 / 3)
+
+
+def test_length_control_is_not_identifiable_when_one_model_is_always_longer():
+    """The issue's case: a quality-only judge, the fine-tuned model always the longer one. A linear term read
+    at zero difference extrapolates (0.65 [0.42, 0.83] from a raw 0.74); the bounded form refuses."""
+    import random
+
+    rng = random.Random(3)
+    diffs = [rng.randint(20, 90) for _ in range(200)]  # a always 20-90 words longer
+    scores = [1.0 if rng.random() < 0.74 else 0.0 for _ in diffs]  # the judge ignores length
+    lc = length_controlled(scores, diffs)
+    assert lc["win_rate"] is None and lc["identifiable"] is False and lc["longer_share"] == 1.0
+    assert lc["note"].startswith("not identifiable: the first model is the longer one in 100 % of the pairs")
+    # with a few pairs on the other side (5 %) still not; with a fair share (30 %) it is estimated
+    mixed = [-d if i % 20 == 0 else d for i, d in enumerate(diffs)]
+    assert length_controlled(scores, mixed)["identifiable"] is False
+    balanced = [-d if i % 10 < 3 else d for i, d in enumerate(diffs)]
+    ok = length_controlled(scores, balanced)
+    assert ok["identifiable"] is True and ok["win_rate"] == pytest.approx(sum(scores) / len(scores), abs=0.08)
 
 
 def test_length_control_degenerate_cases():
@@ -86,6 +108,15 @@ def test_length_control_degenerate_cases():
     flat = length_controlled([1.0, 0.0, 1.0, 0.5], [20, 20, 20, 20])
     assert flat["win_rate"] == pytest.approx(0.625) and "no variation" in flat["note"]
     assert length_controlled([], [])["note"] == "no valid pairs"
+
+
+def test_agreement_between_two_judges():
+    from pipeline.stats import agreement
+
+    a = agreement(["win", "loss", "tie", "win", "invalid"], ["win", "win", "tie", "win", "win"])
+    assert (a["n"], a["agree"], a["rate"]) == (4, 3, 0.75)  # the pair invalid for one judge is left out
+    assert a["ci95"] == pytest.approx([0.3006, 0.9544], abs=1e-4)  # Wilson 3/4
+    assert agreement([], [])["rate"] is None
 
 
 def test_per_type_breakdown_adds_up():
