@@ -153,6 +153,7 @@ def test_batched_generation_equals_one_by_one(tiny_loaded, sample_dir):
     assert [r.text for r in batched] == [r.text for r in single] == [r.text for r in shared] == \
         [r.text for r in again]
     assert [r.tokens for r in batched] == [r.tokens for r in single]
+    assert [r.ids for r in batched] == [r.ids for r in single] and all(len(r.ids) == r.tokens for r in batched)
     assert all(0 < r.tokens <= 16 and r.seconds > 0 for r in batched)
     # an essay is "length" exactly when it ran to the limit without a stop token
     assert [r.finish for r in batched] == [r.finish for r in single]

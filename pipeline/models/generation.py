@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.models.chat import collate, pad_token_id
@@ -25,6 +25,7 @@ class GenerationResult:
     tokens: int  # generated tokens, the end-of-utterance token excluded
     seconds: float  # this item's share of its batch's wall time
     finish: str = "stop"  # "stop": the model ended the essay; "length": cut at max_new_tokens
+    ids: list[int] = field(default_factory=list)  # the generated token ids (stop token excluded)
 
 
 def finish_of(row: list[int], stops: list[int]) -> tuple[int, str]:
@@ -95,7 +96,7 @@ def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_
         for i, row in zip(idx, rows):
             cut, finish = finish_of(row, stops)
             results[i] = GenerationResult(tok.decode(row[:cut], skip_special_tokens=True).strip(), cut, seconds,
-                                          finish)
+                                          finish, row[:cut])
             done.append(results[i])
         if on_batch is not None:
             on_batch(idx, done)
