@@ -40,6 +40,13 @@ def config_options(fn: Callable) -> Callable:
     return wrapper
 
 
+def kube_options(fn: Callable) -> Callable:
+    """``--kubeconfig`` and ``--context`` for the commands that talk to a cluster."""
+    fn = click.option("--context", help="k8s: the kube config context (default: its current context).")(fn)
+    return click.option("--kubeconfig", type=click.Path(dir_okay=False),
+                        help="k8s: kube config file (default: $KUBECONFIG, ~/.kube/config, in-cluster).")(fn)
+
+
 class _Group(click.Group):
     """Turns PipelineError into one line on stderr and a non-zero exit code, never a traceback."""
 
@@ -83,13 +90,16 @@ def _select(from_stage: str | None, only: tuple[str, ...]) -> list[str]:
 @click.option("--executor", type=click.Choice(["local", "k8s"]),
               help="local: in this process; k8s: one Kubernetes Job per stage. Default: run.executor.")
 @click.option("--cleanup", is_flag=True, help="k8s: on Ctrl-C, delete the Jobs still running.")
+@kube_options
 def run(config: RunConfig, from_stage: str | None, only: tuple[str, ...], force: bool, executor: str | None,
-        cleanup: bool) -> None:
+        cleanup: bool, kubeconfig: str | None, context: str | None) -> None:
     """Run the pipeline: every stage in order, skipping stages whose _SUCCESS exists."""
     from pipeline.executors.base import executor_for, run_pipeline
 
     stages = _select(from_stage, only)
-    store = run_pipeline(executor_for(executor or config.run.executor, config), stages, force=force, cleanup=cleanup)
+    name = executor or config.run.executor
+    kube = {"kubeconfig": kubeconfig, "context": context} if name == "k8s" else {}
+    store = run_pipeline(executor_for(name, config, **kube), stages, force=force, cleanup=cleanup)
     report = f"{config.run.id}/report/report.html"
     if "report" in stages and store.exists(report):
         click.echo(f"report: {store.url(report)}")

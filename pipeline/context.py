@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.config import RunConfig, dump_config
-from pipeline.errors import StageError
+from pipeline.errors import MissingInput
 from pipeline.records import RecordSet, Shard
 from pipeline.store import SUCCESS, ArtifactStore, open_store
 
@@ -42,7 +42,7 @@ class StageContext:
         """Fail with one line when an upstream stage has not completed."""
         for stage in stages:
             if not self.store.exists(self.input_key(stage, SUCCESS)):
-                raise StageError(f"stage '{self.stage}' needs stage '{stage}' to have completed "
+                raise MissingInput(f"stage '{self.stage}' needs stage '{stage}' to have completed "
                                  f"(no {self.store.url(self.input_key(stage, SUCCESS))}); "
                                  f"run: ielts-distill stage {stage}")
 

@@ -21,3 +21,9 @@ class ArtifactNotFound(StoreError):
 
 class StageError(PipelineError):
     pass
+
+
+class MissingInput(StageError):
+    """An upstream stage has not completed: deterministic, so exit 2 (a Job fails at once, no retries)."""
+
+    exit_code = 2

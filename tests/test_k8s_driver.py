@@ -1,8 +1,10 @@
 """The Kubernetes driver against kmock's API emulator, through the real ``kubernetes`` client.
 
 kmock has no controllers, so a small fake "job controller + kubelet" thread plays the cluster: it sees
-each new Job, creates its pods and sets Pod and Job status for the scenario under test (success writes the
-stage's ``_SUCCESS`` into the store, as the real Job would).
+each new Job, creates its pods, Events and Pod and Job status for the scenario under test (success writes the
+stage's ``_SUCCESS`` into the store, as the real Job would): Kueue-suspended Jobs, Jobs without pods
+(FailedCreate), FailedMount, Multi-Attach, scale-ups, evicted pods, a dropped log stream. The emulator honours
+``dryRun`` (it answers with the object and stores nothing) and serves timestamped logs, as a kubelet does.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import signal
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -25,12 +25,21 @@ from kubernetes import client as k
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.context import StageContext, store_for
-from pipeline.errors import StageError
+from pipeline.errors import PipelineError
 from pipeline.executors.k8s import KubeBackend, run_pipeline
 from pipeline.k8s.objects import job_name
 
 NS = "ielts-test"
 pytestmark = pytest.mark.timeout(60)
+
+
+class DryRunEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator stores every create; a real API server stores nothing for ``?dryRun=All``."""
+
+    async def _handle(self, request):
+        if request.action == kmock.action.CREATE and "dryRun" in (request.params or {}):
+            return await super(kmock.KubernetesEmulator, self)._handle(request)  # reactions only, no storage
+        return await super()._handle(request)
 
 
 class Emulator:
@@ -40,19 +49,38 @@ class Emulator:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
         self._ready = threading.Event()
         self.loop = asyncio.new_event_loop()
-        self.logs: dict[str, str] = {}
+        self.logs: dict[str, str | list[str]] = {}
+        self.log_requests: dict[str, int] = {}
+        self.refuse: dict[str, str] = {}  # Job name -> admission message for its dry run
         self._thread = threading.Thread(target=self.loop.run_until_complete, args=(self._main(),), daemon=True)
         self._thread.start()
         assert self._ready.wait(20), "kmock did not start"
 
     async def _main(self) -> None:
-        async with kmock.KubernetesEmulator() as emu, kmock.Server(emu) as server:
+        async with DryRunEmulator() as emu, kmock.Server(emu) as server:
             emu.resources.load_bundled()
-            emu[kmock.subresource("log")] << (lambda req: self.logs.get(req.name, "").encode())
+            emu[kmock.subresource("log")] << self._log
+            emu["create", kmock.params(dryRun="All")] << self._dry_run  # admitted (or refused), not stored
             self.emu, self.url = emu, str(server.url).rstrip("/")
             self._stop = asyncio.Event()
             self._ready.set()
             await self._stop.wait()
+
+    def _dry_run(self, req):
+        name = (req.data.get("metadata") or {}).get("name")
+        if name in self.refuse:
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=self.refuse[name])
+        return req.data
+
+    def _log(self, req) -> bytes:
+        """The pod's log lines so far, each ``<RFC3339> <text>`` (timestamps=true). A list of strings in
+        ``logs`` is served one growing prefix per request, the stream closing after each: a dropped stream."""
+        value = self.logs.get(req.name, "")
+        if isinstance(value, list):
+            self.log_requests[req.name] = served = self.log_requests.get(req.name, 0) + 1
+            value = "".join(value[:served])
+        return "".join(f"2026-01-01T00:00:{i:02d}.000000000Z {line}\n"
+                       for i, line in enumerate(value.splitlines())).encode()
 
     def expire_next_job_watch(self) -> None:
         gone = {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
@@ -61,7 +89,7 @@ class Emulator:
             lambda: self.emu["watch", kmock.resource("batch/v1/jobs")][:1] << (json.dumps(gone) + "\n").encode())
 
     def requests(self, action: str) -> int:
-        return len(self.emu[action, kmock.resource("batch/v1/jobs")])
+        return len([r for r in self.emu[action, kmock.resource("batch/v1/jobs")] if "dryRun" not in (r.params or {})])
 
     def driver_job_calls(self) -> list[str]:
         """list/watch calls on Jobs by name (the driver's; the fake cluster lists them all)."""
@@ -102,6 +130,7 @@ class FakeCluster(threading.Thread):
         self.emulator, self.config, self.scenarios = emulator, config, scenarios
         self.batch, self.core = k.BatchV1Api(emulator.api()), k.CoreV1Api(emulator.api())
         self.seen: list[str] = []
+        self.events = 0
         self.done = threading.Event()
         self.error: Exception | None = None
 
@@ -120,6 +149,8 @@ class FakeCluster(threading.Thread):
 
     def pod(self, job, stage: str, index: int, status: dict) -> str:
         name = f"{job['metadata']['name']}-{index}-x{len(self.seen)}"
+        while name in self.emulator.logs:  # a replacement pod of the same index
+            name += "r"
         self.emulator.logs[name] = f"{stage} shard {index} working\nielts-distill job: stage {stage} finished OK\n"
         labels = {"job-name": job["metadata"]["name"], "batch.kubernetes.io/job-completion-index": str(index)}
         self.core.create_namespaced_pod(NS, {"metadata": {"name": name, "namespace": NS, "labels": labels,
@@ -128,21 +159,78 @@ class FakeCluster(threading.Thread):
                                      _preload_content=False)
         return name
 
+    def event(self, kind: str, name: str, reason: str, message: str, seconds_ago: float = 5) -> None:
+        self.events += 1
+        self.core.create_namespaced_event(NS, {
+            "metadata": {"name": f"{name}.{self.events}", "namespace": NS},
+            "involvedObject": {"kind": kind, "name": name, "namespace": NS}, "reason": reason, "message": message,
+            "type": "Normal" if reason in ("TriggeredScaleUp", "Pending") else "Warning",
+            "firstTimestamp": _ts(seconds_ago), "lastTimestamp": _ts(1)}, _preload_content=False)
+
+    def succeed(self, job, stage: str, pods: list[str], shards: int = 1) -> None:
+        StageContext(config=self.config, store=store_for(self.config), stage=stage).complete({"items": shards})
+        for name in pods:
+            self.core.patch_namespaced_pod_status(name, NS, {"status": _terminated(stage, 0, "Completed")},
+                                                  _preload_content=False)
+        self.job_status(job, {"succeeded": shards, "conditions": [
+            {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]})
+
     def job_status(self, job, status: dict) -> None:
         self.batch.patch_namespaced_job_status(job["metadata"]["name"], NS, {"status": status}, _preload_content=False)
 
     def play(self, stage: str, job) -> None:
         scenario = self.scenarios.get(stage, "success")
         shards = job["spec"].get("completions") or 1
+        name = job["metadata"]["name"]
         if scenario == "success":
             pods = [self.pod(job, stage, i, {"phase": "Running"}) for i in range(shards)]
             time.sleep(0.3)  # the driver is watching by now
-            StageContext(config=self.config, store=store_for(self.config), stage=stage).complete({"items": shards})
-            for name in pods:
-                self.core.patch_namespaced_pod_status(name, NS, {"status": _terminated(stage, 0, "Completed")},
-                                                      _preload_content=False)
-            self.job_status(job, {"succeeded": shards, "conditions": [
-                {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]})
+            self.succeed(job, stage, pods, shards)
+        elif scenario == "queued":  # Kueue's webhook suspends the Job until its Workload is admitted
+            self.batch.patch_namespaced_job(name, NS, {"spec": {"suspend": True}}, _preload_content=False)
+            self.event("Workload", f"job-{name}-8f2c1", "Pending", "couldn't assign flavors to pod set main: "
+                       "insufficient unused quota for nvidia.com/gpu in flavor h100, 1 more needed")
+            time.sleep(1.0)
+            self.batch.patch_namespaced_job(name, NS, {"spec": {"suspend": False}}, _preload_content=False)
+            self.succeed(job, stage, [self.pod(job, stage, 0, {"phase": "Running"})])
+        elif scenario in ("waiting", "scaleup"):  # an unschedulable pod that gets a node after a while
+            pod = self.pod(job, stage, 0, {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": _ts(60),
+                 "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]})
+            if scenario == "scaleup":
+                self.event("Pod", pod, "TriggeredScaleUp", "pod triggered scale-up: [{h100-pool 0->1 (max: 4)}]")
+            time.sleep(1.0)
+            self.core.patch_namespaced_pod_status(pod, NS, {"status": {"phase": "Running", "conditions": [
+                {"type": "PodScheduled", "status": "True"}]}}, _preload_content=False)
+            self.succeed(job, stage, [pod])
+        elif scenario == "noscaleup":
+            pod = self.pod(job, stage, 0, {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": _ts(60),
+                 "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]})
+            self.event("Pod", pod, "NotTriggerScaleUp", "pod didn't trigger scale-up: 2 node(s) didn't match "
+                       "Pod's node affinity/selector, 1 max node group size reached")
+        elif scenario == "quota":  # the Job controller cannot create any pod
+            self.event("Job", name, "FailedCreate", f'Error creating: pods "{name}-0-x" is forbidden: exceeded '
+                       "quota: ielts-distill-gpus, requested: requests.nvidia.com/gpu=1, used: "
+                       "requests.nvidia.com/gpu=4, limited: requests.nvidia.com/gpu=4")
+        elif scenario == "mount":
+            pod = self.pod(job, stage, 0, {"phase": "Pending"})
+            self.event("Pod", pod, "FailedMount", 'MountVolume.SetUp failed for volume "data" : '
+                       'persistentvolumeclaim "chart2text-data" not found')
+        elif scenario == "multiattach":
+            pod = self.pod(job, stage, 0, {"phase": "Pending"})
+            self.event("Pod", pod, "FailedAttachVolume", 'Multi-Attach error for volume "pvc-7c1" Volume is '
+                       "already used by pod(s) ielts-t1-finetune-0-abc")
+        elif scenario == "evicted":  # the Job replaces an evicted pod (podFailurePolicy: Ignore)
+            self.pod(job, stage, 0, {"phase": "Failed", "reason": "Evicted",
+                                     "message": "The node was low on resource: memory."})
+            time.sleep(0.5)
+            self.succeed(job, stage, [self.pod(job, stage, 0, {"phase": "Running"})])
+        elif scenario == "droplog":  # the log stream drops twice while the pod runs
+            pod = self.pod(job, stage, 0, {"phase": "Running"})
+            self.emulator.logs[pod] = ["loading\n", "step 1\n", "step 2\nielts-distill job: done\n"]
+            time.sleep(2.0)
+            self.succeed(job, stage, [pod])
         elif scenario == "oom":
             self.pod(job, stage, 0, _terminated(stage, 137, "OOMKilled"))
             self.job_status(job, {"failed": 1, "conditions": [
@@ -178,19 +266,20 @@ def emulator():
 
 
 def _config(tmp_path, *extra: str):
-    return load_config(None, [f"run.id=t1", f"store.uri={tmp_path / 'store'}", "k8s.store_claim=ielts-store",
+    return load_config(None, ["run.id=t1", f"store.uri={tmp_path / 'store'}", "k8s.store_claim=ielts-store",
                               f"k8s.namespace={NS}", "k8s.poll_s=0.2", "k8s.pending_grace_s=0", "k8s.wait_timeout_s=20",
                               "teacher.parallelism=2", "k8s.profile=cloud", *extra])
 
 
-def _drive(emulator, config, scenarios=None, stages=("ingest", "teacher", "dataset"), **kwargs):
+def _drive(emulator, config, scenarios=None, stages=("ingest", "teacher", "dataset"), backend=None, **kwargs):
     lines: list[str] = []
     cluster = FakeCluster(emulator, config, scenarios or {})
     cluster.start()
     try:
-        run_pipeline(config, list(stages), backend=KubeBackend(NS, emulator.api()), echo=lines.append, **kwargs)
+        run_pipeline(config, list(stages), backend=backend or KubeBackend(NS, emulator.api()), echo=lines.append,
+                     **kwargs)
         return lines, cluster, None
-    except StageError as exc:
+    except PipelineError as exc:  # a stage failed (StageError), or the run could not start
         return lines, cluster, str(exc)
     finally:
         cluster.done.set()
@@ -238,7 +327,9 @@ def test_stages_complete_in_the_store_are_skipped(emulator, tmp_path):
                              f"kubectl -n {NS} describe job ielts-t1-dataset"]),
     ("imagepull", "dataset", ["ImagePullBackOff", "cannot pull image"]),
     ("secret", "teacher", ["CreateContainerConfigError", 'secret "ielts-distill-llm" not found']),
-    ("unschedulable", "dataset", ["Unschedulable", "Insufficient nvidia.com/gpu"]),
+    ("noscaleup", "dataset", ["NotTriggerScaleUp", "max node group size reached"]),
+    ("mount", "dataset", ["FailedMount", 'persistentvolumeclaim "chart2text-data" not found']),
+    ("multiattach", "dataset", ["FailedAttachVolume", "Multi-Attach error"]),
 ])
 def test_each_failure_class_is_one_line_with_pod_and_command(emulator, tmp_path, scenario, stage, expected):
     config = _config(tmp_path)
@@ -272,16 +363,14 @@ def test_ctrl_c_reports_or_deletes_running_jobs(emulator, tmp_path, cleanup):
     config = _config(tmp_path)
     batch = k.BatchV1Api(emulator.api())
 
-    def interrupt_once_running():
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not batch.list_namespaced_job(NS).items:
-            time.sleep(0.05)
-        time.sleep(0.3)
-        os.kill(os.getpid(), signal.SIGINT)
+    class CtrlC(KubeBackend):  # Ctrl-C while the driver watches the running Job
+        def watch_job(self, *args, **kwargs):
+            raise KeyboardInterrupt
+            yield
 
-    threading.Thread(target=interrupt_once_running, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        _drive(emulator, config, {"ingest": "hang"}, stages=("ingest",), cleanup=cleanup)
+        _drive(emulator, config, {"ingest": "hang"}, stages=("ingest",), cleanup=cleanup,
+               backend=CtrlC(NS, emulator.api()))
     names = [j.metadata.name for j in batch.list_namespaced_job(NS).items]
     if cleanup:
         assert names == []
@@ -339,3 +428,122 @@ def test_pending_pods_get_a_grace_period_and_deadline_wins():
     from pipeline.executors.k8s import _owned_by
 
     assert not _owned_by(stale, failed) and _owned_by(stale, {"metadata": {"uid": "u1"}})
+
+
+# --------------------------------------------------------------------------- issue 15: what the cluster says
+
+
+def test_a_job_without_pods_fails_with_the_failedcreate_message(emulator, tmp_path):
+    config = _config(tmp_path)
+    lines, cluster, error = _drive(emulator, config, {"dataset": "quota"})
+    assert error.startswith("stage dataset failed: FailedCreate (job ielts-t1-dataset): Error creating:")
+    assert "exceeded quota: ielts-distill-gpus" in error and "\n" not in error
+    assert f"kubectl -n {NS} describe job ielts-t1-dataset" in error
+
+
+@pytest.mark.parametrize("scenario, note", [
+    ("queued", "[dataset] queued (Kueue: couldn't assign flavors to pod set main: insufficient unused quota for "
+               "nvidia.com/gpu in flavor h100, 1 more needed)"),
+    ("waiting", "Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+    ("scaleup", "waits for a new node (pod triggered scale-up: [{h100-pool 0->1 (max: 4)}])"),
+    ("evicted", "evicted (The node was low on resource: memory.); the Job replaces it"),
+])
+def test_queueing_scale_up_and_eviction_are_reported_not_failed(emulator, tmp_path, scenario, note):
+    config = _config(tmp_path)  # k8s.pending_grace_s=0: before, an unschedulable pod failed the run at once
+    lines, cluster, error = _drive(emulator, config, {"dataset": scenario})
+    assert error is None, error
+    assert "[dataset] complete" in lines
+    matching = [line for line in lines if note in line]
+    assert len(matching) == 1, lines  # said once, not every poll
+
+
+def test_a_dropped_log_stream_is_resumed_without_repeating_lines(emulator, tmp_path):
+    config = _config(tmp_path)
+    lines, cluster, error = _drive(emulator, config, {"ingest": "droplog"}, stages=("ingest",))
+    assert error is None, error
+    logged = [line for line in lines if line.startswith("[ingest/0] ")]
+    assert logged == ["[ingest/0] loading", "[ingest/0] step 1", "[ingest/0] step 2",
+                      "[ingest/0] ielts-distill job: done"], lines
+    assert max(emulator.log_requests.values()) >= 3  # the stream was opened again after each drop
+
+
+def test_dry_run_of_every_job_before_the_first_stage(emulator, tmp_path):
+    config = _config(tmp_path)
+    emulator.refuse["ielts-t1-dataset"] = ('admission webhook "vjob.kb.io" denied the request: '
+                                           "spec.template.spec.containers[0].resources: GPU requests need a queue")
+    lines, cluster, error = _drive(emulator, config)
+    assert error is not None and error.startswith("create job ielts-t1-dataset (dry run): Kubernetes API 422")
+    assert "denied the request" in error
+    assert cluster.seen == [] and emulator.requests("create") == 0  # nothing started, not even ingest
+
+
+def test_reattaching_keeps_a_running_jobs_configmap(emulator, tmp_path):
+    from pipeline.k8s.objects import build_configmap, build_job
+
+    backend = KubeBackend(NS, emulator.api())
+    running = _config(tmp_path)
+    backend.apply_configmap(build_configmap(running))
+    backend.create_job(build_job(running, "ingest"))  # running: no status yet
+    changed = _config(tmp_path, "data.limit=3")
+    with pytest.raises(PipelineError, match="job ielts-t1-ingest of run t1 is running with another config"):
+        run_pipeline(changed, ["ingest"], backend=backend, echo=lambda line: None)
+    cm = k.CoreV1Api(emulator.api()).read_namespaced_config_map("ielts-t1-config", NS)
+    assert yaml.safe_load(cm.data["config.yaml"])["data"]["limit"] is None  # the running Job's config stays
+    lines, cluster, error = _drive(emulator, running, stages=("ingest",))  # same config: re-attach
+    assert error is None and any("already running: attaching" in line for line in lines)
+
+
+def test_dead_and_silent_api_servers_fail_in_one_line(tmp_path):
+    import socket
+
+    config = _config(tmp_path, "k8s.request_timeout_s=0.5")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connection refused
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        for url, expected in ((f"http://127.0.0.1:{port}", "cannot reach the Kubernetes API at"),
+                              (f"http://127.0.0.1:{silent.getsockname()[1]}", "did not answer within 0.5s")):
+            cfg = k.Configuration()
+            cfg.host = url
+            started = time.monotonic()
+            with pytest.raises(PipelineError) as info:
+                run_pipeline(config, ["ingest"], backend=KubeBackend(NS, k.ApiClient(cfg), timeout_s=0.5),
+                             echo=lambda line: None)
+            assert time.monotonic() - started < 10
+            message = str(info.value)
+            assert expected in message and url in message and "\n" not in message, message
+            assert "Traceback" not in message and "urllib3" not in message
+    finally:
+        silent.close()
+
+
+def test_cli_context_and_kubeconfig_options(emulator, tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "elsewhere",
+        "clusters": [{"name": "kmock", "cluster": {"server": emulator.url}},
+                     {"name": "nowhere", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u"}},
+                     {"name": "elsewhere", "context": {"cluster": "nowhere", "user": "u"}}]}))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    config = _config(tmp_path)
+    cluster = FakeCluster(emulator, config, {})
+    cluster.start()
+    try:
+        args = ["run", "--executor", "k8s", "--only", "ingest", "--kubeconfig", str(kubeconfig)]
+        for item in ("run.id=t1", f"store.uri={tmp_path / 'store'}", "k8s.store_claim=ielts-store",
+                     f"k8s.namespace={NS}", "k8s.poll_s=0.2"):
+            args += ["--set", item]
+        result = CliRunner().invoke(main, [*args, "--context", "kmock"])
+        missing = CliRunner().invoke(main, [*args, "--context", "nope"])
+    finally:
+        cluster.done.set()
+        cluster.join(5)
+    assert result.exit_code == 0, result.output
+    assert "[ingest] complete" in result.output
+    assert missing.exit_code == 1 and "context nope" in missing.output

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from pipeline.context import StageContext
 from pipeline.errors import PipelineError
 from pipeline.executors import base
 from pipeline.executors.base import Executor, Outcome
-from pipeline.k8s.diagnose import Verdict, job_verdict, pod_problem
+from pipeline.k8s.diagnose import Verdict, event_time, event_verdict, job_verdict, pod_problem, waiting_notes
+from pipeline.k8s.diagnose import parse_time as _parse_time
 from pipeline.k8s.objects import build_configmap, build_job, job_name, run_selector
 from pipeline.stages import STAGES, StageSpec
 from pipeline.store import SUCCESS, ArtifactStore
@@ -52,84 +54,115 @@ def _api_error(exc: ApiException, what: str) -> PipelineError:
     return PipelineError(f"{what}: Kubernetes API {exc.status} {message}")
 
 
-def load_api_client() -> k.ApiClient:
-    """From $KUBECONFIG (or ~/.kube/config), else the in-cluster service account."""
-    path = os.environ.get("KUBECONFIG") or str(Path("~/.kube/config").expanduser())
-    if os.environ.get("KUBECONFIG") or Path(path).is_file():
-        try:  # read $KUBECONFIG now: the client's own default is fixed when it is imported
-            return kconfig.new_client_from_config(config_file=path)
+def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> k.ApiClient:
+    """From ``kubeconfig`` (else $KUBECONFIG, else ~/.kube/config) and ``context`` (else its current one),
+    else the in-cluster service account."""
+    path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path("~/.kube/config").expanduser())
+    if kubeconfig or os.environ.get("KUBECONFIG") or Path(path).is_file() or context:
+        try:  # read the file now: the client's own default is fixed when it is imported
+            return kconfig.new_client_from_config(config_file=path, context=context)
         except (kconfig.ConfigException, OSError) as exc:
-            raise PipelineError(f"cannot load the kube config ($KUBECONFIG or ~/.kube/config): {exc}") from None
+            raise PipelineError(f"cannot load the kube config {path}"
+                                + (f" (context {context})" if context else "") + f": {exc}") from None
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         cfg = k.Configuration()
         kconfig.load_incluster_config(client_configuration=cfg)
         return k.ApiClient(cfg)
-    raise PipelineError("no Kubernetes configuration: set KUBECONFIG (or ~/.kube/config), or run inside a cluster")
+    raise PipelineError("no Kubernetes configuration: set KUBECONFIG (or ~/.kube/config, or --kubeconfig), "
+                        "or run inside a cluster")
 
 
 class KubeBackend:
-    """The cluster calls the driver makes, in one namespace; objects come back as plain camelCase dicts."""
+    """The cluster calls the driver makes, in one namespace; objects come back as plain camelCase dicts.
+    Every call has a timeout (``timeout_s``): a dead or silent API server fails in one line, never hangs."""
 
-    def __init__(self, namespace: str, api: k.ApiClient | None = None):
+    def __init__(self, namespace: str, api: k.ApiClient | None = None, timeout_s: float = 30.0):
         self.namespace = namespace
         self.api = api or load_api_client()
+        self.api.configuration.retries = False  # our own bounded handling; urllib3's would multiply the wait
         self.core = k.CoreV1Api(self.api)
         self.batch = k.BatchV1Api(self.api)
+        self.timeout_s = timeout_s
 
-    @staticmethod
-    def _json(resp: Any) -> dict[str, Any]:
-        return json.loads(resp.data)
+    @property
+    def host(self) -> str:
+        return self.api.configuration.host
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, ok: tuple[int, ...] = (), **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` with a request timeout; API errors and unreachable servers as one line.
+        Statuses in ``ok`` come back as the ApiException for the caller to handle."""
+        try:
+            return fn(*args, _request_timeout=kwargs.pop("_request_timeout", self.timeout_s), **kwargs)
+        except ApiException as exc:
+            if exc.status in ok:
+                return exc
+            if exc.status == 404 and "namespaces" in str(exc.body or "") and "not found" in str(exc.body or ""):
+                raise PipelineError(f"namespace '{self.namespace}' not found: apply k8s/overlays/local or cloud "
+                                    f"first (or kubectl create namespace {self.namespace})") from None
+            raise _api_error(exc, what) from None
+        except (urllib3.exceptions.TimeoutError, urllib3.exceptions.ProtocolError) as exc:
+            raise PipelineError(f"{what}: the Kubernetes API at {self.host} did not answer within "
+                                f"{self.timeout_s:g}s (k8s.request_timeout_s): {_reason(exc)}") from None
+        except urllib3.exceptions.HTTPError as exc:
+            raise PipelineError(f"{what}: cannot reach the Kubernetes API at {self.host}: {_reason(exc)}; "
+                                "check the kube context (--context/--kubeconfig)") from None
+
+    def _json_call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return json.loads(self._call(what, fn, *args, _preload_content=False, **kwargs).data)
+
+    def read_configmap(self, name: str) -> dict[str, Any] | None:
+        resp = self._call(f"read configmap {name}", self.core.read_namespaced_config_map, name, self.namespace,
+                          ok=(404,), _preload_content=False)
+        return None if isinstance(resp, ApiException) else json.loads(resp.data)
 
     def apply_configmap(self, cm: k.V1ConfigMap) -> None:
         name = cm.metadata.name
-        try:
-            self.core.create_namespaced_config_map(self.namespace, cm)
-        except ApiException as exc:
-            if exc.status == 404:
-                raise PipelineError(f"namespace '{self.namespace}' not found: apply k8s/overlays/local or cloud "
-                                    f"first (or kubectl create namespace {self.namespace})") from None
-            if exc.status != 409:
-                raise _api_error(exc, f"create configmap {name}") from None
-            try:
-                self.core.replace_namespaced_config_map(name, self.namespace, cm)
-            except ApiException as exc2:
-                raise _api_error(exc2, f"replace configmap {name}") from None
+        resp = self._call(f"create configmap {name}", self.core.create_namespaced_config_map, self.namespace, cm,
+                          ok=(404, 409))
+        if isinstance(resp, ApiException) and resp.status == 404:
+            raise PipelineError(f"namespace '{self.namespace}' not found: apply k8s/overlays/local or cloud "
+                                f"first (or kubectl create namespace {self.namespace})")
+        if isinstance(resp, ApiException):
+            self._call(f"replace configmap {name}", self.core.replace_namespaced_config_map, name, self.namespace, cm)
 
-    def create_job(self, job: k.V1Job, attempts: int = 20) -> None:
+    def create_job(self, job: k.V1Job, attempts: int = 20, dry_run: bool = False) -> None:
+        """Create ``job`` (``dry_run``: only let the API server validate and admit it)."""
+        extra = {"dry_run": "All"} if dry_run else {}
         for attempt in range(attempts):
-            try:
-                self.batch.create_namespaced_job(self.namespace, job)
+            resp = self._call(f"create job {job.metadata.name}" + (" (dry run)" if dry_run else ""),
+                              self.batch.create_namespaced_job, self.namespace, job, ok=(409,), **extra)
+            if not isinstance(resp, ApiException) or dry_run:  # dry run: an existing Job was admitted before
                 return
-            except ApiException as exc:
-                if exc.status != 409 or attempt == attempts - 1:  # 409: the old Job is still going away
-                    raise _api_error(exc, f"create job {job.metadata.name}") from None
-                time.sleep(0.5)
+            if attempt == attempts - 1:  # 409: the old Job is still going away
+                raise _api_error(resp, f"create job {job.metadata.name}")
+            time.sleep(0.5)
 
     def read_job(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
         """(the Job or None, the list's resourceVersion to watch from)."""
-        try:
-            resp = self.batch.list_namespaced_job(self.namespace, field_selector=f"metadata.name={name}",
-                                                  _preload_content=False)
-        except ApiException as exc:
-            raise _api_error(exc, f"list job {name}") from None
-        body = self._json(resp)
+        body = self._json_call(f"list job {name}", self.batch.list_namespaced_job, self.namespace,
+                               field_selector=f"metadata.name={name}")
         items = [j for j in body.get("items") or [] if j["metadata"]["name"] == name]
         return (items[0] if items else None), (body.get("metadata") or {}).get("resourceVersion")
 
     def list_jobs(self, selector: str) -> list[dict[str, Any]]:
         key, _, value = selector.partition("=")
-        resp = self.batch.list_namespaced_job(self.namespace, label_selector=selector, _preload_content=False)
-        return [j for j in self._json(resp).get("items") or []
-                if (j["metadata"].get("labels") or {}).get(key) == value]
+        body = self._json_call(f"list jobs {selector}", self.batch.list_namespaced_job, self.namespace,
+                               label_selector=selector)
+        return [j for j in body.get("items") or [] if (j["metadata"].get("labels") or {}).get(key) == value]
 
     def list_pods(self, job: str) -> list[dict[str, Any]]:
-        try:
-            resp = self.core.list_namespaced_pod(self.namespace, label_selector=f"job-name={job}",
-                                                 _preload_content=False)
-        except ApiException as exc:
-            raise _api_error(exc, f"list pods of job {job}") from None
-        return [p for p in self._json(resp).get("items") or []
-                if (p["metadata"].get("labels") or {}).get("job-name") == job]
+        body = self._json_call(f"list pods of job {job}", self.core.list_namespaced_pod, self.namespace,
+                               label_selector=f"job-name={job}")
+        return [p for p in body.get("items") or [] if (p["metadata"].get("labels") or {}).get("job-name") == job]
+
+    def list_events(self, names: set[str], prefix: str) -> list[dict[str, Any]]:
+        """Events about the objects named ``names`` or starting with ``prefix`` (the Job, its pods, its Kueue
+        Workload ``job-<job>-<hash>``), oldest first."""
+        body = self._json_call("list events", self.core.list_namespaced_event, self.namespace)
+        events = [e for e in body.get("items") or []
+                  if (e.get("involvedObject") or {}).get("name") in names
+                  or str((e.get("involvedObject") or {}).get("name", "")).startswith(prefix)]
+        return sorted(events, key=event_time)
 
     def watch_job(self, name: str, resource_version: str | None, window_s: float) -> Iterator[dict[str, Any] | None]:
         """Job states as they change for up to ``window_s``; None when the Job was deleted. Raises Gone."""
@@ -138,7 +171,7 @@ class KubeBackend:
             for event in watch.stream(self.batch.list_namespaced_job, self.namespace,
                                       field_selector=f"metadata.name={name}", resource_version=resource_version,
                                       timeout_seconds=max(1, math.ceil(window_s)),
-                                      _request_timeout=(10, window_s)):
+                                      _request_timeout=(self.timeout_s, window_s + self.timeout_s)):
                 obj = event["raw_object"]
                 if obj["metadata"]["name"] == name:
                     yield None if event["type"] == "DELETED" else obj
@@ -152,15 +185,16 @@ class KubeBackend:
             watch.stop()
 
     def read_logs(self, pod: str, container: str) -> Iterator[str]:
-        try:
-            text = self.core.read_namespaced_pod_log(pod, self.namespace, container=container)
-        except ApiException as exc:
-            raise _api_error(exc, f"read the log of pod {pod}") from None
+        text = self._call(f"read the log of pod {pod}", self.core.read_namespaced_pod_log, pod, self.namespace,
+                          container=container)
         yield from text.splitlines()
 
-    def stream_logs(self, pod: str, container: str) -> Iterator[str]:
+    def stream_logs(self, pod: str, container: str, since_s: int | None = None) -> Iterator[str]:
+        """Timestamped lines (``<RFC3339> <text>``), following until the stream ends."""
+        since = {"since_seconds": since_s} if since_s else {}  # a quiet pod's stream times out: resumed later
         resp = self.core.read_namespaced_pod_log(pod, self.namespace, container=container, follow=True,
-                                                 _preload_content=False)
+                                                 timestamps=True, _preload_content=False,
+                                                 _request_timeout=(self.timeout_s, 300), **since)
         try:
             pending = b""
             for chunk in resp.stream(4096):
@@ -173,25 +207,39 @@ class KubeBackend:
             resp.release_conn()
 
     def delete_job(self, name: str) -> None:
-        try:
-            self.batch.delete_namespaced_job(name, self.namespace, propagation_policy="Background")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise _api_error(exc, f"delete job {name}") from None
+        self._call(f"delete job {name}", self.batch.delete_namespaced_job, name, self.namespace,
+                   propagation_policy="Background", ok=(404,))
+
+
+def _reason(exc: Exception) -> str:
+    """The innermost reason of a urllib3 error, e.g. 'Connection refused'."""
+    inner = getattr(exc, "reason", None) or exc
+    text = str(inner)
+    return text.rsplit(": ", 1)[-1] if "Errno" in text or "Failed to establish" in text else text
 
 
 class LogFollower:
-    """One thread per started pod, printing its log lines prefixed with the stage (and index)."""
+    """One thread per started pod, printing its log lines prefixed with the stage (and index). A stream that
+    drops while the pod runs is opened again from the last line seen (timestamps), without repeating lines;
+    a finished pod's stream is read to its end once more."""
 
     def __init__(self, backend: KubeBackend, stage: str, echo: Callable[[str], None]):
         self.backend, self.stage, self.echo = backend, stage, echo
         self.threads: dict[str, threading.Thread] = {}
+        self.last: dict[str, tuple[str, int]] = {}  # pod -> (last timestamp, lines printed with it)
+        self.final: set[str] = set()
 
     def follow(self, pods: list[dict[str, Any]]) -> None:
         for pod in pods:
             name = pod["metadata"]["name"]
-            if name in self.threads or (pod.get("status") or {}).get("phase") in (None, "Pending", "Unknown"):
+            phase = (pod.get("status") or {}).get("phase")
+            if phase in (None, "Pending", "Unknown") or name in self.final:
                 continue
+            thread = self.threads.get(name)
+            if thread is not None and thread.is_alive():
+                continue
+            if thread is not None and phase in ("Succeeded", "Failed"):
+                self.final.add(name)  # one last read to the end of a finished pod's log
             index = (pod["metadata"].get("labels") or {}).get(_INDEX_LABEL)
             prefix = f"[{self.stage}{'/' + index if index is not None else ''}] "
             thread = threading.Thread(target=self._pump, args=(name, prefix), daemon=True, name=f"logs-{name}")
@@ -199,10 +247,25 @@ class LogFollower:
             thread.start()
 
     def _pump(self, pod: str, prefix: str) -> None:
+        start_stamp, start_count = self.last.get(pod, ("", 0))
+        since = None
+        if start_stamp:  # resume: a little before the last line seen, then skip what was printed
+            age = datetime.now(timezone.utc) - _parse_time(start_stamp)
+            since = max(1, math.ceil(age.total_seconds()) + 1)
+        same = 0  # lines of this stream stamped start_stamp
         try:
-            for line in self.backend.stream_logs(pod, self.stage):
-                self.echo(prefix + line)
-        except Exception as exc:  # logs are a convenience: never let them break the wait
+            for line in self.backend.stream_logs(pod, self.stage, since):
+                stamp, _, text = line.partition(" ")
+                if stamp < start_stamp:
+                    continue
+                if stamp == start_stamp:
+                    same += 1
+                    if same <= start_count:
+                        continue
+                last, count = self.last.get(pod, ("", 0))
+                self.last[pod] = (stamp, count + 1 if stamp == last else 1)
+                self.echo(prefix + text)
+        except Exception as exc:  # noqa: BLE001 - logs are a convenience: never let them break the wait
             log.debug("log stream of %s ended: %s", pod, exc)
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -224,24 +287,37 @@ class KubeExecutor(Executor):
     """One Job per stage: submit (or attach to a running one), wait, explain a failure in one line."""
 
     def __init__(self, config: RunConfig, store: ArtifactStore | None = None,
-                 echo: Callable[[str], None] = click.echo, backend: KubeBackend | None = None):
+                 echo: Callable[[str], None] = click.echo, backend: KubeBackend | None = None,
+                 kubeconfig: str | None = None, context: str | None = None):
         for stage in STAGES:  # every object builds (config errors surface) before the store is opened
             build_job(config, stage)
         super().__init__(config, store, echo)
         self.ns = config.k8s.namespace
-        self._backend = backend
-
-    @property
-    def backend(self) -> KubeBackend:
-        if self._backend is None:
-            self._backend = KubeBackend(self.ns)
-        return self._backend
+        self.backend = backend or KubeBackend(self.ns, load_api_client(kubeconfig, context),
+                                              config.k8s.request_timeout_s)
 
     def prepare(self, specs: Sequence[StageSpec], force: bool) -> None:
+        """Dry-run every Job still to run on the server (admission, quota names, schema: a typo fails now,
+        not hours later), then apply the run's ConfigMap, unless a Job of this run is running on it."""
         super().prepare(specs, force)
-        if force or any(not StageContext(config=self.config, store=self.store, stage=s.name).is_complete()
-                        for s in specs):
-            self.backend.apply_configmap(build_configmap(self.config))
+        todo = [s for s in specs if force or not StageContext(config=self.config, store=self.store,
+                                                              stage=s.name).is_complete()]
+        if not todo:
+            return
+        if self.config.k8s.dry_run:
+            for s in todo:
+                self.backend.create_job(build_job(self.config, s.name), dry_run=True)
+        cm = build_configmap(self.config)
+        current = self.backend.read_configmap(cm.metadata.name)
+        if current is not None and (current.get("data") or {}) == cm.data:
+            return
+        running = [j["metadata"]["name"] for j in self.backend.list_jobs(run_selector(self.config))
+                   if job_verdict(j) is None]
+        if current is not None and running and not force:
+            raise PipelineError(f"job {running[0]} of run {self.config.run.id} is running with another config: "
+                                "its pods would read the new one on restart. Wait for it, or rerun with --force "
+                                f"(or delete it: kubectl -n {self.ns} delete job {running[0]})")
+        self.backend.apply_configmap(cm)
 
     def run_stage(self, spec: StageSpec, ctx: StageContext) -> Outcome:
         stage, name = spec.name, job_name(self.config, spec.name)
@@ -287,10 +363,12 @@ class KubeExecutor(Executor):
         return True
 
     def wait(self, stage: str, name: str) -> Verdict:
-        """Until the Job succeeds or fails, a pod is stuck, or k8s.wait_timeout_s passes."""
+        """Until the Job succeeds or fails, a pod is stuck, an Event is fatal, or k8s.wait_timeout_s passes.
+        Queued (Kueue), waiting for a node or a scale-up, and evicted pods are reported once each, not failed."""
         kc = self.config.k8s
         deadline = time.monotonic() + kc.wait_timeout_s
         logs = LogFollower(self.backend, stage, self.echo)
+        said: set[str] = set()
         job, rv = None, None
         try:
             while True:
@@ -304,15 +382,23 @@ class KubeExecutor(Executor):
                     (v for v in (pod_problem(p, kc.pending_grace_s) for p in pods) if v), None)
                 if verdict:
                     return verdict
+                events = self.backend.list_events({name, *(p["metadata"]["name"] for p in pods)}, f"job-{name}-")
+                verdict = event_verdict(events, job, pods, kc.pending_grace_s)
+                if verdict:
+                    return verdict
+                for note in waiting_notes(events, job, pods):
+                    if note not in said:
+                        said.add(note)
+                        self.echo(f"[{stage}] {note}")
                 if time.monotonic() > deadline:
                     return Verdict(False, "Timeout", f"not finished after {kc.wait_timeout_s}s (k8s.wait_timeout_s); "
                                                      "the job keeps running")
-                try:
+                try:  # until the Job changes (then look at pods and Events again) or poll_s passes
                     for state in self.backend.watch_job(name, rv, kc.poll_s):
                         job = state
-                        if state is None or job_verdict(state):
-                            break
-                        rv = state["metadata"].get("resourceVersion") or rv
+                        if state is not None:
+                            rv = state["metadata"].get("resourceVersion") or rv
+                        break
                 except Gone:
                     log.debug("watch of %s: 410 Gone, listing again", name)
                     job = None

@@ -2,8 +2,10 @@
 
 A waiter needs explicit success and failure conditions (the lightkube/kr8s lesson): ``job_verdict`` says
 whether a Job finished and how; ``pod_problem`` spots pods that will never get anywhere on their own
-(image pull failures, missing Secrets, no node with a GPU). Each failure reads as one line that names the
-cause, the pod, and the kubectl command to look closer.
+(image pull failures, missing Secrets); ``event_verdict`` reads the Events the cluster wrote about the Job,
+its pods and its Kueue Workload to tell fatal (FailedCreate, FailedMount, Multi-Attach, NotTriggerScaleUp)
+from pending (queued in Kueue, waiting for a node, a scale-up under way: ``waiting_notes``). Each failure
+reads as one line that names the cause, the pod, and the kubectl command to look closer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from typing import Any
 # Container waiting reasons that never resolve by waiting (after the grace period for pull errors).
 _PULL = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
 _CONFIG = ("CreateContainerConfigError", "CreateContainerError")
+# Event reasons that do not resolve by waiting (once older than k8s.pending_grace_s): the Job controller
+# cannot create pods (quota, admission, Pod Security), a volume cannot be mounted or attached (Multi-Attach),
+# or the cluster autoscaler says no node group could fit the pod.
+FATAL_EVENTS = ("FailedCreate", "FailedMount", "FailedAttachVolume", "NotTriggerScaleUp")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -83,18 +90,87 @@ def pod_failure(pod: dict[str, Any]) -> Verdict | None:
     return None
 
 
-def _age_s(timestamp: str | None, now: datetime) -> float:
+def parse_time(timestamp: str | None) -> datetime:
+    """An API timestamp (RFC 3339, also with fractions) as an aware datetime; the epoch when missing/bad."""
     if not timestamp:
-        return float("inf")
+        return _EPOCH
     try:
-        then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+        return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
     except ValueError:
-        return float("inf")
-    return (now - then).total_seconds()
+        return _EPOCH
+
+
+def _age_s(timestamp: str | None, now: datetime) -> float:
+    then = parse_time(timestamp)
+    return float("inf") if then == _EPOCH else (now - then).total_seconds()
+
+
+def event_time(event: dict[str, Any]) -> datetime:
+    """When an Event last happened (core/v1 events carry lastTimestamp or, from newer reporters, eventTime)."""
+    series = (event.get("series") or {}).get("lastObservedTime")
+    return parse_time(event.get("lastTimestamp") or series or event.get("eventTime")
+                      or event.get("firstTimestamp") or (event.get("metadata") or {}).get("creationTimestamp"))
+
+
+def _first_time(event: dict[str, Any]) -> str | None:
+    return event.get("firstTimestamp") or event.get("eventTime") or event.get("lastTimestamp")
+
+
+def _pending(pod: dict[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in (None, "Pending")
+
+
+def event_verdict(events: list[dict[str, Any]], job: dict[str, Any], pods: list[dict[str, Any]], grace_s: float,
+                  now: datetime | None = None) -> Verdict | None:
+    """A fatal Event (``FATAL_EVENTS``) about the Job (while it has no running pod) or a still-pending pod,
+    first seen at least ``grace_s`` ago: the newest such one, with the Event's message."""
+    now = now or datetime.now(timezone.utc)
+    pending = {_name(p) for p in pods if _pending(p)}
+    running = bool((job.get("status") or {}).get("active")) and not pending
+    for event in reversed(events):
+        obj = event.get("involvedObject") or {}
+        if event.get("reason") not in FATAL_EVENTS:
+            continue
+        if obj.get("kind") == "Pod" and obj.get("name") not in pending:
+            continue
+        if obj.get("kind") == "Job" and running:
+            continue
+        if _age_s(_first_time(event), now) >= grace_s:
+            pod = obj.get("name") if obj.get("kind") == "Pod" else None
+            return Verdict(False, event["reason"], _one_line(event.get("message")), pod)
+    return None
+
+
+def waiting_notes(events: list[dict[str, Any]], job: dict[str, Any], pods: list[dict[str, Any]]) -> list[str]:
+    """Why the Job is not (all) running yet, or what it went through, one short line each: queued in Kueue
+    (suspended Job), pods waiting for a node or a scale-up, pods evicted and replaced."""
+    notes = []
+    if (job.get("spec") or {}).get("suspend"):
+        kueue = [e for e in events if (e.get("involvedObject") or {}).get("kind") == "Workload"
+                 or e.get("reason") in ("Suspended", "Pending")]
+        why = _one_line(kueue[-1].get("message")) if kueue else "waiting for admission"
+        notes.append(f"queued (Kueue: {why})")
+    for pod in pods:
+        name = _name(pod)
+        status = pod.get("status") or {}
+        if status.get("phase") == "Failed" and status.get("reason") == "Evicted":
+            notes.append(f"pod {name} evicted ({_one_line(status.get('message'))}); the Job replaces it")
+            continue
+        sched = next((c for c in _conditions(pod) if c.get("type") == "PodScheduled"), None)
+        if not _pending(pod) or not sched or sched.get("status") != "False":
+            continue
+        scale_up = [e for e in events if e.get("reason") == "TriggeredScaleUp"
+                    and (e.get("involvedObject") or {}).get("name") == name]
+        if scale_up:
+            notes.append(f"pending: pod {name} waits for a new node ({_one_line(scale_up[-1].get('message'))})")
+        else:
+            notes.append(f"pending: pod {name} {sched.get('reason') or 'unscheduled'}: "
+                         f"{_one_line(sched.get('message'))}")
+    return notes
 
 
 def pod_problem(pod: dict[str, Any], grace_s: float, now: datetime | None = None) -> Verdict | None:
-    """A pending pod that will not start by itself: bad image, missing Secret/ConfigMap, no fitting node."""
+    """A pending pod that will not start by itself: bad image, missing Secret/ConfigMap."""
     now = now or datetime.now(timezone.utc)
     status = pod.get("status") or {}
     if status.get("phase") not in (None, "Pending"):
@@ -110,11 +186,7 @@ def pod_problem(pod: dict[str, Any], grace_s: float, now: datetime | None = None
                 image = cs.get("image") or ""
                 return Verdict(False, reason, f"cannot pull image {image}: {_one_line(waiting.get('message'))}"
                                .rstrip(": "), _name(pod))
-    sched = next((c for c in _conditions(pod) if c.get("type") == "PodScheduled"), None)
-    if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
-        if _age_s(sched.get("lastTransitionTime"), now) >= grace_s:
-            return Verdict(False, "Unschedulable", _one_line(sched.get("message")), _name(pod))
-    return None
+    return None  # Unschedulable is queueing (waiting_notes) unless an Event says otherwise (event_verdict)
 
 
 def job_verdict(job: dict[str, Any], pods: list[dict[str, Any]] = ()) -> Verdict | None:
