@@ -150,8 +150,8 @@ class DataTable:
     (any cell when it names none), within the rounding of both the figure and the cell, in the title's unit
     ("1.6 billion" for 1,608 in a table "in million"); near a change word ("by", "points", "increase",
     "times") also to differences, percentage changes and ratios of two cells in one row or column.
-    Numbers that appear in the title, the header row or the label column (years, age groups) are references,
-    not data, and count neither way.
+    Numbers written as in the title, the header row or the label column (years, age groups), and bare years
+    (1900-2100), are references, not data, and count neither way.
     """
 
     def __init__(self, rows: Iterable[Iterable[Any]], title: str | None = None):
@@ -192,8 +192,8 @@ class DataTable:
 
     def match(self, written: str, value: float, scale: float, decimals: int, sentence: str, window: str
               ) -> Figure:
-        if _written_key(written) in self.references:
-            return Figure(written, "reference")
+        if _written_key(written) in self.references or (re.fullmatch(r"\d{4}", written) and 1900 <= value <= 2100):
+            return Figure(written, "reference")  # a label of the table or the title, or a bare year
         half = _half_unit(written, value, decimals)
         percent = "%" in written or "cent" in written.lower()
         forms = [(value * scale, half * scale)] + ([(value, half)] if scale != 1.0 else [])
