@@ -245,3 +245,34 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
     assert stat.stddev[0] > 20  # not blank: text, bars and chart images give real contrast
     dark = sum(img.histogram()[:128])
     assert dark / (img.width * img.height) > 0.01
+
+
+def test_dataset_card_from_the_hub_template():
+    """pipeline.report.card: DatasetCardData's YAML header and the jinja body, parsed back by the Hub's
+    DatasetCard (the stage-level card test is tests/test_dataset.py::test_dataset_card)."""
+    from collections import Counter
+
+    from huggingface_hub import DatasetCard
+
+    from pipeline.config import DatasetSection
+    from pipeline.report.card import dataset_card, size_category
+
+    rows = [{"chart_id": f"c{i}", "type": "bar" if i % 2 else "pie"} for i in range(5)]
+    by_split = {"train": rows[:3], "validation": rows[3:4], "test": rows[4:]}
+    counts = {"teacher_records": 7, "rejected_by_teacher": 2, "rejected_reasons": Counter({"too_short": 2}),
+              "excluded_unparseable": 0, "excluded_reasons": Counter(), "structure_inferred": 0,
+              "teacher": Counter({("MiniMax-M1", "bar.txt", "v1"): 5})}
+    text = dataset_card("structured", by_split, counts, DatasetSection(), "run-1", {"read": 9, "accepted": 7},
+                        {"chart_id": "string", "essay": "string"})
+    card = DatasetCard(text)
+    assert card.data.pretty_name == "IELTS Task 1 chart essays (structured)" and card.data.license == "other"
+    assert card.data.dataset_info["splits"] == [{"name": "train", "num_examples": 3},
+                                                {"name": "validation", "num_examples": 1},
+                                                {"name": "test", "num_examples": 1}]
+    assert card.data.size_categories == ["n<1K"] and size_category(12_000) == "10K<n<100K"
+    for needle in ("ielts-distill run `run-1`", "| train / validation / test | 3 / 1 / 1 |",
+                   "Teacher rejections: too_short (2).", "By chart type: bar 2, pie 3.", "of 9 charts read",
+                   "Teacher model: MiniMax-M1. Prompt templates (version): bar.txt (v1).",
+                   "@inproceedings{kantharaj-etal-2022-chart,"):
+        assert needle in card.text, needle
+    assert "{{" not in text and "{%" not in text and "Left out as unparseable" not in text
