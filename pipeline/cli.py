@@ -107,6 +107,29 @@ def run(config: RunConfig, from_stage: str | None, only: tuple[str, ...], force:
 
 @main.command()
 @config_options
+@click.option("--from", "from_stage", type=click.Choice(STAGES), help="Start at this stage.")
+@click.option("--only", multiple=True, type=click.Choice(STAGES), help="Run only these stages (repeatable).")
+@click.option("--force", is_flag=True, help="Rerun stages even when complete (per-item records are kept).")
+@kube_options
+def submit(config: RunConfig, from_stage: str | None, only: tuple[str, ...], force: bool, kubeconfig: str | None,
+           context: str | None) -> None:
+    """Run the k8s driver itself as a Job in the cluster (no laptop needs to stay up) and say how to follow it."""
+    from pipeline.executors.k8s import KubeExecutor, submit as submit_driver
+
+    _select(from_stage, only)  # the same checks as run
+    run_args = (["--from", from_stage] if from_stage else []) + [a for s in only for a in ("--only", s)]
+    run_args += ["--force"] if force else []
+    executor = KubeExecutor(config, kubeconfig=kubeconfig, context=context)
+    name = submit_driver(executor, run_args, force=force)
+    ns = config.k8s.namespace
+    click.echo(f"submitted driver job {name} (namespace {ns})")
+    click.echo(f"  follow:   kubectl -n {ns} logs -f job/{name}")
+    click.echo(f"  progress: ielts-distill status --set run.id={config.run.id} (with the same --config)")
+    click.echo(f"  stop:     kubectl -n {ns} delete job {name}  (the stage Jobs: -l ielts-distill/run={config.run.id})")
+
+
+@main.command()
+@config_options
 @click.argument("name", type=click.Choice(STAGES))
 @click.option("--shard", help="Process only shard I of N (0-based), e.g. 0/4. Default: "
                               "$JOB_COMPLETION_INDEX/$JOB_COMPLETION_COUNT in an Indexed Job, else all.")

@@ -547,3 +547,32 @@ def test_cli_context_and_kubeconfig_options(emulator, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "[ingest] complete" in result.output
     assert missing.exit_code == 1 and "context nope" in missing.output
+
+
+def test_submit_creates_the_driver_job_and_says_how_to_follow_it(emulator, tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": emulator.url}}],
+        "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    args = ["submit", "--from", "teacher", "--set", "run.id=t1", "--set", "store.uri=s3://bucket/runs",
+            "--set", f"k8s.namespace={NS}", "--set", "k8s.s3_endpoint=http://seaweedfs:8333"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"kubectl -n {NS} logs -f job/ielts-t1-driver" in result.output
+    job = json.loads(k.BatchV1Api(emulator.api()).read_namespaced_job("ielts-t1-driver", NS,
+                                                                       _preload_content=False).data)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "ielts-distill-driver" and pod["automountServiceAccountToken"] is True
+    (container,) = pod["containers"]
+    assert container["command"] == ["ielts-distill", "run", "--executor", "k8s", "--config",
+                                    "/etc/ielts-distill/config.yaml", "--from", "teacher"]
+    assert container["image"] == "ghcr.io/ielts-distill/base:0.1.0"
+    assert {"secretRef": {"name": "ielts-distill-s3"}} in container["envFrom"]
+    cm = k.CoreV1Api(emulator.api()).read_namespaced_config_map("ielts-t1-config", NS)
+    assert yaml.safe_load(cm.data["config.yaml"])["run"]["id"] == "t1"
+    again = CliRunner().invoke(main, args)  # the driver Job still runs: follow it, do not start a second
+    assert again.exit_code == 1 and "driver job ielts-t1-driver is already running" in again.output
+    assert emulator.requests("create") == 1

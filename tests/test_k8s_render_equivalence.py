@@ -40,6 +40,9 @@ def _intended(config, job: dict) -> dict:
     if config.k8s.profile == "cpu":  # #4: kind-sized requests, CPU limit k8s.cpu_limit
         container["resources"]["requests"] = dict(spec(stage).resources["cpu"])
         container["resources"]["limits"] = {**spec(stage).resources["cpu"], "cpu": config.k8s.cpu_limit}
+    for env in container["env"]:  # #9: the local store is Service s3 (SeaweedFS, or MinIO), not minio
+        if env["name"] == "AWS_ENDPOINT_URL_S3":
+            env["value"] = config.k8s.s3_endpoint
     if config.k8s.model_cache_claim:  # #7: the Hub cache on a PVC
         pod["volumes"].append({"name": "models", "persistentVolumeClaim": {"claimName": config.k8s.model_cache_claim}})
         container["volumeMounts"].append({"mountPath": "/var/cache/ielts-distill/huggingface", "name": "models"})

@@ -34,7 +34,8 @@ from pipeline.executors import base
 from pipeline.executors.base import Executor, Outcome
 from pipeline.k8s.diagnose import Verdict, event_time, event_verdict, job_verdict, pod_problem, waiting_notes
 from pipeline.k8s.diagnose import parse_time as _parse_time
-from pipeline.k8s.objects import build_configmap, build_job, job_name, run_selector
+from pipeline.k8s.objects import (build_configmap, build_driver_job, build_job, driver_job_name, job_name,
+                                  run_selector)
 from pipeline.stages import STAGES, StageSpec
 from pipeline.store import SUCCESS, ArtifactStore
 
@@ -307,12 +308,16 @@ class KubeExecutor(Executor):
         if self.config.k8s.dry_run:
             for s in todo:
                 self.backend.create_job(build_job(self.config, s.name), dry_run=True)
+        self.apply_config(force)
+
+    def apply_config(self, force: bool) -> None:
+        """The run's ConfigMap, unless a Job of this run is running on another version of it."""
         cm = build_configmap(self.config)
         current = self.backend.read_configmap(cm.metadata.name)
         if current is not None and (current.get("data") or {}) == cm.data:
             return
         running = [j["metadata"]["name"] for j in self.backend.list_jobs(run_selector(self.config))
-                   if job_verdict(j) is None]
+                   if job_verdict(j) is None and j["metadata"]["name"] != driver_job_name(self.config)]
         if current is not None and running and not force:
             raise PipelineError(f"job {running[0]} of run {self.config.run.id} is running with another config: "
                                 "its pods would read the new one on restart. Wait for it, or rerun with --force "
@@ -425,6 +430,25 @@ class KubeExecutor(Executor):
         if not cleanup:
             self.echo(f"rerun the same command to re-attach, or delete them: kubectl -n {self.ns} delete job "
                       f"-l {selector} (or rerun with --cleanup)")
+
+
+def submit(executor: KubeExecutor, run_args: list[str], force: bool = False) -> str:
+    """Start the driver as a Job in the cluster (``ielts-distill submit``); returns its name. A driver Job of
+    this run that is still running is an error (follow it instead); a finished one is replaced."""
+    config, backend, ns = executor.config, executor.backend, executor.ns
+    job = build_driver_job(config, run_args)
+    name = job.metadata.name
+    existing, _ = backend.read_job(name)
+    if existing is not None and job_verdict(existing) is None:
+        raise PipelineError(f"driver job {name} is already running: kubectl -n {ns} logs -f job/{name} "
+                            f"(or delete it: kubectl -n {ns} delete job {name})")
+    if config.k8s.dry_run:
+        backend.create_job(job, dry_run=True)
+    executor.apply_config(force)
+    if existing is not None:
+        backend.delete_job(name)
+    backend.create_job(job)
+    return name
 
 
 def run_pipeline(config: RunConfig, stages: Sequence[str], force: bool = False, cleanup: bool = False,

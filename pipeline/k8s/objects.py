@@ -278,6 +278,59 @@ def build_job(config: RunConfig, stage: str) -> k.V1Job:
         spec=job_spec)
 
 
+DRIVER_ACCOUNT = "ielts-distill-driver"  # k8s/base/driver-rbac.yaml
+
+
+def driver_job_name(config: RunConfig) -> str:
+    return f"ielts-{config.run.id}-driver"
+
+
+def build_driver_job(config: RunConfig, run_args: list[str]) -> k.V1Job:
+    """``ielts-distill submit``: the driver itself as a Job (``ielts-distill run --executor k8s`` on the
+    mounted run config, in-cluster credentials of the ielts-distill-driver account), so no laptop has to
+    stay up. It runs the base image (every image holds the package) and may restart: it re-attaches."""
+    kc = config.k8s
+    quantities = {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": "256Mi"}
+    env = [k.V1EnvVar(name="HOME", value="/tmp"), k.V1EnvVar(name="PYTHONUNBUFFERED", value="1")]
+    if kc.s3_endpoint:  # the driver reads the store (which stages are complete) like the Jobs do
+        env.append(k.V1EnvVar(name="AWS_ENDPOINT_URL_S3", value=kc.s3_endpoint))
+    volumes, mounts = _volumes(config, spec("report"), quantities)  # config, /tmp, cache (+ store PVC)
+    container = k.V1Container(
+        name="driver",
+        image=f"{kc.image_registry.rstrip('/')}/base:{kc.image_tag}",
+        image_pull_policy=kc.image_pull_policy,
+        command=["ielts-distill", "run", "--executor", "k8s", "--config", CONFIG_FILE, *run_args],
+        env=env,
+        env_from=[k.V1EnvFromSource(secret_ref=k.V1SecretEnvSource(name=kc.s3_secret))] if _is_s3(config) else None,
+        resources=k.V1ResourceRequirements(requests=dict(quantities), limits={**quantities, "cpu": "500m"}),
+        volume_mounts=[m for m in mounts if m.name != "models"],
+        termination_message_policy="FallbackToLogsOnError",
+        security_context=k.V1SecurityContext(
+            allow_privilege_escalation=False, read_only_root_filesystem=True, run_as_non_root=True,
+            capabilities=k.V1Capabilities(drop=["ALL"]), seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
+    )
+    pod = k.V1PodSpec(
+        restart_policy="Never", containers=[container], volumes=[v for v in volumes if v.name != "models"],
+        service_account_name=DRIVER_ACCOUNT, automount_service_account_token=True, enable_service_links=False,
+        priority_class_name=kc.priority_class,
+        image_pull_secrets=[k.V1LocalObjectReference(name=n) for n in kc.image_pull_secrets] or None,
+        security_context=k.V1PodSecurityContext(
+            run_as_non_root=True, run_as_user=UID, run_as_group=UID, fs_group=UID,
+            seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
+        **_scheduling(config, "driver", gpu=False))
+    meta_labels = {**labels(config), "app.kubernetes.io/component": "driver"}
+    return k.V1Job(
+        api_version="batch/v1", kind="Job",
+        metadata=k.V1ObjectMeta(name=driver_job_name(config), namespace=kc.namespace, labels=meta_labels,
+                                annotations={"ielts-distill/version": __version__}),
+        spec=k.V1JobSpec(backoff_limit=3, active_deadline_seconds=kc.wait_timeout_s,
+                         ttl_seconds_after_finished=kc.ttl_after_finished_s, pod_replacement_policy="Failed",
+                         pod_failure_policy=k.V1PodFailurePolicy(rules=[k.V1PodFailurePolicyRule(
+                             action="FailJob", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
+                                 container_name="driver", operator="In", values=[1, EXIT_CONFIG_ERROR]))]),
+                         template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=meta_labels), spec=pod)))
+
+
 def build_run(config: RunConfig, stages: list[str] | tuple[str, ...] = STAGES) -> list[Any]:
     """The ConfigMap, then one Job per stage, in pipeline order."""
     return [build_configmap(config), *(build_job(config, s) for s in STAGES if s in stages)]
