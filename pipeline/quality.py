@@ -149,7 +149,8 @@ class DataTable:
     ``align(essay)`` matches each figure of the essay to a cell in a row or column its sentence names
     (any cell when it names none), within the rounding of both the figure and the cell, in the title's unit
     ("1.6 billion" for 1,608 in a table "in million"); near a change word ("by", "points", "increase",
-    "times") also to differences, percentage changes and ratios of two cells in one row or column.
+    "times") also to differences, percentage changes and ratios of two cells of the rows the sentence names
+    (within one row, or one column among those rows; never when it names no row).
     Numbers written as in the title, the header row or the label column (years, age groups), and bare years
     (1900-2100), are references, not data, and count neither way.
     """
@@ -203,7 +204,8 @@ class DataTable:
             for x, tol in forms:
                 if self._near(x, tol, cell):
                     return Figure(written, "value", cid)
-        if _CUE.search(window) and self._derived(value * scale, half * scale, percent, [c for g in groups for c in g]):
+        named_rows = [c for g in groups for c in g] if len(groups) == 2 else []  # see candidates()
+        if _CUE.search(window) and self._derived(value * scale, half * scale, percent, named_rows):
             return Figure(written, "derived")
         return Figure(written, "unmatched")
 

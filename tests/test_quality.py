@@ -194,6 +194,7 @@ def test_rounding_follows_the_digits_written_and_the_table_unit():
 def test_differences_changes_and_ratios_near_a_change_word():
     assert invented_numbers("Nuclear rose by 3.7 points.", TABLE) == []  # 10.10 - 6.40
     assert invented_numbers("Nuclear went 3.7 in one go.", TABLE) == ["3.7"]  # no change word: not a difference
+    assert invented_numbers("One source rose by 3.7 points.", TABLE) == ["3.7"]  # no row named: no derived match
     assert invented_numbers("Nuclear power grew by 58% between 1995 and 2005.", TABLE) == []  # 10.1/6.4 - 1
     assert invented_numbers("Nuclear power grew by 68% between 1995 and 2005.", TABLE) == ["68%"]
     revlimid = [["Drug", "2013", "2018"], ["Revlimid", "4280.3", "9685"]]
