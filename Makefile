@@ -12,7 +12,7 @@ STAMP     := $(VENV)/.installed
 .PHONY: install system-deps demo test bench render clean help
 
 help:
-	@echo "make demo | make test | make bench | make images | make render | make clean"
+	@echo "make demo | make test | make bench | make images | make images-test | make render | make clean"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,11 @@ clean:
 	rm -rf artifacts build .pytest_cache
 
 # One image per stage (+ CUDA variants of finetune/generate) with docker or buildah; see docs/kubernetes.md.
-.PHONY: images
+# images-test: the base and one stage image built with buildah and run against the test S3 server (slow;
+# .ci/run runs it when CI_IMAGES=1).
+.PHONY: images images-test
 images:
 	images/build.sh
+
+images-test: $(STAMP)
+	PYTHON=$(BIN)/python images/test.sh

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# make images-test (run by .ci/run when CI_IMAGES=1): build the base and one stage image with buildah (vfs
+# storage, chroot isolation: works rootless and inside a CI container) FROM a Debian bookworm + Python 3.11
+# base made with debootstrap (no container registry needed), then run that stage's entrypoint inside the
+# image against the test suite's SeaweedFS S3 server (tests/images_check.py, buildah run).
+#   IMAGE_TEST_STAGE (ingest)  IMAGE_TEST_WORK (build/images-test)  DEBIAN_MIRROR (http://deb.debian.org/debian)
+#   TORCH_INDEX, IMAGE_PIP_FIND_LINKS: where the image build finds torch (default: PyTorch's CPU wheel index)
+# Needs root for debootstrap (or a prepared localhost/bookworm-python:3.11 image), buildah, ~15 GB of disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE="${IMAGE_TEST_STAGE:-ingest}"
+WORK="${IMAGE_TEST_WORK:-build/images-test}"
+PY_IMAGE="localhost/bookworm-python:3.11"
+export BUILDER=buildah BUILDAH_STORAGE_DRIVER="${BUILDAH_STORAGE_DRIVER:-vfs}" BUILDAH_ISOLATION="${BUILDAH_ISOLATION:-chroot}"
+export IMAGE_REGISTRY=localhost/ielts-test IMAGE_TAG=ci IMAGE_CUDA=0 IMAGE_STAGES="$STAGE" PYTHON_IMAGE="$PY_IMAGE"
+for tool in buildah debootstrap; do
+  command -v "$tool" >/dev/null || { echo "error: $tool is not installed (apt-get install buildah debootstrap)" >&2; exit 1; }
+done
+bd() { buildah --storage-driver "$BUILDAH_STORAGE_DRIVER" "$@"; }
+
+mkdir -p "$WORK"
+if ! bd inspect --type image "$PY_IMAGE" >/dev/null 2>&1; then
+  rootfs="$WORK/rootfs"
+  if [ ! -x "$rootfs/usr/bin/python3" ]; then
+    debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+      bookworm "$rootfs" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+  fi
+  tar -C "$rootfs" -cf "$WORK/rootfs.tar" .
+  ctr="$(bd from scratch)"
+  bd add "$ctr" "$WORK/rootfs.tar" /
+  bd commit --rm "$ctr" "$PY_IMAGE"
+fi
+images/build.sh
+IMAGE_TEST_REF="$IMAGE_REGISTRY/$STAGE:$IMAGE_TAG" IMAGE_TEST_STAGE="$STAGE" \
+  "${PYTHON:-.venv/bin/python}" -m pytest -q -p no:cacheprovider tests/images_check.py

@@ -1,0 +1,44 @@
+"""``make images-test`` (CI with CI_IMAGES=1): a stage image that images/test.sh built with buildah runs its
+own entrypoint against the test S3 server (``buildah run``), so a missing shared library, file or package in
+the image fails CI, not the cluster. Not named test_*.py: the normal suite does not build images; the
+Makefile passes this file to pytest explicitly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import yaml
+
+from pipeline.store import open_store
+
+
+def _buildah(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    driver = os.environ.get("BUILDAH_STORAGE_DRIVER", "vfs")
+    return subprocess.run(["buildah", "--storage-driver", driver, *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_stage_image_runs_its_entrypoint_against_s3(s3_bucket, s3_server, sample_dir, tmp_path):
+    image = os.environ["IMAGE_TEST_REF"]  # set by images/test.sh
+    stage = os.environ.get("IMAGE_TEST_STAGE", "ingest")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"run": {"id": "img"}, "store": {"uri": s3_bucket},
+                                      "data": {"source": "/data/chart2text-sample", "limit": 4}}))
+    config.chmod(0o644)
+    ctr = _buildah("from", image)
+    assert ctr.returncode == 0, ctr.stderr
+    name = ctr.stdout.strip()
+    try:
+        env = [f"--env={k}={os.environ[k]}" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                     "AWS_ENDPOINT_URL_S3", "AWS_REGION")]
+        proc = _buildah("run", "--isolation", os.environ.get("BUILDAH_ISOLATION", "chroot"), *env,
+                        f"--volume={config}:/etc/ielts-distill/config.yaml:ro",
+                        f"--volume={sample_dir}:/data/chart2text-sample:ro",
+                        name, "--", "python", "/app/jobs/entrypoint.py", stage)
+    finally:
+        _buildah("rm", name)
+    out = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and out and out[-1] == f"ielts-distill job: stage {stage} finished OK", \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert open_store(s3_bucket).exists(f"img/{stage}/_SUCCESS")
