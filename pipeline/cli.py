@@ -303,7 +303,8 @@ def push_dataset(config: RunConfig, variant: str, repo: str, private: bool) -> N
               help="A PEFT adapter folder, or the variant folder holding it (finetune/<variant>/[adapter]); "
                    "its config names the base model.")
 @click.option("--model", help="Base student (Hub id or folder). Default: the adapter's base, else student.model.")
-@click.option("--max-new-tokens", type=int, help="Default: generate.max_new_tokens.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help="Default: generate.max_new_tokens, else what teacher.max_words needs.")
 def write(config: RunConfig, image: str, title: str, adapter: str | None, model: str | None,
           max_new_tokens: int | None) -> None:
     """Print an essay for a new chart IMAGE from the student (plus an adapter)."""
@@ -313,6 +314,7 @@ def write(config: RunConfig, image: str, title: str, adapter: str | None, model:
         model = config.student.model
     click.echo(write_essay(image, title, adapter=adapter, model=model, device=config.student.device,
                            max_new_tokens=max_new_tokens or config.generate.max_new_tokens,
+                           max_words=config.teacher.max_words, max_pixels=config.data.max_pixels,
                            image_longest_edge=config.student.image_longest_edge))
 
 

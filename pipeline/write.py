@@ -18,9 +18,9 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 
-def load_image(path: str | Path):
+def load_image(path: str | Path, max_pixels: int | None = None):
     """The chart as an RGB PIL image (transparency on white), decoded in full (a truncated file fails here,
-    not mid-generation)."""
+    not mid-generation). Larger than ``max_pixels`` (``data.max_pixels``): refused before decoding."""
     from PIL import Image, UnidentifiedImageError
 
     from pipeline.models.images import to_rgb
@@ -30,6 +30,9 @@ def load_image(path: str | Path):
         raise PipelineError(f"image not found: {p}")
     try:
         with Image.open(p) as img:
+            if max_pixels and img.width * img.height > max_pixels:
+                raise PipelineError(f"image {p} is {img.width}x{img.height} px, more than data.max_pixels="
+                                    f"{max_pixels}: resize it first")
             img.load()
             return to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -134,7 +137,7 @@ def _check_all_weights_loaded(model, adapter_dir: Path, base: str) -> None:
 
 def write_essay(image: str | Path, title: str, *, adapter: str | None = None, model: str | None = None,
                 device: str = "auto", max_new_tokens: int | None = None, max_words: int = 190,
-                image_longest_edge: int | None = None) -> str:
+                image_longest_edge: int | None = None, max_pixels: int | None = None) -> str:
     """The essay; ``max_new_tokens`` unset: what a ``max_words`` essay needs. An essay cut at the limit is
     printed with a one-line warning on stderr."""
     import sys
@@ -148,7 +151,7 @@ def write_essay(image: str | Path, title: str, *, adapter: str | None = None, mo
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not ours
     if not title.strip():
         raise PipelineError("--title is empty")
-    picture = load_image(image)
+    picture = load_image(image, max_pixels)
     with tempfile.TemporaryDirectory(prefix="ielts-write-") as tmp:
         loaded, processor = load(model, adapter, device, image_longest_edge, Path(tmp))
     limit = max_new_tokens or tokens_needed(max_words)

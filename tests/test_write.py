@@ -72,6 +72,19 @@ def test_bad_image_is_one_line(student, image, expected):
     assert err.startswith("error: ") and expected in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_image_over_max_pixels_is_refused_before_decoding(student):
+    result = CliRunner().invoke(main, ["write", str(student / "chart.png"), "--title", "T", "--model",
+                                       str(student / "student"), "--set", "data.max_pixels=1000"])
+    assert result.exit_code != 0 and result.stdout == ""
+    assert "160x100 px, more than data.max_pixels=1000" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["-5", "0"])
+def test_max_new_tokens_must_be_positive(student, value):
+    result = CliRunner().invoke(main, ["write", str(student / "chart.png"), "--title", "T", "--max-new-tokens", value])
+    assert result.exit_code == 2 and "--max-new-tokens" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_adapter_for_another_base_is_one_line(student):
     code, _, err = write(str(student / "chart.png"), "--title", "T", "--adapter", str(student / "other-adapter"),
                          "--model", str(student / "student"))
