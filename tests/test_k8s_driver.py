@@ -576,3 +576,29 @@ def test_submit_creates_the_driver_job_and_says_how_to_follow_it(emulator, tmp_p
     again = CliRunner().invoke(main, args)  # the driver Job still runs: follow it, do not start a second
     assert again.exit_code == 1 and "driver job ielts-t1-driver is already running" in again.output
     assert emulator.requests("create") == 1
+
+
+def test_executor_status_logs_and_cancel(emulator, tmp_path):
+    from pipeline.executors.k8s import KubeExecutor
+    from pipeline.k8s.objects import build_job
+    from pipeline.stages import spec
+
+    config = _config(tmp_path)
+    executor = KubeExecutor(config, backend=KubeBackend(NS, emulator.api()), echo=lambda line: None)
+    ctx = StageContext(config=config, store=executor.store, stage="ingest")
+    assert executor.status(spec("ingest"), ctx) == "no job ielts-t1-ingest"
+    assert executor.cancel(spec("ingest"), ctx) is False
+    cluster = FakeCluster(emulator, config, {"ingest": "hang"})
+    cluster.start()
+    try:
+        executor.backend.create_job(build_job(config, "ingest"))
+        deadline = time.monotonic() + 10
+        while not executor.backend.list_pods("ielts-t1-ingest") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert executor.status(spec("ingest"), ctx).startswith("job ielts-t1-ingest: running")
+        assert list(executor.logs(spec("ingest"), ctx))[-1].endswith("stage ingest finished OK")
+        assert executor.cancel(spec("ingest"), ctx) is True
+        assert executor.backend.read_job("ielts-t1-ingest")[0] is None
+    finally:
+        cluster.done.set()
+        cluster.join(5)

@@ -186,9 +186,9 @@ class KubeBackend:
             watch.stop()
 
     def read_logs(self, pod: str, container: str) -> Iterator[str]:
-        text = self._call(f"read the log of pod {pod}", self.core.read_namespaced_pod_log, pod, self.namespace,
-                          container=container)
-        yield from text.splitlines()
+        resp = self._call(f"read the log of pod {pod}", self.core.read_namespaced_pod_log, pod, self.namespace,
+                          container=container, _preload_content=False)
+        yield from resp.data.decode("utf-8", "replace").splitlines()
 
     def stream_logs(self, pod: str, container: str, since_s: int | None = None) -> Iterator[str]:
         """Timestamped lines (``<RFC3339> <text>``), following until the stream ends."""

@@ -1,2 +1,3 @@
-"""Kubernetes objects for a run, built in one place with the official client models (objects.py), and
-the reading of Job/Pod state into one-line verdicts (diagnose.py). The driver is pipeline.executors.k8s."""
+"""Kubernetes for a run: the Jobs, ConfigMap and driver Job (objects.py, official client models), the Argo
+Workflow (argo.py, hera), the image plan read by build.sh and skaffold (images.py), and Job/Pod/Event state
+read into verdicts and waiting notes (diagnose.py). The driver is pipeline.executors.k8s."""

@@ -353,5 +353,7 @@ def write_manifests(config: RunConfig, out_dir: str | Path) -> list[Path]:
         written.append(path)
     kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                      "resources": [p.name for p in written]}
-    (out / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False), encoding="utf-8")
+    note = ("# For review (kubectl diff -k / kustomize build). Applying it starts every stage's Job at once; run the\n"
+            "# pipeline with `ielts-distill run --executor k8s`, `ielts-distill submit` or `render --format argo`.\n")
+    (out / "kustomization.yaml").write_text(note + yaml.safe_dump(kustomization, sort_keys=False), encoding="utf-8")
     return written
