@@ -222,6 +222,10 @@ class JudgeSection(LLMSection):
     # orders like every pair; win rates are flagged untrustworthy below selftest_min_accuracy. 0: off.
     selftest_charts: int = Field(10, ge=0)
     selftest_min_accuracy: float = Field(0.9, ge=0, le=1)
+    # Optional (issue 16, item 7): each judged essay scored on the IELTS Task 1 rubric (four bands 0-9) by the
+    # judge, prompt pipeline/prompts/judge_<rubric_template>.txt. One request per essay: only with a strong judge.
+    rubric: bool = False
+    rubric_template: str = "rubric_v1"
 
 
 class ReportSection(Section):

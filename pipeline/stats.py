@@ -185,3 +185,18 @@ def agreement(x: Sequence[str], y: Sequence[str]) -> dict[str, Any]:
     same = sum(p == q for p, q in both)
     return {"n": len(both), "agree": same, "rate": same / len(both) if both else None,
             "ci95": wilson(same, len(both))}
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, Any]:
+    """Mean with a 95 % t interval (None with fewer than two values)."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "ci95": None}
+    mean = sum(values) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "ci95": None}
+    from scipy.stats import t
+
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "ci95": [mean - half, mean + half]}

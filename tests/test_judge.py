@@ -281,3 +281,76 @@ def test_golden_view_forms():
     assert golden_view(text, "variant", ("unstructured", "baseline")) == prose
     with pytest.raises(ValueError, match="unknown golden form 'bold'"):
         golden_view(text, "bold")
+
+
+# --------------------------------------------------------------------------- the IELTS rubric (judge.rubric)
+
+BANDS = {"baseline": 3, "structured": 6, "unstructured": 7}  # the same ranking as RANK
+
+
+def examiner(request: dict, key: str) -> str:
+    """Bands for a rubric request (by which model wrote the essay), else a fair pairwise verdict."""
+    text = first_text(request)
+    if "experienced IELTS examiner" not in text:
+        return fair(request, key)
+    band = BANDS[model_of(text.split('"""\n', 1)[1].rsplit('\n"""', 1)[0])]
+    return f'{{"TA": {band}, "CC": {band}, "LR": {band + 1}, "GRA": {band - 1}}}'
+
+
+def test_rubric_scores_each_judged_essay(tmp_path, sample_dir):
+    with FakeLLM(reply=examiner, key_pattern=TITLE_KEY) as llm:
+        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm, "judge.rubric=true")
+        assert run_stage(config, store, "judge") and run_stage(config, store, "report")
+    charts = split_charts(store, config)
+    rows = verdicts(store, config)
+    scored = [r for r in rows if r["order"] == "rubric"]
+    assert len(scored) == 3 * len(charts) and len(rows) == len(llm.requests) == 3 * len(charts) * 3
+    assert all(r["verdict"] == "scored" and set(r["bands"]) == {"TA", "CC", "LR", "GRA"} for r in scored)
+    with_table = next(c for c in charts if c["table"])
+    prompt = next(first_text(r) for r in llm.requests if "experienced IELTS examiner" in first_text(r)
+                  and with_table["title"] in first_text(r))
+    assert " | ".join(with_table["table"][1]) in prompt  # the data table is in the rubric prompt
+    rubric = store.get_json(f"{config.run.id}/report/summary.json")["rubric"]
+    assert list(rubric["models"]) == ["baseline", "structured", "unstructured"]
+    s = rubric["models"]["structured"]
+    assert (s["scored"], s["invalid"], s["TA"]["mean"], s["LR"]["mean"], s["overall"]["mean"]) == (7, 0, 6, 7, 6)
+    assert s["overall"]["ci95"] is not None
+    assert all(a["rate"] == 1.0 and a["n"] == len(charts) for a in rubric["agreement_with_pairwise"])
+    md = store.get_text(f"{config.run.id}/report/report.md")
+    assert "## IELTS rubric (judge)" in md and "| fine-tuned structured | 7 (0) | 6.00 | 6.00 | 7.00 | 5.00 |" in md
+
+
+@pytest.mark.parametrize("answer, bands", [
+    ('{"TA": 6, "CC": 7, "LR": 6, "GRA": 5}', {"TA": 6, "CC": 7, "LR": 6, "GRA": 5}),
+    ("Scores: TA: 6, CC: 7, LR 6, GRA=5.", {"TA": 6, "CC": 7, "LR": 6, "GRA": 5}),
+    ('{"TA": 6, "CC": 7}', None),  # a band missing
+    ('{"TA": 10, "CC": 7, "LR": 6, "GRA": 5}', None),  # out of range
+    ("6.5 across the board", None),
+])
+def test_rubric_answer_parsing(answer, bands):
+    from pipeline.rubric import parse_bands
+
+    assert parse_bands(answer) == bands
+
+
+def test_rubric_answer_without_bands_is_asked_again_then_invalid(tmp_path, sample_dir):
+    def vague(request: dict, key: str) -> str:
+        return "A solid essay overall." if "experienced IELTS examiner" in first_text(request) else fair(request, key)
+
+    with FakeLLM(reply=vague, key_pattern=TITLE_KEY) as llm:
+        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm, "judge.rubric=true",
+                                  "judge.comparisons=[[structured, baseline]]", "judge.limit=2")
+        assert run_stage(config, store, "judge") and run_stage(config, store, "report")
+    scored = [r for r in verdicts(store, config) if r["order"] == "rubric"]
+    assert len(scored) == 4 and all(r["verdict"] == "invalid" and r["attempts"] == 2 for r in scored)
+    assert all(r["raw_answer"] == "A solid essay overall." and "without all four bands" in r["reason"] for r in scored)
+    retries = [r for r in llm.requests if r["messages"][-1]["content"] == rubric_reminder()]
+    assert len(retries) == 4
+    rubric = store.get_json(f"{config.run.id}/report/summary.json")["rubric"]
+    assert rubric["models"]["structured"]["scored"] == 0 and rubric["models"]["structured"]["invalid"] == 2
+
+
+def rubric_reminder() -> str:
+    from pipeline.rubric import REMINDER
+
+    return REMINDER

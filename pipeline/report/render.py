@@ -18,6 +18,10 @@ def _num(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def _band_ci(ci: list[float] | None) -> str:
+    return "" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
@@ -29,7 +33,7 @@ def environment():
     env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    env.filters.update(pct=pct, ci=ci_text, num=_num, data_uri=data_uri)
+    env.filters.update(pct=pct, ci=ci_text, num=_num, data_uri=data_uri, band_ci=_band_ci)
     return env
 
 

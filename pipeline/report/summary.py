@@ -24,8 +24,18 @@ LABELS = {"teacher": "golden (teacher)", "baseline": "baseline", "structured": "
           "unstructured": "fine-tuned unstructured"}
 
 
+def ordered(models) -> list[str]:
+    """Models in the report's order: golden, baseline, structured, unstructured, then others by name."""
+    known = [m for m in MODEL_ORDER if m in models]
+    return known + sorted(set(models) - set(known))
+
+
 def is_selftest(verdict: dict[str, Any]) -> bool:
     return verdict["a"] == SELFTEST_GOLDEN and verdict["b"].startswith(SELFTEST_PREFIX)
+
+
+def is_rubric(verdict: dict[str, Any]) -> bool:
+    return verdict.get("order") == "rubric"  # pipeline.rubric.RUBRIC (judge.rubric)
 
 
 @dataclass
@@ -41,13 +51,12 @@ class Inputs:
 
     @property
     def judged(self) -> list[dict[str, Any]]:
-        """The verdicts of the configured comparisons (the self-test's planted pairs left out)."""
-        return [v for v in self.verdicts if not is_selftest(v)]
+        """The verdicts of the configured comparisons (the self-test's pairs and rubric scores left out)."""
+        return [v for v in self.verdicts if not (is_selftest(v) or is_rubric(v))]
 
     @property
     def models(self) -> list[str]:
-        known = [m for m in MODEL_ORDER if m in self.essays]
-        return known + sorted(set(self.essays) - set(known))
+        return ordered(self.essays)
 
 
 @dataclass
@@ -307,6 +316,37 @@ def selftest(inputs: Inputs, min_accuracy: float) -> dict[str, Any] | None:
             "by_corruption": {kind: _accuracy(o) for kind, o in sorted(outcomes.items())}}
 
 
+# --------------------------------------------------------------------------- the IELTS rubric (optional)
+
+
+def rubric(inputs: Inputs, llm_pairs: dict[tuple[str, str], list]) -> dict[str, Any] | None:
+    """Per model: the judge's mean band per criterion and overall (the mean of the four), with t intervals;
+    per comparison: how often the higher overall band agrees with the pairwise outcome. None without
+    rubric records (``judge.rubric`` off)."""
+    from pipeline.rubric import CRITERIA, NAMES
+    from pipeline.stats import agreement, mean_ci
+
+    records = [v for v in inputs.verdicts if is_rubric(v)]
+    if not records:
+        return None
+    bands = {(v["a"], v["chart_id"]): v["bands"] for v in records if v["verdict"] == "scored"}
+    overall = {key: sum(b.values()) / len(b) for key, b in bands.items()}
+    models = {}
+    for model in ordered({v["a"] for v in records}):
+        mine = [b for (m, _), b in bands.items() if m == model]
+        models[model] = {"label": LABELS.get(model, model), "scored": len(mine),
+                         "invalid": sum(1 for v in records if v["a"] == model and v["verdict"] != "scored"),
+                         **{k: mean_ci([b[k] for b in mine]) for k in CRITERIA},
+                         "overall": mean_ci([o for (m, _), o in overall.items() if m == model])}
+    agree = []
+    for (a, b), pairs in llm_pairs.items():
+        both = [(p.outcome, "win" if overall[(a, p.chart_id)] > overall[(b, p.chart_id)] else
+                 "loss" if overall[(a, p.chart_id)] < overall[(b, p.chart_id)] else "tie")
+                for p in pairs if (a, p.chart_id) in overall and (b, p.chart_id) in overall]
+        agree.append({"a": a, "b": b, **agreement([x for x, _ in both], [y for _, y in both])})
+    return {"criteria": {k: NAMES[k] for k in CRITERIA}, "models": models, "agreement_with_pairwise": agree}
+
+
 # --------------------------------------------------------------------------- gallery
 
 
@@ -396,6 +436,7 @@ def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
         "comparisons": [{**c, "trustworthy": None if check is None else check["trustworthy"]}
                         for c in comparisons(config, pairs)],
         "deterministic": deterministic(config, inputs, scores, pairs),
+        "rubric": rubric(inputs, pairs),
         "models": models,
         "seed_modes": list(SEED_MODES),
         "failure_mode_names": sorted({m for q in models.values() for m in q["failure_modes"]}),

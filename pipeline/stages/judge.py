@@ -151,7 +151,8 @@ def make_plan(ctx: StageContext) -> Plan:
     except ArtifactNotFound:
         raise StageError(f"judge needs {ctx.store.url(ctx.input_key('dataset', artifacts.SPLITS))}") from None
     cfg = ctx.config.judge
-    items = []
+    items: list[Any] = []
+    rubric: dict[str, list[str]] = {}  # model -> charts to score on the rubric (judge.rubric)
     for a, b in cfg.comparisons:
         for model in (a, b):
             if model not in essays:
@@ -160,7 +161,13 @@ def make_plan(ctx: StageContext) -> Plan:
         ids = [cid for cid in test if cid in essays[a] and cid in essays[b] and cid in golden and cid in charts]
         for cid in ids[: cfg.limit] if cfg.limit else ids:
             items += [Item(a, b, cid, order) for order in ORDERS]
+            for model in (a, b):
+                rubric.setdefault(model, []).append(cid)
     items += selftest_items(cfg.selftest_charts, test, golden, charts, essays)
+    if cfg.rubric:
+        from pipeline.rubric import RubricItem
+
+        items += sorted({RubricItem(m, cid) for m, ids in rubric.items() for cid in ids}, key=lambda i: i.id)
     return Plan(items, charts, golden, essays)
 
 
@@ -196,7 +203,7 @@ def inputs_fingerprint(ctx: StageContext, plan: Plan) -> str:
 
     judge, llm = ctx.config.judge, ctx.config.judge_llm()
     return fingerprint(plan.golden, plan.essays, judge.template, judge.golden_form, judge.answer_grammar, llm.model,
-                       llm.vision, llm.temperature, llm.max_tokens)
+                       llm.vision, llm.temperature, llm.max_tokens, judge.rubric and judge.rubric_template)
 
 
 def progress(ctx: StageContext) -> tuple[int, int | None]:
@@ -219,30 +226,39 @@ def check(ctx: StageContext) -> Plan:
     if not plan.items:
         raise StageError("judge: nothing to judge (no test chart has a golden essay and both models' essays)")
     load_template(ctx.config.judge.template)
+    if ctx.config.judge.rubric:
+        load_template(ctx.config.judge.rubric_template)
     check_endpoint(ctx.config.judge_llm(), "judge")
     return plan
 
 
 def run(ctx: StageContext) -> None:
+    from pipeline import rubric
     from pipeline.essays import golden_view
     from pipeline.llm import run_stage_items
+    from pipeline.rubric import RubricItem
 
     plan = check(ctx)  # before any verdict is moved aside
     llm_cfg = ctx.config.judge_llm()
     template = load_template(ctx.config.judge.template)
+    rubric_template = load_template(ctx.config.judge.rubric_template) if ctx.config.judge.rubric else ""
     ctx.log.info("judge: %d requests planned (%d comparisons x 2 orders), shard %s; judge %s%s",
                  len(plan.items), len(ctx.config.judge.comparisons), ctx.shard, llm_cfg.model,
                  " with the chart image" if llm_cfg.vision else "")
     overrides = {"extra_body": {"grammar": GRAMMAR}} if ctx.config.judge.answer_grammar else {}
     image_of = functools.lru_cache(maxsize=256)(lambda key: ctx.store.get_bytes(key))
 
-    async def handle(item: Item, client) -> dict[str, Any]:
+    async def handle(item: Item | RubricItem, client) -> dict[str, Any]:
         chart = plan.charts[item.chart_id]
+        image = await asyncio.to_thread(image_of, chart["image"]) if llm_cfg.vision else None
+        if isinstance(item, RubricItem):  # judge.rubric: one essay's IELTS bands
+            prompt = rubric.build_prompt(rubric_template, chart["title"], chart.get("table"),
+                                         plan.essays[item.model][item.chart_id])
+            return await rubric.score_one(client, item, messages_for(prompt, image, chart.get("image_format", "png")))
         first, second = item.first_second
         golden = golden_view(plan.golden[item.chart_id], ctx.config.judge.golden_form, (item.a, item.b))
         prompt = build_prompt(template, chart["title"], golden, plan.essays[first][item.chart_id],
                               plan.essays[second][item.chart_id])
-        image = await asyncio.to_thread(image_of, chart["image"]) if llm_cfg.vision else None
         return await judge_one(client, item, messages_for(prompt, image, chart.get("image_format", "png")),
                                **overrides)
 
