@@ -67,6 +67,26 @@ def test_bundled_sample(sample_dir, tmp_path):
     assert gif_ids and all(c["image_format"] == "png" for c in charts if c["id"] in gif_ids)
 
 
+def test_transparent_charts_are_composited_on_white(sample_dir, tmp_path):
+    """Pew's palette PNGs with transparency (up to 40 % of the pixels) are stored as RGB on white: every
+    reader (teacher, student) sees the chart's white background, not black."""
+    import io
+
+    from PIL import Image
+
+    store, charts, _, _ = ingest(str(tmp_path / "s"), sample_dir)
+    source = {r["id"]: r for r in sample_rows(sample_dir)}
+    transparent = [c for c in charts if "transparency" in Image.open(sample_dir / source[c["id"]]["image"]).info]
+    assert len(transparent) >= 4
+    for chart in transparent:
+        original = Image.open(sample_dir / source[chart["id"]]["image"]).convert("RGBA")
+        stored = Image.open(io.BytesIO(store.get_bytes(chart["image"])))
+        assert stored.mode == "RGB" and stored.size == original.size
+        clear = [xy for xy in ((x, y) for x in range(0, original.width, 7) for y in range(0, original.height, 7))
+                 if original.getpixel(xy)[3] == 0]
+        assert clear and all(stored.getpixel(xy) == (255, 255, 255) for xy in clear)
+
+
 def test_bad_charts_rejected_with_reasons(crafted, tmp_path):
     _, charts, rejected, summary = ingest(str(tmp_path / "s"), crafted)
     rows = sample_rows(crafted)

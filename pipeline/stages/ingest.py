@@ -174,6 +174,8 @@ def load_image(path: Path, max_pixels: int, min_side: int) -> tuple[bytes, str, 
     """Decode the whole image (a header check misses truncated files); returns bytes to store."""
     from PIL import Image, UnidentifiedImageError
 
+    from pipeline.models.images import to_rgb
+
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -189,10 +191,11 @@ def load_image(path: Path, max_pixels: int, min_side: int) -> tuple[bytes, str, 
                 raise Rejected(f"image too small: {width}x{height} px (data.min_side={min_side})")
             img.load()
             fmt = img.format or ""
-            if fmt in KEEP_FORMATS:
+            transparent = "A" in img.getbands() or "transparency" in img.info
+            if fmt in KEEP_FORMATS and not transparent:
                 return raw, KEEP_FORMATS[fmt], width, height
-            buf = io.BytesIO()
-            img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB").save(buf, "PNG")
+            buf = io.BytesIO()  # other formats, and transparency composited on white (as the chart was meant)
+            to_rgb(img).save(buf, "PNG")
             return buf.getvalue(), "png", width, height
     except Rejected:
         raise
