@@ -26,7 +26,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.context import StageContext, store_for
 from pipeline.errors import PipelineError
-from pipeline.executors.k8s import KubeBackend, run_pipeline
+from pipeline.executors.k8s import KubeBackend, load_api_client, run_pipeline
 from pipeline.k8s.objects import job_name
 
 NS = "ielts-test"
@@ -507,11 +507,14 @@ def test_dead_and_silent_api_servers_fail_in_one_line(tmp_path):
     try:
         for url, expected in ((f"http://127.0.0.1:{port}", "cannot reach the Kubernetes API at"),
                               (f"http://127.0.0.1:{silent.getsockname()[1]}", "did not answer within 0.5s")):
-            cfg = k.Configuration()
-            cfg.host = url
-            started = time.monotonic()
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "c",
+                "clusters": [{"name": "c", "cluster": {"server": url}}], "users": [{"name": "u", "user": {}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+            started = time.monotonic()  # the client as the CLI builds it (its retry settings included)
             with pytest.raises(PipelineError) as info:
-                run_pipeline(config, ["ingest"], backend=KubeBackend(NS, k.ApiClient(cfg), timeout_s=0.5),
+                run_pipeline(config, ["ingest"], backend=KubeBackend(NS, load_api_client(str(kubeconfig)), 0.5),
                              echo=lambda line: None)
             assert time.monotonic() - started < 10
             message = str(info.value)

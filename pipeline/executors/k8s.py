@@ -59,14 +59,17 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
     """From ``kubeconfig`` (else $KUBECONFIG, else ~/.kube/config) and ``context`` (else its current one),
     else the in-cluster service account."""
     path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path("~/.kube/config").expanduser())
+    cfg = k.Configuration()
+    # a refused connection is retried briefly (an API server restarting); a silent one is not (read=0)
+    cfg.retries = urllib3.util.Retry(total=3, connect=3, read=0, backoff_factor=0.5)
     if kubeconfig or os.environ.get("KUBECONFIG") or Path(path).is_file() or context:
         try:  # read the file now: the client's own default is fixed when it is imported
-            return kconfig.new_client_from_config(config_file=path, context=context)
+            kconfig.load_kube_config(config_file=path, context=context, client_configuration=cfg)
         except (kconfig.ConfigException, OSError) as exc:
             raise PipelineError(f"cannot load the kube config {path}"
                                 + (f" (context {context})" if context else "") + f": {exc}") from None
+        return k.ApiClient(cfg)
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        cfg = k.Configuration()
         kconfig.load_incluster_config(client_configuration=cfg)
         return k.ApiClient(cfg)
     raise PipelineError("no Kubernetes configuration: set KUBECONFIG (or ~/.kube/config, or --kubeconfig), "
@@ -80,7 +83,6 @@ class KubeBackend:
     def __init__(self, namespace: str, api: k.ApiClient | None = None, timeout_s: float = 30.0):
         self.namespace = namespace
         self.api = api or load_api_client()
-        self.api.configuration.retries = False  # our own bounded handling; urllib3's would multiply the wait
         self.core = k.CoreV1Api(self.api)
         self.batch = k.BatchV1Api(self.api)
         self.timeout_s = timeout_s
