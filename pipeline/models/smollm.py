@@ -25,7 +25,7 @@ TILE = 512  # vision tower input (px), as SmolVLM-256M
 PATCH = 16
 SCALE_FACTOR = 4  # (512/16)^2 / 4^2 = 64 visual tokens per tile
 IMAGE_SEQ_LEN = (TILE // PATCH) ** 2 // SCALE_FACTOR**2
-VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)  # random
+VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}  # random
 BOS, END_OF_TURN = "<|im_start|>", "<|im_end|>"
 EOU_SCALE = 1.001
 
