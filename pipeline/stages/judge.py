@@ -242,8 +242,10 @@ def run(ctx: StageContext) -> None:
     llm_cfg = ctx.config.judge_llm()
     template = load_template(ctx.config.judge.template)
     rubric_template = load_template(ctx.config.judge.rubric_template) if ctx.config.judge.rubric else ""
-    ctx.log.info("judge: %d requests planned (%d comparisons x 2 orders), shard %s; judge %s%s",
-                 len(plan.items), len(ctx.config.judge.comparisons), ctx.shard, llm_cfg.model,
+    kinds = Counter("rubric" if isinstance(i, RubricItem) else "self-test" if i.a == artifacts.SELFTEST_GOLDEN
+                    else "pairs" for i in plan.items)
+    ctx.log.info("judge: %d requests planned (%s), shard %s; judge %s%s", len(plan.items),
+                 ", ".join(f"{n} {k}" for k, n in kinds.items()), ctx.shard, llm_cfg.model,
                  " with the chart image" if llm_cfg.vision else "")
     overrides = {"extra_body": {"grammar": GRAMMAR}} if ctx.config.judge.answer_grammar else {}
     image_of = functools.lru_cache(maxsize=256)(lambda key: ctx.store.get_bytes(key))
