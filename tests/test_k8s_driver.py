@@ -190,6 +190,7 @@ class FakeCluster(threading.Thread):
             self.batch.patch_namespaced_job(name, NS, {"spec": {"suspend": True}}, _preload_content=False)
             self.event("Workload", f"job-{name}-8f2c1", "Pending", "couldn't assign flavors to pod set main: "
                        "insufficient unused quota for nvidia.com/gpu in flavor h100, 1 more needed")
+            self.event("Job", name, "Suspended", "Job suspended", seconds_ago=1)  # newer, but says less
             time.sleep(1.0)
             self.batch.patch_namespaced_job(name, NS, {"spec": {"suspend": False}}, _preload_content=False)
             self.succeed(job, stage, [self.pod(job, stage, 0, {"phase": "Running"})])

@@ -146,8 +146,8 @@ def waiting_notes(events: list[dict[str, Any]], job: dict[str, Any], pods: list[
     (suspended Job), pods waiting for a node or a scale-up, pods evicted and replaced."""
     notes = []
     if (job.get("spec") or {}).get("suspend"):
-        kueue = [e for e in events if (e.get("involvedObject") or {}).get("kind") == "Workload"
-                 or e.get("reason") in ("Suspended", "Pending")]
+        kueue = ([e for e in events if (e.get("involvedObject") or {}).get("kind") == "Workload"]
+                 or [e for e in events if e.get("reason") in ("Suspended", "Pending")])  # the Workload says why
         why = _one_line(kueue[-1].get("message")) if kueue else "waiting for admission"
         notes.append(f"queued (Kueue: {why})")
     for pod in pods:
