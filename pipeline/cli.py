@@ -172,19 +172,30 @@ def show_config(config: RunConfig, check: bool) -> None:
 @main.command()
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(config: RunConfig, as_json: bool) -> None:
+@click.option("--executor", type=click.Choice(["local", "k8s"]),
+              help="Also show where each unfinished stage is in this executor (k8s: its Job).")
+@kube_options
+def status(config: RunConfig, as_json: bool, executor: str | None, kubeconfig: str | None,
+           context: str | None) -> None:
     """Show each stage: done, partial (with counts) or not started."""
     from pipeline.context import store_for
     from pipeline.status import stage_status
 
     store = store_for(config)
     rows = stage_status(config, store)
+    if executor:
+        from pipeline.executors.base import executor_for
+        from pipeline.status import executor_status
+
+        kube = {"kubeconfig": kubeconfig, "context": context} if executor == "k8s" else {}
+        executor_status(executor_for(executor, config, store=store, **kube), rows)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
     click.echo(f"run {config.run.id} in {store.url(config.run.id)}")
     for row in rows:
-        click.echo(f"  {row['stage']:<9} {row['state']:<12} {row['detail']}")
+        where = f"  [{row['executor']}]" if row.get("executor") else ""
+        click.echo(f"  {row['stage']:<9} {row['state']:<12} {row['detail']}{where}")
 
 
 @main.command()

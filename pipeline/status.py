@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext, store_for
-from pipeline.stages import STAGES, load_stage
+from pipeline.stages import STAGES, load_stage, spec
 from pipeline.store import SUCCESS, ArtifactStore
+
+if TYPE_CHECKING:
+    from pipeline.executors.base import Executor
 
 
 def _summary_line(summary: dict[str, Any]) -> str:
@@ -37,4 +40,12 @@ def stage_status(config: RunConfig, store: ArtifactStore | None = None) -> list[
     return rows
 
 
-__all__ = ["stage_status", "SUCCESS"]
+def executor_status(executor: Executor, rows: list[dict[str, Any]]) -> None:
+    """Add where each unfinished stage is in ``executor`` (``Executor.status``: e.g. its Job) to ``rows``."""
+    for row in rows:
+        if row["state"] != "done":
+            ctx = StageContext(config=executor.config, store=executor.store, stage=row["stage"])
+            row["executor"] = executor.status(spec(row["stage"]), ctx)
+
+
+__all__ = ["SUCCESS", "executor_status", "stage_status"]

@@ -390,14 +390,19 @@ def test_running_job_is_reattached_not_resubmitted(emulator, tmp_path):
     assert emulator.requests("create") == 1
 
 
-def test_cli_run_executor_k8s_uses_kubeconfig(emulator, tmp_path, monkeypatch):
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": emulator.url}}],
+def _kubeconfig(tmp_path, current: str = "kmock", **servers: str):
+    """A kube config file with one context per server (name -> URL), ``current`` selected."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": current,
+        "clusters": [{"name": n, "cluster": {"server": url}} for n, url in servers.items()],
         "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u", "namespace": NS}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        "contexts": [{"name": n, "context": {"cluster": n, "user": "u"}} for n in servers]}))
+    return path
+
+
+def test_cli_run_executor_k8s_uses_kubeconfig(emulator, tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path, kmock=emulator.url)))
     config = _config(tmp_path)
     cluster = FakeCluster(emulator, config, {})
     cluster.start()
@@ -508,11 +513,7 @@ def test_dead_and_silent_api_servers_fail_in_one_line(tmp_path):
     try:
         for url, expected in ((f"http://127.0.0.1:{port}", "cannot reach the Kubernetes API at"),
                               (f"http://127.0.0.1:{silent.getsockname()[1]}", "did not answer within 0.5s")):
-            kubeconfig = tmp_path / "kubeconfig"
-            kubeconfig.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "c",
-                "clusters": [{"name": "c", "cluster": {"server": url}}], "users": [{"name": "u", "user": {}}],
-                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+            kubeconfig = _kubeconfig(tmp_path, "c", c=url)
             started = time.monotonic()  # the client as the CLI builds it (its retry settings included)
             with pytest.raises(PipelineError) as info:
                 run_pipeline(config, ["ingest"], backend=KubeBackend(NS, load_api_client(str(kubeconfig)), 0.5),
@@ -526,14 +527,7 @@ def test_dead_and_silent_api_servers_fail_in_one_line(tmp_path):
 
 
 def test_cli_context_and_kubeconfig_options(emulator, tmp_path, monkeypatch):
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "elsewhere",
-        "clusters": [{"name": "kmock", "cluster": {"server": emulator.url}},
-                     {"name": "nowhere", "cluster": {"server": "http://127.0.0.1:9"}}],
-        "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u"}},
-                     {"name": "elsewhere", "context": {"cluster": "nowhere", "user": "u"}}]}))
+    kubeconfig = _kubeconfig(tmp_path, "elsewhere", kmock=emulator.url, elsewhere="http://127.0.0.1:9")
     monkeypatch.delenv("KUBECONFIG", raising=False)
     config = _config(tmp_path)
     cluster = FakeCluster(emulator, config, {})
@@ -554,13 +548,7 @@ def test_cli_context_and_kubeconfig_options(emulator, tmp_path, monkeypatch):
 
 
 def test_submit_creates_the_driver_job_and_says_how_to_follow_it(emulator, tmp_path, monkeypatch):
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": emulator.url}}],
-        "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u"}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path, kmock=emulator.url)))
     args = ["submit", "--from", "teacher", "--set", "run.id=t1", "--set", "store.uri=s3://bucket/runs",
             "--set", f"k8s.namespace={NS}", "--set", "k8s.s3_endpoint=http://seaweedfs:8333"]
     result = CliRunner().invoke(main, args)
@@ -600,6 +588,12 @@ def test_executor_status_logs_and_cancel(emulator, tmp_path):
         while not executor.backend.list_pods("ielts-t1-ingest") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert executor.status(spec("ingest"), ctx).startswith("job ielts-t1-ingest: running")
+        shown = CliRunner().invoke(main, ["status", "--executor", "k8s", "--kubeconfig",
+                                          str(_kubeconfig(tmp_path, kmock=emulator.url)), "--set", "run.id=t1",
+                                          "--set", f"store.uri={tmp_path / 'store'}", "--set", f"k8s.namespace={NS}",
+                                          "--set", "k8s.store_claim=ielts-store"])
+        assert shown.exit_code == 0, shown.output
+        assert "[job ielts-t1-ingest: running (active 0, succeeded 0, failed 0)]" in shown.output
         assert list(executor.logs(spec("ingest"), ctx))[-1].endswith("stage ingest finished OK")
         assert executor.cancel(spec("ingest"), ctx) is True
         assert executor.backend.read_job("ielts-t1-ingest")[0] is None
