@@ -78,7 +78,7 @@ def make_handler(ctx: StageContext):
             record["cost_usd"] = round(record["cost_usd"] + done.cost_usd, 8)
             record["raw_answer"] = done.raw_text
             record["finish_reason"] = done.finish_reason
-            findings = gate_findings(done.text, chart.get("table"), cfg)
+            findings = gate_findings(done.text, chart.get("table"), cfg, title=chart.get("title"))
             if done.truncated:  # a cut essay may still pass the gates: it is never accepted
                 findings.insert(0, ("truncated", f"the answer was cut at the token limit (finish_reason 'length'); "
                                                  f"write at most {cfg.max_words} words"))
