@@ -130,7 +130,7 @@ def test_overlays_render_and_pass_strict_schema_validation(overlays):
 
 def test_every_workload_is_restricted_with_requests_and_limits(rendered, overlays):
     specs = [s for objs in (*rendered.values(), *overlays.values()) for s in _pod_specs(objs)]
-    assert len(specs) == 2 * len(STAGES) + 3  # Jobs of both configs + MinIO, bucket Job, data loader
+    assert len(specs) == 2 * len(STAGES) + 3  # Jobs of both configs + SeaweedFS, bucket Job, data loader
     for name, spec in specs:
         assert_restricted(name, spec)
     ns = next(o for o in overlays["local"] if o["kind"] == "Namespace")
