@@ -25,9 +25,12 @@ if ! bd inspect --type image "$PY_IMAGE" >/dev/null 2>&1; then
     debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
       bookworm "$rootfs" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
   fi
+  # trust what the host trusts (a CI proxy's CA); pip's own certifi bundle would not
+  cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
   tar -C "$rootfs" -cf "$WORK/rootfs.tar" .
   ctr="$(bd from scratch)"
   bd add "$ctr" "$WORK/rootfs.tar" /
+  bd config --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$ctr"
   bd commit --rm "$ctr" "$PY_IMAGE"
 fi
 images/build.sh
