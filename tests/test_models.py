@@ -208,7 +208,7 @@ def test_transparent_charts_are_composited_on_white(tiny_loaded):
     palette.info["transparency"] = palette.getpixel((0, 0))
     for image in (rgba, rgba.convert("LA"), palette):
         assert to_rgb(image).mode == "RGB" and to_rgb(image).getpixel((0, 0)) == (255, 255, 255), image.mode
-    assert list(to_rgb(rgba).getdata()) == list(on_white.getdata())
+    assert to_rgb(rgba).tobytes() == on_white.tobytes()
     assert torch.equal(encode(processor, rgba, "T").pixel_values, encode(processor, on_white, "T").pixel_values)
     assert not torch.equal(encode(processor, rgba.convert("RGB"), "T").pixel_values,
                            encode(processor, on_white, "T").pixel_values)  # what plain convert("RGB") gave
