@@ -97,3 +97,44 @@ def test_cluster_judge_without_room_to_think_is_caught(s3_bucket, sample_dir, tm
         bad = cli("config", "--check", "--config", "configs/cluster.yaml",
                   *cluster_sets(s3_bucket, sample_dir, llm, "generate.max_new_tokens=320"), env=env)
         assert bad.returncode == 1 and "generate.max_new_tokens=320" in bad.stderr
+
+
+KIND_ONLY = {"run", "store", "data", "k8s"}  # what the kind config must differ in: where things live
+
+
+def test_kind_config_is_the_local_demo_in_the_cluster():
+    """The kind quick start runs the local demo's experiment: every section but where things live is the
+    same as configs/local.yaml (a judge without local.yaml's answer grammar cannot answer, for one)."""
+    from pipeline.config import load_config
+
+    local = load_config(REPO / "configs/local.yaml").model_dump(mode="json")
+    kind = load_config(REPO / "k8s/overlays/local/run.yaml").model_dump(mode="json")
+    per_pod = {"teacher": {"parallelism"}, "judge": {"parallelism"}, "generate": {"parallelism"}}
+    for section in set(local) - KIND_ONLY:
+        ours = {k: v for k, v in kind[section].items() if k not in per_pod.get(section, set())}
+        theirs = {k: v for k, v in local[section].items() if k not in per_pod.get(section, set())}
+        assert ours == theirs, f"{section}: {set(k for k in ours if ours[k] != theirs.get(k))}"
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_kind_config_rehearsal(sample_dir, tmp_path):
+    """k8s/overlays/local/run.yaml through the documented command, in-process instead of in Jobs: the store
+    and data folder are local paths; the embedded llama.cpp teacher and judge and the student are real."""
+    import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=14", "run.id=kind",
+            "run.executor=local"]
+    args = [a for s in sets for a in ("--set", s)]
+    check = cli("config", "--check", "--config", "k8s/overlays/local/run.yaml", *args, env=env)
+    assert check.returncode == 0, check.stderr
+    run = cli("run", "--config", "k8s/overlays/local/run.yaml", *args, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    def summary(stage: str) -> dict:
+        return json.loads((tmp_path / "store" / "kind" / stage / "_SUCCESS").read_text())["summary"]
+
+    assert summary("teacher")["accepted"] > 0
+    assert summary("judge")["invalid"] == 0  # the answer grammar of local.yaml reached the kind config
+    assert summary("generate")["models"]  # cut essays are counted (the untuned baseline rambles), not hidden
