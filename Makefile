@@ -33,6 +33,7 @@ system-deps:
 
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
 test: $(STAMP) system-deps
+	$(BIN)/ruff check pipeline tests bench jobs
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

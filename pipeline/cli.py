@@ -114,7 +114,8 @@ def run(config: RunConfig, from_stage: str | None, only: tuple[str, ...], force:
 def submit(config: RunConfig, from_stage: str | None, only: tuple[str, ...], force: bool, kubeconfig: str | None,
            context: str | None) -> None:
     """Run the k8s driver itself as a Job in the cluster (no laptop needs to stay up) and say how to follow it."""
-    from pipeline.executors.k8s import KubeExecutor, submit as submit_driver
+    from pipeline.executors.k8s import KubeExecutor
+    from pipeline.executors.k8s import submit as submit_driver
 
     _select(from_stage, only)  # the same checks as run
     run_args = (["--from", from_stage] if from_stage else []) + [a for s in only for a in ("--only", s)]

@@ -98,7 +98,7 @@ class TeacherSection(LLMSection):
     templates: str = "v1"  # prompt template version under pipeline/prompts/
 
     @model_validator(mode="after")
-    def _words_ordered(self) -> "TeacherSection":
+    def _words_ordered(self) -> TeacherSection:
         if self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) exceeds max_words ({self.max_words})")
         return self
@@ -121,7 +121,7 @@ class DatasetSection(Section):
         return {True: "paragraphs", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
-    def _fractions_sum(self) -> "DatasetSection":
+    def _fractions_sum(self) -> DatasetSection:
         total = self.train + self.test + self.validation
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + test + validation must be 1.0 (got {total:g})")

@@ -99,7 +99,7 @@ class FakeLLM:
         self._server: ThreadingHTTPServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self, port: int = 0) -> "FakeLLM":
+    def start(self, port: int = 0) -> FakeLLM:
         self._server = _Server((self.host, port), _handler(self))
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True, name="fake-llm").start()
@@ -111,7 +111,7 @@ class FakeLLM:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FakeLLM":
+    def __enter__(self) -> FakeLLM:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -48,7 +48,7 @@ class TcpProxy:
                 conn.close()
             self._conns.clear()
 
-    def __enter__(self) -> "TcpProxy":
+    def __enter__(self) -> TcpProxy:
         self.up()
         return self
 

@@ -4,7 +4,6 @@ and loading back with ``datasets`` (images decode to PIL)."""
 from __future__ import annotations
 
 import io
-import json
 import random
 import subprocess
 import sys

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.essays import (EssayFormatError, StructuredEssay, essay_paragraphs, parse_structured, to_canonical,
-                             unstructure, word_count)
+from pipeline.essays import (
+    EssayFormatError,
+    StructuredEssay,
+    essay_paragraphs,
+    parse_structured,
+    to_canonical,
+    unstructure,
+    word_count,
+)
 
 CLI = Path(sys.executable).parent / "ielts-distill"
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fake_llm import FakeLLM
 
 CLI = str(Path(sys.executable).parent / "ielts-distill")

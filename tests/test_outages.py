@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from eval_helpers import seed_run
 from fake_llm import FakeLLM
+from tcp_proxy import TcpProxy
+
 from pipeline.config import load_config
 from pipeline.context import store_for
 from pipeline.errors import PipelineError, StageError
 from pipeline.executors.local import run_pipeline, run_stage
 from pipeline.llm import LLMClient
-from tcp_proxy import TcpProxy
 
 KEY = "sk-test-7f3a9c1e5b2d4f60"
 RUN = "t"

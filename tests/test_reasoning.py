@@ -7,14 +7,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from eval_helpers import seed_run
+from reasoning_llm import ReasoningLLM
+from test_judge import COMPARISONS, TITLE_KEY, fair
+
 from pipeline.config import load_config
 from pipeline.context import store_for
 from pipeline.executors.local import run_stage
 from pipeline.llm import LLMClient
-from reasoning_llm import ReasoningLLM
-from test_judge import COMPARISONS, TITLE_KEY, fair
 
 
 @pytest.fixture(autouse=True)

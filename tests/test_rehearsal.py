@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fake_llm import default_reply, prompt_text
 from reasoning_llm import ReasoningLLM
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fake_llm import FakeLLM
+
 from pipeline.config import load_config
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError, StageError
@@ -364,9 +364,10 @@ def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
 
 @pytest.mark.llm
 def test_embedded_server_starts_and_stops():
-    import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
     import urllib.error
     import urllib.request
+
+    import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
 
     from pipeline.llm import embedded_server
 
@@ -381,9 +382,10 @@ def test_embedded_server_starts_and_stops():
 
 @pytest.mark.llm
 def test_embedded_server_dies_with_a_killed_stage(tmp_path):
-    import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
     import urllib.error
     import urllib.request
+
+    import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
 
     script = ("import sys, time; from pipeline.config import load_config; from pipeline.llm import embedded_server\n"
               "with embedded_server(load_config('configs/local.yaml').teacher) as live:\n"

@@ -34,8 +34,7 @@ from pipeline.executors import base
 from pipeline.executors.base import Executor, Outcome
 from pipeline.k8s.diagnose import Verdict, event_time, event_verdict, job_verdict, pod_problem, waiting_notes
 from pipeline.k8s.diagnose import parse_time as _parse_time
-from pipeline.k8s.objects import (build_configmap, build_driver_job, build_job, driver_job_name, job_name,
-                                  run_selector)
+from pipeline.k8s.objects import build_configmap, build_driver_job, build_job, driver_job_name, job_name, run_selector
 from pipeline.stages import STAGES, StageSpec
 from pipeline.store import SUCCESS, ArtifactStore
 

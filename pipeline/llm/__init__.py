@@ -1,8 +1,19 @@
 """LLM access for the teacher and the judge: the client (``client``), the embedded llama.cpp server
 (``server``) and the item runner (``runner``)."""
 
-from pipeline.llm.client import (BudgetExceeded, Completion, FatalLLMError, LLMClient, LLMError, TransientLLMError,
-                                 Usage, image_data_url, image_mime, strip_think, user_message)
+from pipeline.llm.client import (
+                                 BudgetExceeded,
+                                 Completion,
+                                 FatalLLMError,
+                                 LLMClient,
+                                 LLMError,
+                                 TransientLLMError,
+                                 Usage,
+                                 image_data_url,
+                                 image_mime,
+                                 strip_think,
+                                 user_message,
+)
 from pipeline.llm.preflight import check_endpoint
 from pipeline.llm.runner import RunSummary, run_items, run_stage_items
 from pipeline.llm.server import embedded_server, find_gguf

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from pipeline.errors import PipelineError
@@ -49,7 +49,7 @@ class Template:
         return text
 
 
-@lru_cache(maxsize=None)
+@cache
 def teacher_template(chart_type: str, version: str = "v1") -> Template:
     if chart_type not in TEACHER_TYPES:
         raise PipelineError(f"no teacher template for chart type {chart_type!r} (types: {', '.join(TEACHER_TYPES)})")

@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from pipeline import artifacts
 from pipeline.config import DatasetSection
 from pipeline.context import StageContext
-from pipeline import artifacts
 from pipeline.errors import StageError
 from pipeline.essays import EssayFormatError, StructuredEssay, canonical, essay_paragraphs, parse_structured
 from pipeline.records import stable_hash
