@@ -61,27 +61,11 @@ def parse_bands(text: str) -> dict[str, int] | None:
 
 async def score_one(client, item: RubricItem, messages: list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:
     """Ask, parse, ask once more with a reminder; the record (verdict ``scored`` with ``bands``, or ``invalid``)."""
-    from pipeline.llm import FatalLLMError, LLMError
+    from pipeline.llm import ask_parsed
 
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    cost, raw, bands, attempts, reason = 0.0, "", None, 0, None
-    convo = list(messages)
-    for attempts in (1, 2):
-        try:
-            done = await client.chat(convo, **overrides)
-        except FatalLLMError:
-            raise
-        except LLMError as exc:
-            reason = f"request failed: {exc}"
-            break
-        usage["prompt_tokens"] += done.prompt_tokens
-        usage["completion_tokens"] += done.completion_tokens
-        cost += done.cost_usd or 0.0
-        raw = done.raw_text
-        bands = parse_bands(done.text)
-        if bands:
-            break
-        convo = [*messages, {"role": "assistant", "content": done.text}, {"role": "user", "content": REMINDER}]
+    answer = await ask_parsed(client, messages, parse_bands, REMINDER, **overrides)
+    bands, raw, attempts, reason = answer.parsed, answer.raw, answer.attempts, answer.reason
+    usage, cost = answer.usage, answer.cost_usd
     record = {"comparison": RUBRIC, "a": item.model, "b": RUBRIC, "chart_id": item.chart_id, "order": RUBRIC,
               "verdict": "scored" if bands else "invalid", "raw_answer": raw, "attempts": attempts,
               "usage": usage, "cost_usd": round(cost, 8)}

@@ -48,7 +48,7 @@ def test_judge_without_room_to_think_records_cut_answers_not_guesses(tmp_path, s
     with ReasoningLLM(think_tokens=900, reply=fair, key_pattern=TITLE_KEY) as llm:
         rows = judge_run(tmp_path, sample_dir, llm, "judge.reasoning_tokens=0")
     assert rows and all(r["verdict"] == "invalid" for r in rows)
-    assert all("cut at the token limit" in r["reason"] and "judge.reasoning_tokens" in r["reason"] for r in rows)
+    assert all("cut at the token limit" in r["reason"] and "reasoning_tokens" in r["reason"] for r in rows)
     assert sorted(llm.limits) == [16] * len(rows) + [32] * len(rows)  # concurrent: any order
 
 

@@ -2,6 +2,7 @@
 (``server``) and the item runner (``runner``)."""
 
 from pipeline.llm.client import (
+                                 Answer,
                                  BudgetExceeded,
                                  Completion,
                                  FatalLLMError,
@@ -9,6 +10,7 @@ from pipeline.llm.client import (
                                  LLMError,
                                  TransientLLMError,
                                  Usage,
+                                 ask_parsed,
                                  image_data_url,
                                  image_mime,
                                  strip_think,
@@ -18,6 +20,6 @@ from pipeline.llm.preflight import check_endpoint
 from pipeline.llm.runner import RunSummary, run_items, run_stage_items
 from pipeline.llm.server import embedded_server, find_gguf
 
-__all__ = ["BudgetExceeded", "Completion", "FatalLLMError", "check_endpoint", "LLMClient", "LLMError", "RunSummary",
+__all__ = ["Answer", "BudgetExceeded", "ask_parsed", "Completion", "FatalLLMError", "check_endpoint", "LLMClient", "LLMError", "RunSummary",
            "TransientLLMError", "Usage", "embedded_server", "find_gguf", "image_data_url", "image_mime",
            "run_items", "run_stage_items", "strip_think", "user_message"]

@@ -21,7 +21,8 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -354,3 +355,41 @@ class LLMClient:
                           seconds=0.0, finish_reason=resp.choices[0].finish_reason,
                           reasoning_tokens=len(reasoning) // 4)
 
+
+@dataclass
+class Answer:
+    """What ``ask_parsed`` got: the parsed answer (None: none usable), the raw text and the spend."""
+
+    parsed: Any
+    raw: str = ""
+    attempts: int = 0
+    reason: str | None = None  # why there is no parsed answer (request failed, cut at the limit)
+    usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+    cost_usd: float = 0.0
+
+
+async def ask_parsed(client: LLMClient, messages: list[dict[str, Any]], parse: Callable[[str], Any], reminder: str,
+                     **overrides: Any) -> Answer:
+    """Ask; when ``parse`` finds nothing usable ask once more with ``reminder``. A request that fails for good
+    (LLMError) or an answer cut at the token limit ends it with a reason; FatalLLMError propagates."""
+    out = Answer(None)
+    convo = list(messages)
+    for out.attempts in (1, 2):
+        try:
+            done = await client.chat(convo, **overrides)
+        except LLMError as exc:  # failed for good after the client's retries: keep why, never guess
+            out.reason = f"request failed: {exc}"
+            break
+        out.usage["prompt_tokens"] += done.prompt_tokens
+        out.usage["completion_tokens"] += done.completion_tokens
+        out.cost_usd += done.cost_usd or 0.0
+        out.raw = done.raw_text
+        out.parsed = parse(done.text)
+        if out.parsed:
+            break
+        if done.truncated:  # out of tokens (a reasoning model's thinking): a reminder cannot help
+            out.reason = (f"answer cut at the token limit (finish_reason 'length', {done.completion_tokens} "
+                          "tokens): raise reasoning_tokens or max_tokens")
+            break
+        convo = [*messages, {"role": "assistant", "content": done.text}, {"role": "user", "content": reminder}]
+    return out

@@ -91,32 +91,11 @@ GRAMMAR = 'root ::= "<FIRST>" | "<SECOND>"'  # GBNF (llama.cpp) for judge.answer
 async def judge_one(client, item: Item, messages: list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:
     """Ask, parse, ask once more with a reminder if the answer names neither or both; the record.
     ``overrides`` go to every ``client.chat`` call (e.g. the grammar's ``extra_body``)."""
-    from pipeline.llm import FatalLLMError, LLMError
+    from pipeline.llm import ask_parsed
 
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    cost, raw, choice, attempts, reason = 0.0, "", None, 0, None
-    convo = list(messages)
-    for attempts in (1, 2):
-        try:
-            done = await client.chat(convo, **overrides)
-        except FatalLLMError:
-            raise
-        except LLMError as exc:  # failed for good after the client's retries: keep why, never guess
-            reason = f"request failed: {exc}"
-            break
-        usage["prompt_tokens"] += done.prompt_tokens
-        usage["completion_tokens"] += done.completion_tokens
-        cost += done.cost_usd or 0.0
-        raw = done.raw_text
-        choice = parse_choice(done.text)
-        if choice:
-            break
-        if done.truncated:  # the judge ran out of tokens (thinking): a reminder cannot help
-            reason = (f"answer cut at the token limit (finish_reason 'length', {done.completion_tokens} tokens): "
-                      "raise judge.reasoning_tokens or judge.max_tokens")
-            break
-        convo = [*messages, {"role": "assistant", "content": done.text},
-                 {"role": "user", "content": REMINDER}]
+    answer = await ask_parsed(client, messages, parse_choice, REMINDER, **overrides)
+    choice, raw, attempts, reason = answer.parsed, answer.raw, answer.attempts, answer.reason
+    usage, cost = answer.usage, answer.cost_usd
     first, second = item.first_second
     picked = {"first": first, "second": second}.get(choice or "")
     verdict = "invalid" if picked is None else ("a" if picked == item.a else "b")
