@@ -77,10 +77,6 @@ def charts_by_id(ctx: StageContext) -> dict[str, dict[str, Any]]:
     return {c["id"]: c for c in charts(ctx)}
 
 
-def chart_image(ctx: StageContext, chart: dict[str, Any]) -> bytes:
-    return ctx.store.get_bytes(chart["image"])
-
-
 # ---------------------------------------------------------------- teacher
 
 

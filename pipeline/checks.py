@@ -5,7 +5,7 @@ Each finding is one line naming the keys, what a run would do with them, and wha
 
 from __future__ import annotations
 
-from pipeline.config import LLMSection, RunConfig, is_reasoning, token_limit
+from pipeline.config import LLMSection, RunConfig, is_reasoning
 
 # Tokens per word of a Band-9 essay in SmolLM2's tokenizer (SmolVLM's language model), measured on the
 # teacher prompts' examples: the three-step layout (markers, quotes) costs more than plain prose.
@@ -18,6 +18,14 @@ DEFAULT_BASE_URL = LLMSection.model_fields["base_url"].default
 def tokens_needed(max_words: int, variant: str = "structured") -> int:
     """``generate.max_new_tokens`` that fits a ``max_words`` essay of ``variant``, with margin."""
     return int(max_words * TOKENS_PER_WORD.get(variant, TOKENS_PER_WORD["structured"]) * MARGIN) + 1
+
+
+def generation_limit(config: RunConfig) -> int:
+    """``generate.max_new_tokens``, or when unset what a ``teacher.max_words`` essay of the longest variant
+    needs; the same limit for every model, in generate and in ``write``."""
+    words = config.teacher.max_words
+    return config.generate.max_new_tokens or max(tokens_needed(words, v)
+                                                  for v in ("unstructured", *config.finetune.variants))
 
 
 def _llm_findings(name: str, llm: LLMSection, explicit_base_url: bool) -> list[str]:
@@ -49,4 +57,4 @@ def check_config(config: RunConfig) -> list[str]:
     return findings
 
 
-__all__ = ["check_config", "tokens_needed", "token_limit", "TOKENS_PER_WORD"]
+__all__ = ["TOKENS_PER_WORD", "check_config", "generation_limit", "tokens_needed"]

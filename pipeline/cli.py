@@ -320,13 +320,13 @@ def push_dataset(config: RunConfig, variant: str, repo: str, private: bool) -> N
 def write(config: RunConfig, image: str, title: str, adapter: str | None, model: str | None,
           max_new_tokens: int | None) -> None:
     """Print an essay for a new chart IMAGE from the student (plus an adapter)."""
+    from pipeline.checks import generation_limit
     from pipeline.write import write_essay
 
     if model is None and adapter is None:
         model = config.student.model
     click.echo(write_essay(image, title, adapter=adapter, model=model, device=config.student.device,
-                           max_new_tokens=max_new_tokens or config.generate.max_new_tokens,
-                           max_words=config.teacher.max_words, max_pixels=config.data.max_pixels,
+                           max_new_tokens=max_new_tokens or generation_limit(config), max_pixels=config.data.max_pixels,
                            image_longest_edge=config.student.image_longest_edge))
 
 

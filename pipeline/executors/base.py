@@ -66,8 +66,8 @@ class Executor(ABC):
 
 def clear_stage(ctx: StageContext) -> int:
     """Forget a stage's outputs before a forced rerun, except its per-item records: a rerun must never
-    request paid results again. Records whose inputs changed are dropped by the stage itself
-    (``RecordSet.keep_if_inputs``)."""
+    request paid results again. Records whose inputs changed are moved aside by the stage itself
+    (``RecordSet.keep_if_inputs``: ``records/_stale/<time>/``)."""
     records = ctx.key("records") + "/"
     keys = [k for k in ctx.store.list(ctx.key("")) if not k.startswith(records)]
     ctx.store.delete(ctx.key(SUCCESS))  # first, so a crash mid-way never leaves a stale mark

@@ -30,12 +30,10 @@ def model_names(ctx: StageContext) -> list[str]:
 
 
 def max_new_tokens(config) -> int:
-    """``generate.max_new_tokens``, or when unset what a ``teacher.max_words`` essay of the longest
-    trained variant needs (``checks.tokens_needed``); every model gets the same limit."""
-    from pipeline.checks import tokens_needed
+    """The decoding limit of every model (``checks.generation_limit``)."""
+    from pipeline.checks import generation_limit
 
-    limit, words = config.generate.max_new_tokens, config.teacher.max_words
-    return limit or max(tokens_needed(words, v) for v in ("unstructured", *config.finetune.variants))
+    return generation_limit(config)
 
 
 def test_ids(ctx: StageContext) -> list[str]:
