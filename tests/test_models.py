@@ -257,3 +257,20 @@ def test_cached_features_and_answer_only_loss_equal_the_full_forward(tiny_studen
     for k, p in model.named_parameters():
         if p.requires_grad:
             assert torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-6), k
+
+
+def test_repetition_penalty_reaches_generate(tiny_loaded, sample_dir):
+    """generate.repetition_penalty decodes as transformers' own repetition_penalty on the same prompt."""
+    model, processor = tiny_loaded
+    (image, title), = sample_charts(sample_dir, 1)
+    plain, = generate_essays(model, processor, [(image, title)], max_new_tokens=24, batch_size=1)
+    penalised, = generate_essays(model, processor, [(image, title)], max_new_tokens=24, batch_size=1,
+                                 repetition_penalty=5.0)
+    tok = processor.tokenizer
+    inputs = collate([encode(processor, image, title)], tok.pad_token_id, side="left")
+    inputs.pop("labels")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=24, do_sample=False, repetition_penalty=5.0,
+                             eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert penalised.ids == new[:len(penalised.ids)] and penalised.ids != plain.ids

@@ -48,7 +48,8 @@ def _prompt(ids: list[int]):
 
 
 def _generate_batch(model, cache: ChartCache, keys: list[str], *, pad_id: int, stops: list[int],
-                    max_new_tokens: int, do_sample: bool, min_new_tokens: int = 0) -> list[list[int]]:
+                    max_new_tokens: int, do_sample: bool, min_new_tokens: int = 0,
+                    repetition_penalty: float = 1.0) -> list[list[int]]:
     """New token ids per chart (stop tokens and what follows them included): one left-padded
     ``model.generate`` call fed the cached vision features."""
     device = next(model.parameters()).device
@@ -56,13 +57,14 @@ def _generate_batch(model, cache: ChartCache, keys: list[str], *, pad_id: int, s
     greedy = {} if do_sample else {"num_beams": 1, "temperature": None, "top_p": None, "top_k": None}
     out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                          mm_encoder_outputs=cache.batch_features(keys), max_new_tokens=max_new_tokens,
-                         min_new_tokens=min_new_tokens,
+                         min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
                          do_sample=do_sample, eos_token_id=stops, pad_token_id=pad_id, **greedy)
     return out[:, batch["input_ids"].shape[1]:].tolist()
 
 
 def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_new_tokens: int,
-                    batch_size: int, do_sample: bool = False, min_new_tokens: int = 0, sort_by_length: bool = True,
+                    batch_size: int, do_sample: bool = False, min_new_tokens: int = 0,
+                    repetition_penalty: float = 1.0, sort_by_length: bool = True,
                     cache: ChartCache | None = None, keys: Sequence[str] | None = None,
                     on_batch: Callable[[list[int], list[GenerationResult]], None] | None = None
                     ) -> list[GenerationResult]:
@@ -70,7 +72,7 @@ def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_
     chart) shares the encoded prompts and vision features between calls, e.g. the baseline and the adapters
     of one base model; without it they live for this call. ``on_batch(indices, results)`` runs after each
     batch (indices into ``charts``), so a caller can store results as they come. ``min_new_tokens``: no stop
-    token before that many tokens (the same for every model)."""
+    token before that many tokens, ``repetition_penalty`` (transformers') above 1.0 (both the same for every model)."""
     import torch
 
     if cache is None:
@@ -90,7 +92,8 @@ def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_
         started = time.perf_counter()
         with torch.inference_mode():
             rows = _generate_batch(model, cache, [keys[i] for i in idx], pad_id=pad_id, stops=stops,
-                                   max_new_tokens=max_new_tokens, do_sample=do_sample, min_new_tokens=min_new_tokens)
+                                   max_new_tokens=max_new_tokens, do_sample=do_sample, min_new_tokens=min_new_tokens,
+                                   repetition_penalty=repetition_penalty)
         seconds = (time.perf_counter() - started) / len(idx)
         done = []
         for i, row in zip(idx, rows):

@@ -100,6 +100,7 @@ def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[
         ids = pending[start:start + chunk]
         generate_essays(model, processor, [charts[i] for i in ids], max_new_tokens=limit,
                         batch_size=cfg.batch_size, do_sample=cfg.do_sample, min_new_tokens=cfg.min_new_tokens,
+                        repetition_penalty=cfg.repetition_penalty,
                         cache=cache, keys=ids,
                         on_batch=lambda idx, res, off=start: store_batch([off + i for i in idx], res))
     bar.close()
@@ -151,7 +152,8 @@ def inputs_fingerprint(ctx: StageContext) -> str:
 
     gen, student = ctx.config.generate, ctx.config.student
     return fingerprint(artifacts.finetune_mark(ctx), student.model, student.build,
-                       student.image_longest_edge, max_new_tokens(ctx.config), gen.do_sample, gen.min_new_tokens)
+                       student.image_longest_edge, max_new_tokens(ctx.config), gen.do_sample, gen.min_new_tokens,
+                       *([gen.repetition_penalty] if gen.repetition_penalty != 1.0 else []))
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:
