@@ -327,7 +327,8 @@ def write(config: RunConfig, image: str, title: str, adapter: str | None, model:
         model = config.student.model
     click.echo(write_essay(image, title, adapter=adapter, model=model, device=config.student.device,
                            max_new_tokens=max_new_tokens or generation_limit(config), max_pixels=config.data.max_pixels,
-                           image_longest_edge=config.student.image_longest_edge))
+                           image_longest_edge=config.student.image_longest_edge,
+                           decoding=config.generate.decoding()))
 
 
 @main.command("tiny-student")

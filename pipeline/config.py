@@ -195,6 +195,11 @@ class GenerateSection(Section):
     parallelism: int = Field(1, ge=1)
     gpus: int = Field(0, ge=0)
 
+    def decoding(self) -> dict[str, Any]:
+        """The decoding settings of ``generate_essays``: the same for every model, in generate and in ``write``."""
+        return {"do_sample": self.do_sample, "min_new_tokens": self.min_new_tokens,
+                "repetition_penalty": self.repetition_penalty}
+
 
 class JudgeSection(LLMSection):
     """Unset endpoint fields inherit the teacher's (see RunConfig.judge_llm)."""

@@ -137,9 +137,10 @@ def _check_all_weights_loaded(model, adapter_dir: Path, base: str) -> None:
 
 def write_essay(image: str | Path, title: str, *, adapter: str | None = None, model: str | None = None,
                 device: str = "auto", max_new_tokens: int | None = None,
-                image_longest_edge: int | None = None, max_pixels: int | None = None) -> str:
+                image_longest_edge: int | None = None, max_pixels: int | None = None,
+                decoding: dict[str, Any] | None = None) -> str:
     """The essay; ``max_new_tokens`` unset: what a 190-word essay needs (the CLI passes the config's
-    ``checks.generation_limit``). An essay cut at the limit is printed with a one-line warning on stderr."""
+    ``checks.generation_limit``, and ``generate.decoding()`` as ``decoding``, so it decodes as generate does). An essay cut at the limit is printed with a one-line warning on stderr."""
     import sys
 
     from transformers.utils import logging as hf_logging
@@ -155,7 +156,8 @@ def write_essay(image: str | Path, title: str, *, adapter: str | None = None, mo
     with tempfile.TemporaryDirectory(prefix="ielts-write-") as tmp:
         loaded, processor = load(model, adapter, device, image_longest_edge, Path(tmp))
     limit = max_new_tokens or tokens_needed(190)
-    [result] = generate_essays(loaded, processor, [(picture, title.strip())], max_new_tokens=limit, batch_size=1)
+    [result] = generate_essays(loaded, processor, [(picture, title.strip())], max_new_tokens=limit, batch_size=1,
+                                 **(decoding or {}))
     if result.finish == "length":
         print(f"warning: the essay was cut at {limit} new tokens (--max-new-tokens)", file=sys.stderr)
     return result.text

@@ -99,9 +99,7 @@ def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[
     for start in range(0, len(pending), chunk):
         ids = pending[start:start + chunk]
         generate_essays(model, processor, [charts[i] for i in ids], max_new_tokens=limit,
-                        batch_size=cfg.batch_size, do_sample=cfg.do_sample, min_new_tokens=cfg.min_new_tokens,
-                        repetition_penalty=cfg.repetition_penalty,
-                        cache=cache, keys=ids,
+                        batch_size=cfg.batch_size, **cfg.decoding(), cache=cache, keys=ids,
                         on_batch=lambda idx, res, off=start: store_batch([off + i for i in idx], res))
     bar.close()
 
