@@ -96,11 +96,16 @@ class TeacherSection(LLMSection):
     check_numbers: bool = True  # reject numbers that appear nowhere in the chart's data table
     require_structure: bool = True  # the three-step structure must parse
     templates: str = "v1"  # prompt template version under pipeline/prompts/
+    # Ask the server not to end the answer before this many tokens (sent as ``min_tokens``, an extension
+    # that llama.cpp's and vLLM's OpenAI servers honour; hosted APIs may reject it). None: not sent.
+    min_tokens: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _words_ordered(self) -> TeacherSection:
         if self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) exceeds max_words ({self.max_words})")
+        if self.min_tokens is not None and self.min_tokens >= self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be below max_tokens ({self.max_tokens})")
         return self
 
 

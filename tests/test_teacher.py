@@ -19,7 +19,7 @@ from fake_llm import FakeLLM
 
 from pipeline.config import load_config
 from pipeline.context import StageContext
-from pipeline.errors import PipelineError, StageError
+from pipeline.errors import ConfigError, PipelineError, StageError
 from pipeline.executors.local import run_pipeline, run_stage
 from pipeline.llm import LLMClient, LLMError, TransientLLMError, strip_think
 from pipeline.records import Shard
@@ -339,6 +339,18 @@ def test_prompt_carries_image_or_table(tmp_path, llm, sample_dir):
     assert isinstance(text_only[0]["content"], str) and "data:image" not in text_only[0]["content"]
 
 
+def test_min_tokens_is_sent_only_when_set(tmp_path, llm, sample_dir):
+    cfg, store, _ = ingest(str(tmp_path / "a"), llm, sample_dir, "teacher.min_tokens=150")
+    assert run_stage(cfg, store, "teacher")
+    assert llm.requests and all(r["min_tokens"] == 150 for r in llm.requests)
+    seen = len(llm.requests)
+    cfg, store, _ = ingest(str(tmp_path / "b"), llm, sample_dir)
+    assert run_stage(cfg, store, "teacher")
+    assert len(llm.requests) > seen and all("min_tokens" not in r for r in llm.requests[seen:])
+    with pytest.raises(ConfigError, match=r"teacher: .*min_tokens \(1024\) must be below max_tokens \(1024\)"):
+        load_config(None, ["teacher.min_tokens=1024"])
+
+
 # --------------------------------------------------------------------------- the embedded server
 
 
@@ -360,6 +372,20 @@ def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
         else:
             assert r["status"] != "accepted" or len(r["essay"].split()) >= 5
     assert store.exists(f"{RUN}/teacher/_SUCCESS")
+
+
+@pytest.mark.llm
+def test_min_tokens_lengthens_real_answers(tmp_path, sample_dir):
+    """llama.cpp honours teacher.min_tokens: at temperature 0 SmolLM2 ends one of these answers after 89
+    tokens; with min_tokens 150 none ends before 150."""
+    def tokens(name: str, *extra: str) -> list[int]:
+        cfg = load_config(REPO / "configs" / "local.yaml", [
+            f"store.uri={tmp_path / name}", f"run.id={RUN}", f"data.source={sample_dir}", "data.limit=4",
+            "teacher.max_tokens=200", "teacher.temperature=0", "teacher.max_attempts=1", "teacher.min_words=1", *extra])
+        return [r["usage"]["completion_tokens"] for r in teacher_records(run_pipeline(cfg, ["ingest", "teacher"])).values()]
+
+    assert min(tokens("free", "teacher.min_tokens=null")) < 150
+    assert len(held := tokens("held", "teacher.min_tokens=150")) == 2 and min(held) >= 150
 
 
 @pytest.mark.llm

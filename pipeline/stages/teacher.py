@@ -53,6 +53,7 @@ def make_handler(ctx: StageContext):
     from pipeline.quality import gate_findings
 
     cfg = ctx.config.teacher
+    extra = {"extra_body": {"min_tokens": cfg.min_tokens}} if cfg.min_tokens else {}
 
     async def essay_for(chart: dict[str, Any], client) -> dict[str, Any]:
         template = teacher_template(chart["type"], cfg.templates)
@@ -69,7 +70,8 @@ def make_handler(ctx: StageContext):
         for attempt in range(1, cfg.max_attempts + 1):
             record["attempts"] = attempt
             try:
-                done = await client.chat(build_messages(chart, template, image_url=image_url, feedback=feedback))
+                done = await client.chat(build_messages(chart, template, image_url=image_url, feedback=feedback),
+                                         **extra)
             except LLMError as exc:  # persisted after retries: the chart ends rejected, with the error
                 record.update(reason=f"api error: {exc}", reason_code="api_error", error=str(exc))
                 return record
