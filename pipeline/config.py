@@ -179,6 +179,9 @@ class FinetuneSection(Section):
     log_every: int = Field(10, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
     gradient_checkpointing: bool = False
+    # Train the connector (vision -> text projection) in full beside the LoRA adapters, saved with each
+    # adapter: for a student whose connector is random (build: smollm). The vision tower stays frozen.
+    train_connector: bool = False
     val_subset: int | None = Field(128, ge=1)  # validation charts evaluated during training (all at the end)
     num_workers: int | None = Field(None, ge=0)  # DataLoader workers (None: 4 on CUDA, 0 on CPU)
     bf16: bool = True  # used only on CUDA

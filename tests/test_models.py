@@ -230,17 +230,21 @@ def test_image_resolution_defaults_to_the_checkpoints_own(tiny_student):
     assert load_config(cluster).student.image_longest_edge is None
 
 
-def test_cached_features_and_answer_only_loss_equal_the_full_forward(tiny_student, sample_dir):
+@pytest.mark.parametrize("train_connector", [False, True])
+def test_cached_features_and_answer_only_loss_equal_the_full_forward(tiny_student, sample_dir, train_connector):
     """The trainer's step (vision features from the ChartCache, LM head at answer positions only) gives the
-    loss of the model's own forward on pixels with -100 labels, and the same LoRA gradients."""
+    loss of the model's own forward on pixels with -100 labels, and the same LoRA gradients; with
+    ``train_connector`` the cache holds the tower's output, and the connector gets the same gradients too."""
     from pipeline.models.features import ChartCache
     from pipeline.models.training import Collate, Samples, answer_loss
 
     model, processor = load_student(tiny_student, device="cpu")
-    model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                     train_connector=train_connector)
+    assert any("connector" in k for k, p in model.named_parameters() if p.requires_grad) == train_connector
     rows = [{"chart_id": f"c{i}", "image": image, "title": title, "essay": r["summary"]}
             for i, ((image, title), r) in enumerate(zip(sample_charts(sample_dir, 4), sample_rows(sample_dir)))]
-    cache = ChartCache("t")
+    cache = ChartCache("t", before_connector=train_connector)
     samples = Samples(rows, processor, cache, model, max_length=512)
     assert len(cache.prompts) == 4 and samples.lengths == [len(s.input_ids) for s in samples.items]
     batch = Collate(processor.tokenizer.pad_token_id)([samples[i] for i in range(4)])
@@ -257,6 +261,44 @@ def test_cached_features_and_answer_only_loss_equal_the_full_forward(tiny_studen
     for k, p in model.named_parameters():
         if p.requires_grad:
             assert torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-6), k
+
+
+def test_trained_connector_is_saved_with_the_adapter_and_used_by_shared_generation(tiny_student, sample_dir,
+                                                                                   tmp_path):
+    """finetune.train_connector: the connector trains, is saved with the adapter (the base keeps its own),
+    and generation from one tower-level cache shared by the baseline and the adapter gives each model the
+    essays it writes on its own from pixels."""
+    from pipeline.models.features import ChartCache
+    from pipeline.models.training import Collate, Samples, answer_loss
+
+    model, processor = load_student(tiny_student, device="cpu")
+    base_connector = {k: v.clone() for k, v in model.model.connector.state_dict().items()}
+    model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], train_connector=True)
+    rows = [{"chart_id": f"c{i}", "image": image, "title": title, "essay": r["summary"]}
+            for i, ((image, title), r) in enumerate(zip(sample_charts(sample_dir, 4), sample_rows(sample_dir)))]
+    samples = Samples(rows, processor, ChartCache("t", before_connector=True), model, max_length=512)
+    batch = Collate(processor.tokenizer.pad_token_id)([samples[i] for i in range(4)])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(3):
+        loss, n = answer_loss(model, batch, torch.device("cpu"), torch.float32)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path / "adapter")
+
+    charts = [(r["image"], r["title"]) for r in rows]
+    tuned, _ = load_student(tiny_student, adapter=tmp_path / "adapter", device="cpu", merge=True)
+    plain, _ = load_student(tiny_student, device="cpu")
+    trained = tuned.model.connector.state_dict()
+    assert not all(torch.equal(trained[k], v) for k, v in base_connector.items())  # trained and reloaded
+    assert all(torch.equal(plain.model.connector.state_dict()[k], v) for k, v in base_connector.items())
+    cache, keys = ChartCache("shared", before_connector=True), [r["chart_id"] for r in rows]
+    for m in (plain, tuned):
+        shared = generate_essays(m, processor, charts, max_new_tokens=12, batch_size=4, cache=cache, keys=keys)
+        alone = generate_essays(m, processor, charts, max_new_tokens=12, batch_size=1)
+        assert [r.ids for r in shared] == [r.ids for r in alone]
+    assert [r.ids for r in generate_essays(plain, processor, charts, max_new_tokens=12, batch_size=4)] != \
+        [r.ids for r in generate_essays(tuned, processor, charts, max_new_tokens=12, batch_size=4)]
 
 
 def test_repetition_penalty_reaches_generate(tiny_loaded, sample_dir):

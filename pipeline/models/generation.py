@@ -56,7 +56,7 @@ def _generate_batch(model, cache: ChartCache, keys: list[str], *, pad_id: int, s
     batch = collate([_prompt(cache.prompt_ids(k)) for k in keys], pad_id, side="left", pixels=False)
     greedy = {} if do_sample else {"num_beams": 1, "temperature": None, "top_p": None, "top_k": None}
     out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         mm_encoder_outputs=cache.batch_features(keys), max_new_tokens=max_new_tokens,
+                         mm_encoder_outputs=cache.batch_features(keys, model), max_new_tokens=max_new_tokens,
                          min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
                          do_sample=do_sample, eos_token_id=stops, pad_token_id=pad_id, **greedy)
     return out[:, batch["input_ids"].shape[1]:].tolist()

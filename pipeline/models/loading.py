@@ -10,7 +10,7 @@ from typing import Any
 
 log = logging.getLogger("ielts_distill.models")
 
-# The text model's modules; the vision tower and connector are left frozen and adapter-free.
+# The text model's modules; the vision tower stays frozen, the connector too unless finetune.train_connector.
 TEXT_MODEL_PATTERN = r".*text_model.*\.({})$"
 
 
@@ -98,11 +98,13 @@ def load_student(model_or_path: str | Path, *, adapter: str | Path | None = None
     return model, processor
 
 
-def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str]):
-    """Wrap ``model`` with fresh LoRA adapters on the text model's ``target_modules`` only."""
+def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str], train_connector: bool = False):
+    """Wrap ``model`` with fresh LoRA adapters on the text model's ``target_modules`` only; with
+    ``train_connector`` the connector is trained in full too and saved with the adapter (PEFT's
+    ``modules_to_save``: the base model keeps its own)."""
     from peft import LoraConfig, get_peft_model
 
     pattern = TEXT_MODEL_PATTERN.format("|".join(sorted(set(target_modules))))
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none",
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM", modules_to_save=["connector"] if train_connector else None)
     return get_peft_model(model, config)

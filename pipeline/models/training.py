@@ -326,17 +326,15 @@ def answer_loss(model, batch: dict[str, Any], device, dtype):
     """(summed cross-entropy over the batch's answer tokens, number of those tokens). The text model runs
     on the cached vision features, and the LM head only at the positions that carry a label."""
     import torch.nn.functional as F
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     from pipeline.models.chat import IGNORE_INDEX
-    from pipeline.models.features import base_model
+    from pipeline.models.features import base_model, encoder_outputs
 
     base = base_model(model)
     features = batch["features"].to(device, dtype, non_blocking=True)
     hidden = base.model(input_ids=batch["input_ids"].to(device, non_blocking=True),
                         attention_mask=batch["attention_mask"].to(device, non_blocking=True),
-                        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
-                        use_cache=False).last_hidden_state
+                        mm_encoder_outputs=encoder_outputs(base, features), use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:].to(device, non_blocking=True)
     keep = labels != IGNORE_INDEX
     logits = base.lm_head(hidden[:, :-1][keep]).float()
@@ -428,7 +426,7 @@ def prepare_model(base: str, student, cfg):
     model, processor = load_student(base, device=student.device, attn_implementation=student.attn_implementation,
                                     bf16=cfg.bf16, image_longest_edge=student.image_longest_edge)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     target_modules=cfg.target_modules)
+                     target_modules=cfg.target_modules, train_connector=cfg.train_connector)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -75,12 +75,12 @@ def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path, caches:
     """Train one variant with ``pipeline.models.training`` and store its adapter, metrics, loss plot and
     summary (last: the variant is done)."""
     from pipeline.models import training
-    from pipeline.models.features import ChartCache, cache_tag
+    from pipeline.models.features import shared_cache
 
     cfg = ctx.config.finetune
     model, processor = training.prepare_model(base, ctx.config.student, cfg)
-    tag = cache_tag(base, processor, model.dtype)  # the variants share the charts' prompts and vision features
-    cache = caches.setdefault(tag, ChartCache(tag, tmp / "charts"))
+    # the variants share the charts' prompts and vision features
+    cache = shared_cache(caches, base, processor, model.dtype, tmp / "charts", cfg.train_connector)
     checkpoints = training.Checkpoints(ctx.store, ctx.key(variant, artifacts.CHECKPOINTS),
                                        checkpoint_fingerprint(ctx, variant))
 

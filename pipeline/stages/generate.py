@@ -75,15 +75,15 @@ def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[
     from tqdm import tqdm
 
     from pipeline.models import generate_essays, load_student
-    from pipeline.models.features import ChartCache, cache_tag
+    from pipeline.models.features import shared_cache
 
     cfg, student = ctx.config.generate, ctx.config.student
     adapter = None if name == BASELINE else artifacts.fetch_adapter(ctx, name, tmp)
     model, processor = load_student(base, adapter=adapter, device=student.device,
                                     attn_implementation=student.attn_implementation, merge=True,
                                     image_longest_edge=student.image_longest_edge)
-    tag = cache_tag(base, processor, model.dtype)
-    cache = caches.setdefault(tag, ChartCache(tag, tmp / "charts"))
+    # adapters with a trained connector: every model applies its own connector to the tower's output
+    cache = shared_cache(caches, base, processor, model.dtype, tmp / "charts", ctx.config.finetune.train_connector)
     records = ctx.records(name)
     bar = tqdm(total=len(pending), desc=f"generate {name}", unit="essay", disable=None)
 
