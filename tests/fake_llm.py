@@ -19,7 +19,8 @@ request's ``Authorization`` header), ``"ok"`` or ``("reply", "text")``. ``llm.ru
 ``llm.reply`` is a callable ``(request_json, key) -> str`` producing the answer text.
 
 Over HTTP (for a server in another process): ``GET /_stats`` returns ``{total, counts, actions}``,
-``POST /_config`` with a JSON object updates ``latency``, ``fault_rate``, ``think``, ``retry_after``.
+``POST /_config`` with a JSON object updates ``latency``, ``fault_rate``, ``faults``, ``think``, ``retry_after``;
+``POST /_reset`` forgets the counts and the window.
 Standalone: ``python tests/fake_llm.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
 """
 
@@ -130,6 +131,14 @@ class FakeLLM:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def reset(self) -> None:
+        """Forget the counts and the window (one server for several benchmark runs)."""
+        with self._lock:
+            self.counts.clear()
+            self.actions.clear()
+            self.requests.clear()
+            self.first_at = self.last_at = None
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"total": self.total, "counts": dict(self.counts), "actions": dict(self.actions),
@@ -213,7 +222,10 @@ def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             if self.path == "/_config":
                 for k, v in json.loads(body or b"{}").items():
-                    setattr(llm, k, v)
+                    setattr(llm, k, tuple(v) if k == "faults" else v)
+                return self._json(200, {"ok": True})
+            if self.path == "/_reset":
+                llm.reset()
                 return self._json(200, {"ok": True})
             if self.path.rstrip("/") != "/v1/chat/completions":
                 return self._json(404, {"error": {"message": "not found"}})
