@@ -13,7 +13,7 @@ built beforehand, the same retry rule as the stage's client) sends one request p
 
 One line per figure: requests per second of the stage and of the bare loop over the server's window (first
 request to last answer) and the ratio stage/bare (target >= 0.95), and the whole stage's time (start-up,
-listing, essays.jsonl and _SUCCESS included) with its ratio to the bare loop's whole time.
+listing, essays.jsonl and _SUCCESS included) with its ratio to the bare loop's whole time, and the client process's CPU time per request (all threads).
 Then resume: a finished stage (``_SUCCESS``) and a stage whose records all exist without ``_SUCCESS``:
 target < 2 s and 0 requests.
 """
@@ -64,9 +64,10 @@ def repeated(charts: list[dict], n: int) -> list[dict]:
             for i in range(n)]
 
 
-def bare_loop(cfg, charts: list[dict], store) -> float:
+def bare_loop(cfg, charts: list[dict], store) -> tuple[float, float]:
     """One request per chart with asyncio + openai only; returns the wall time. The messages (with the
-    image data URL) are built before the clock starts; retries follow the stage client's rule."""
+    image data URL) are built before the clock starts; retries follow the stage client's rule. Returns
+    (wall, CPU) seconds of this process."""
     from openai import APIStatusError, AsyncOpenAI
 
     from pipeline.llm import image_data_url
@@ -104,9 +105,9 @@ def bare_loop(cfg, charts: list[dict], store) -> float:
         await asyncio.gather(*(one(m) for m in messages))
         await client.close()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     asyncio.run(run())
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def main() -> None:
@@ -157,12 +158,12 @@ def main() -> None:
                 ingest.complete({"accepted": len(charts)})
 
                 server_call(url, "/_reset", {})
-                bare_s = bare_loop(cfg, charts, store)
+                bare_s, bare_cpu = bare_loop(cfg, charts, store)
                 bare = server_call(url, "/_stats")
                 server_call(url, "/_reset", {})
-                started = time.perf_counter()
+                started, cpu, wall0 = time.perf_counter(), time.process_time(), time.time()
                 run_stage(cfg, store, "teacher")
-                stage_s = time.perf_counter() - started
+                stage_s, stage_cpu = time.perf_counter() - started, time.process_time() - cpu
                 stage = server_call(url, "/_stats")
                 summary = json.loads(store.get_text(f"{run_id}/teacher/_SUCCESS"))["summary"]
                 s_rate, b_rate = stage["total"] / window(stage), bare["total"] / window(bare)
@@ -173,8 +174,10 @@ def main() -> None:
                       f"({bare['total']} requests, window {window(bare):.2f}s); ratio stage/bare {ratio:.3f} "
                       f"(target >= {TARGET}: {'PASS' if ratio >= TARGET else 'FAIL'}); ideal {ideal:.0f} req/s: "
                       f"stage {s_rate / ideal:.2f}, bare {b_rate / ideal:.2f}; whole stage {stage_s:.2f}s "
-                      f"({stage['total'] / stage_s:.1f} req/s), bare loop {bare_s:.2f}s: whole ratio "
-                      f"{(stage['total'] / stage_s) / (bare['total'] / bare_s):.3f}")
+                      f"({stage['total'] / stage_s:.1f} req/s; {stage['first_request_at'] - wall0:.2f}s before the "
+                      f"first request, {wall0 + stage_s - stage['last_answer_at']:.2f}s after the last answer), bare loop {bare_s:.2f}s: whole ratio "
+                      f"{(stage['total'] / stage_s) / (bare['total'] / bare_s):.3f}; client CPU per request: stage "
+                      f"{stage_cpu / stage['total'] * 1e3:.2f} ms, bare {bare_cpu / bare['total'] * 1e3:.2f} ms")
                 last = cfg
         if args.no_resume or last is None:
             return

@@ -182,7 +182,10 @@ class LLMClient:
     taken as down and further calls raise FatalLLMError (so a dead endpoint cannot reject every item).
     """
 
-    BACKOFF_INITIAL = 1.0  # seconds before the first retry (doubling, with jitter) when no Retry-After
+    # A 429/5xx without Retry-After: first retry after 0.25-0.5 s, then doubling with jitter (0.5-0.75, 1-1.25,
+    # 2, 4, 8 s, ... up to BACKOFF_MAX). A single transient 500 costs a quarter second, not one to two (1.0 s
+    # before); an endpoint that keeps failing is still backed off within a few attempts (and fail_after stops it).
+    BACKOFF_INITIAL = 0.25
     BACKOFF_MAX = 60.0
     RETRY_AFTER_MAX = 300.0  # longest Retry-After honoured
 

@@ -165,10 +165,17 @@ class _Store:
             except StoreError as exc:
                 await self.wait(exc, failed)
 
-    async def save(self, iid: str, record: dict[str, Any]) -> None:
+    async def save(self, iid: str, record: dict[str, Any], release: Callable[[], None] | None = None) -> None:
+        """Write the record; then ``release`` (the item's claim) in the same thread hop."""
         failed = time.monotonic()
+
+        def write() -> None:
+            self.records.write(iid, record)
+            if release is not None:
+                release()
+
         try:
-            await asyncio.to_thread(self.records.write, iid, record)
+            await asyncio.to_thread(write)
             return
         except StoreError as exc:
             self.unsaved[iid] = record
@@ -178,6 +185,8 @@ class _Store:
                 fh.flush()
                 os.fsync(fh.fileno())
             await self.wait(exc, failed)
+            if release is not None:
+                await asyncio.to_thread(release)
 
     async def wait(self, exc: StoreError, failed: float) -> None:
         """Return once the store works again (every unsaved record written); StoreDown when it stays down."""
@@ -244,14 +253,18 @@ async def _run_items(items, handle, records, client, item_id, shard, desc, outco
         bar.update(1)
         bar.set_postfix({k: v for k, v in summary.outcomes.most_common(3)}, refresh=False)
 
-    async def claim(iid: str) -> bool | None:
-        """True: ours to pay for; None: already recorded (by another process); False: held by another."""
-        if not await store.call(claims.take, iid):
-            return None if await store.call(records.exists, iid) else False
-        if await store.call(records.exists, iid):  # recorded between our listing and our claim
-            await store.call(claims.release, iid)
+    def take(iid: str) -> bool | None:
+        """True: ours to pay for; None: already recorded (by another process); False: held by another.
+        One thread hop for the claim and the record check (store calls are file or HTTP I/O)."""
+        if not claims.take(iid):
+            return None if records.exists(iid) else False
+        if records.exists(iid):  # recorded between our listing and our claim
+            claims.release(iid)
             return None
         return True
+
+    async def claim(iid: str) -> bool | None:
+        return await store.call(take, iid)
 
     async def one(iid: str) -> None:
         got = await claim(iid)
@@ -278,8 +291,7 @@ async def _run_items(items, handle, records, client, item_id, shard, desc, outco
         except BaseException:
             await _quietly(store.call(claims.release, iid))
             raise
-        await store.save(iid, redact_obj(record))
-        await _quietly(asyncio.to_thread(claims.release, iid))
+        await store.save(iid, redact_obj(record), release=lambda: _release_quietly(claims, iid))
         finished(record)
 
     async def worker() -> None:
@@ -328,6 +340,13 @@ async def _run_items(items, handle, records, client, item_id, shard, desc, outco
         log.warning("%s: stopped early: %s (%d items left without a record; rerun to continue)",
                     desc, summary.stopped, summary.left)
     return summary
+
+
+def _release_quietly(claims: Claims, iid: str) -> None:
+    try:
+        claims.release(iid)
+    except StoreError:
+        pass  # a claim left behind only expires
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:
