@@ -8,7 +8,7 @@ OCR text as ingest gives them), its charts are repeated under distinct ids up to
 stage (vision on, default gates) runs against tests/fake_llm.py in its own process (so it does not share the
 client's interpreter lock), each request held ``--latency`` seconds. In the same run and against the same
 server, a bare loop (asyncio + openai.AsyncOpenAI + a semaphore, the same messages with the image data URL
-built beforehand, the same retry rule as the stage's client) sends one request per chart. Faults: a share
+built beforehand, the same retry rule as the stage's client, a 429's wait shared by all requests) sends one request per chart. Faults: a share
 ``--fault-rates`` of the requests answer 429 (Retry-After) or 500 (no Retry-After), alternately.
 
 One line per figure: requests per second of the stage and of the bare loop over the server's window (first
@@ -83,11 +83,15 @@ def bare_loop(cfg, charts: list[dict], store) -> tuple[float, float]:
     async def run() -> None:
         client = AsyncOpenAI(api_key="bench", base_url=t.base_url, timeout=t.timeout_s, max_retries=0)
         sem = asyncio.Semaphore(t.concurrency)
+        not_before = 0.0  # the shared back-off after a 429, as in the client
 
         async def one(msgs) -> None:
+            nonlocal not_before
             for attempt in range(t.max_retries + 1):
                 try:
                     async with sem:
+                        while (left := not_before - time.monotonic()) > 0:
+                            await asyncio.sleep(left)
                         await client.chat.completions.create(model=t.model, messages=msgs, temperature=t.temperature,
                                                              max_tokens=t.max_tokens, n=1)
                     return
@@ -96,11 +100,13 @@ def bare_loop(cfg, charts: list[dict], store) -> tuple[float, float]:
                         raise
                     after = _retry_after(exc)
                     if after is not None:
-                        await asyncio.sleep(after * (1 + random.random() * 0.1))
+                        wait = after * (1 + random.random() * 0.1)
                     else:  # tenacity's wait_exponential_jitter, as the client uses it
                         initial = LLMClient.BACKOFF_INITIAL
-                        await asyncio.sleep(min(initial * 2 ** attempt + random.uniform(0, initial),
-                                                LLMClient.BACKOFF_MAX))
+                        wait = min(initial * 2 ** attempt + random.uniform(0, initial), LLMClient.BACKOFF_MAX)
+                    if after is not None or exc.status_code == 429:
+                        not_before = max(not_before, time.monotonic() + wait)
+                    await asyncio.sleep(wait)
 
         await asyncio.gather(*(one(m) for m in messages))
         await client.close()

@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.config import RunConfig, dump_config
 from pipeline.errors import MissingInput
 from pipeline.records import RecordSet, Shard
-from pipeline.store import SUCCESS, ArtifactStore, open_store
+from pipeline.store import SUCCESS, ArtifactStore, open_store, pool_size_for
 
 
 @dataclass
@@ -81,7 +81,10 @@ class StageContext:
 
 
 def store_for(config: RunConfig) -> ArtifactStore:
-    return open_store(config.store.uri, endpoint_url=config.store.endpoint_url, region=config.store.region)
+    """The run's store, its connection pool sized for the LLM stages' concurrency."""
+    calls = pool_size_for(max(config.teacher.concurrency, config.judge.concurrency))
+    return open_store(config.store.uri, endpoint_url=config.store.endpoint_url, region=config.store.region,
+                      pool_size=calls)
 
 
 def save_run_config(config: RunConfig, store: ArtifactStore) -> None:

@@ -59,6 +59,9 @@ class ArtifactStore(ABC):
     def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
         """Overwrite ``key`` only if it holds exactly ``expected`` now, atomically; False otherwise."""
 
+    def ensure_pool(self, calls: int) -> None:
+        """Be ready for ``calls`` store calls at once (threads); a local directory needs nothing."""
+
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self.list(prefix))
         for key in keys:
@@ -200,12 +203,12 @@ class LocalStore(ArtifactStore):
 
 
 class S3Store(ArtifactStore):
-    """``s3://bucket/prefix``; credentials come only from the environment (boto3's default chain)."""
+    """``s3://bucket/prefix``; credentials come only from the environment (boto3's default chain).
 
-    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None):
-        import boto3
-        from botocore.config import Config
+    ``pool_size``: HTTP connections kept (at least 32); boto discards the connections of calls beyond it."""
 
+    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None,
+                 pool_size: int | None = None):
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise StoreError(f"store.uri {uri!r}: expected s3://bucket[/prefix]")
@@ -216,12 +219,26 @@ class S3Store(ArtifactStore):
         self.prefix = parsed.path.strip("/")
         self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.region = region or os.environ.get("AWS_REGION") or "us-east-1"
+        self.pool_size = max(32, pool_size or 0)
+        self.client = self._connect()
+
+    def _connect(self):
+        import boto3
+        from botocore.config import Config
+
         cfg = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"},
-                     connect_timeout=10, read_timeout=120,
-                     max_pool_connections=32)  # the LLM runner writes records from up to 2 x concurrency threads
+                     connect_timeout=10, read_timeout=120, max_pool_connections=self.pool_size)
         # A session of its own: boto3's default session caches the credentials it first saw.
-        self.client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=cfg,
-                                   region_name=region or os.environ.get("AWS_REGION") or "us-east-1")
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=cfg,
+                                              region_name=self.region)
+
+    def ensure_pool(self, calls: int) -> None:
+        """A larger pool when a stage makes more calls at once than it holds (a new client; call it before
+        the stage's threads start)."""
+        if calls > self.pool_size:
+            self.pool_size = calls
+            self.client = self._connect()
 
     def _key(self, key: str) -> str:
         _check_key(key)
@@ -339,9 +356,17 @@ class S3Store(ArtifactStore):
         return len(keys)
 
 
-def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None) -> ArtifactStore:
+def pool_size_for(concurrency: int) -> int:
+    """Store calls at once of an LLM stage at ``concurrency``: its 2 x concurrency workers (claims, image
+    reads, records) and the lease heartbeat (pipeline.llm.runner runs them in a thread pool this size)."""
+    return 2 * concurrency + 2
+
+
+def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None,
+               pool_size: int | None = None) -> ArtifactStore:
+    """``pool_size``: store calls made at once (S3's connection pool; see ``pool_size_for``)."""
     if uri.startswith("s3://"):
-        return S3Store(uri, endpoint_url=endpoint_url, region=region)
+        return S3Store(uri, endpoint_url=endpoint_url, region=region, pool_size=pool_size)
     if uri.startswith("file://"):
         uri = urlparse(uri).path
     if "://" in uri:

@@ -4,7 +4,7 @@
 variable named by ``cfg.api_key_env`` and is never logged or stored. Bounded concurrency, optional
 requests-per-minute limit (aiolimiter), retries with exponential backoff + jitter on 429/5xx/timeouts/
 connection errors/garbage bodies honouring ``Retry-After`` (tenacity; the openai client's own retries are
-off so every retry is counted here), ``n=1``, ``<think>`` blocks removed, usage and cost per request, and
+off so every retry is counted here); a 429's wait holds every request of the client, not only the retried one, ``n=1``, ``<think>`` blocks removed, usage and cost per request, and
 a budget (``cfg.budget_usd``) after which no new request is sent. Only openai/httpx errors (and garbage
 bodies) are API errors; any other exception is a bug and propagates unchanged.
 """
@@ -190,7 +190,8 @@ class LLMClient:
     RETRY_AFTER_MAX = 300.0  # longest Retry-After honoured
 
     def __init__(self, cfg: LLMSection, *, name: str = "llm", budget_usd: float | None = None,
-                 backoff_initial: float | None = None, backoff_max: float | None = None, fail_after: int = 10):
+                 requests_per_minute: float | None = None, backoff_initial: float | None = None,
+                 backoff_max: float | None = None, fail_after: int = 10):
         from aiolimiter import AsyncLimiter
         from openai import AsyncOpenAI
 
@@ -202,8 +203,14 @@ class LLMClient:
         self.usage = Usage()
         self._consecutive_failures = 0
         self._sem = asyncio.Semaphore(cfg.concurrency)
+        # this client's share of the limit (a shard's: pipeline.llm.runner splits it across the shards)
+        self.requests_per_minute = cfg.requests_per_minute if requests_per_minute is None else requests_per_minute
         # one request per 60/rpm seconds, no initial burst of a whole minute's worth
-        self._limiter = AsyncLimiter(1, 60 / cfg.requests_per_minute) if cfg.requests_per_minute else None
+        rpm = self.requests_per_minute
+        self._limiter = AsyncLimiter(1, 60 / rpm) if rpm else None
+        # shared back-off: after a 429 (or any answer with Retry-After) no request of this client is sent
+        # before this time.monotonic(), whichever worker it comes from
+        self._not_before = 0.0
         for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one line per request otherwise
             logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
         self._client = AsyncOpenAI(api_key=self._api_key(), base_url=cfg.base_url, timeout=cfg.timeout_s,
@@ -254,11 +261,21 @@ class LLMClient:
     def _wait(self, state) -> float:
         from tenacity import wait_exponential_jitter
 
-        after = _retry_after(state.outcome.exception())
+        exc = state.outcome.exception()
+        after = _retry_after(exc)
         if after is not None:
-            return min(after, self.RETRY_AFTER_MAX) * (1 + random.random() * 0.1)
-        return wait_exponential_jitter(multiplier=self.backoff_initial, max=self.backoff_max,
-                                       jitter=self.backoff_initial)(state)
+            wait = min(after, self.RETRY_AFTER_MAX) * (1 + random.random() * 0.1)
+        else:
+            wait = wait_exponential_jitter(multiplier=self.backoff_initial, max=self.backoff_max,
+                                           jitter=self.backoff_initial)(state)
+        if after is not None or getattr(exc, "status_code", None) == 429:  # the endpoint says: everyone wait
+            self._not_before = max(self._not_before, time.monotonic() + wait)
+        return wait
+
+    async def _hold(self) -> None:
+        """Wait out the shared back-off (a later 429 may push it further while we sleep)."""
+        while (left := self._not_before - time.monotonic()) > 0:
+            await asyncio.sleep(left)
 
     def _count_retry(self, state) -> None:
         self.usage.retries += 1
@@ -269,8 +286,10 @@ class LLMClient:
 
         self.check_budget()
         async with self._sem:
+            await self._hold()
             if self._limiter:
                 await self._limiter.acquire()
+                await self._hold()
             self.check_budget()  # again: the spend may have grown while this request waited for a slot
             self.usage.requests += 1
             try:

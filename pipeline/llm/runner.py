@@ -15,6 +15,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from pipeline.llm.client import (
 from pipeline.llm.server import embedded_server
 from pipeline.records import Claims, RecordSet, Shard
 from pipeline.redact import redact_obj
+from pipeline.store import pool_size_for
 
 log = logging.getLogger("ielts_distill.llm")
 T = TypeVar("T")
@@ -102,6 +104,8 @@ def run_items(items: Sequence[T], handle: Callable[[T, LLMClient], Awaitable[dic
     - Records are stored with the environment's secret values masked (pipeline.redact).
     - Concurrency: at most ``client.cfg.concurrency`` requests in flight (the client's semaphore); up to
       twice as many items are in progress so that gating and writing never leave a request slot idle.
+      Store calls run in a thread pool of ``pool_size_for(concurrency)`` threads (the store's pool is grown
+      to match: ``ensure_pool``).
     - Progress: a tqdm bar (rate, ETA) with outcome counts; at the end one summary line is logged.
     - Returns a RunSummary. Runs its own event loop and closes ``client`` at the end: one client per call.
     """
@@ -231,6 +235,7 @@ async def _run_items(items, handle, records, client, item_id, shard, desc, outco
 
     ids = [item_id(i) for i in items]
     by_id = dict(zip(ids, items))
+    records.store.ensure_pool(pool_size_for(client.cfg.concurrency))  # before any store call in a thread
     if pending is None:
         pending = await asyncio.to_thread(records.pending, ids, shard)
     summary = RunSummary(total=len(shard.select(ids)), skipped=0, usage=client.usage)
@@ -323,6 +328,10 @@ async def _run_items(items, handle, records, client, item_id, shard, desc, outco
             await asyncio.sleep(lease_s / 3)
             await _quietly(asyncio.to_thread(claims.renew))
 
+    # store calls run in threads: one per worker (the default pool has cpu + 4, which an S3 store's
+    # round trips would make the bottleneck of a pod with few cores); the store's pool has as many connections
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
+        max_workers=pool_size_for(client.cfg.concurrency), thread_name_prefix="store"))
     beat = asyncio.create_task(heartbeat())
     try:
         # twice as many workers as request slots: while one item is gated or written, another one's request
@@ -363,9 +372,9 @@ def run_stage_items(ctx: StageContext, llm_cfg: LLMSection, items: Sequence[T],
     """A sharded stage's LLM work in one call: store what an earlier run spilled, set aside records made from
     other ``inputs`` (a fingerprint, see RecordSet.keep_if_inputs; they come back if this run fails before
     writing a new record), list this shard's pending items (none: return at once, without starting
-    anything), start the embedded server if configured, give this shard its share of ``budget_usd`` (shards
-    split it evenly), ``run_items`` over ``ctx.records()`` and ``ctx.shard``, and raise StageError when the
-    run stopped early or items stay pending after transient errors ("N items pending: rerun").
+    anything), start the embedded server if configured, give this shard its share of ``budget_usd`` and of
+    ``requests_per_minute`` (shards run at once and split both evenly), ``run_items`` over ``ctx.records()``
+    and ``ctx.shard``, and raise StageError when the run stopped early or items stay pending after transient errors ("N items pending: rerun").
     ``kwargs`` go to run_items (``outcome``, ``reason``)."""
     records = ctx.records()
     store_spilled(records)
@@ -392,9 +401,12 @@ def _run_stage_items(ctx: StageContext, llm_cfg: LLMSection, items: Sequence[T],
     if not pending:
         total = len(ctx.shard.select(ids))
         return RunSummary(total=total, skipped=total)
+    # the shards of a stage run at once (an Indexed Job's parallelism is its shard count): each gets its
+    # share of the budget and of the rate limit, so that N pods together keep to the configured figures
     budget = llm_cfg.budget_usd / ctx.shard.count if llm_cfg.budget_usd else None
+    rpm = llm_cfg.requests_per_minute / ctx.shard.count if llm_cfg.requests_per_minute else None
     with embedded_server(llm_cfg) as live:
-        client = LLMClient(live, name=name, budget_usd=budget)
+        client = LLMClient(live, name=name, budget_usd=budget, requests_per_minute=rpm)
         summary = run_items(items, handle, records=records, client=client, item_id=item_id, shard=ctx.shard,
                             desc=name if ctx.shard.whole else f"{name} {ctx.shard}", pending=pending,
                             outage_s=ctx.config.store.outage_s, lease_s=ctx.config.store.claim_lease_s, **kwargs)
