@@ -7,18 +7,21 @@ the layout is ``<run.id>/<stage>/...``. Writes are atomic: temp file + rename lo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from pipeline.errors import ArtifactNotFound, StoreError
+
+T = TypeVar("T")
 
 SUCCESS = "_SUCCESS"
 
@@ -31,6 +34,8 @@ def _check_key(key: str) -> str:
 
 class ArtifactStore(ABC):
     uri: str
+    # calls are quick local file operations: async code may make them on its event loop (see blocking())
+    quick: bool = False
 
     # -- the backend contract ------------------------------------------------------------------
     @abstractmethod
@@ -123,6 +128,7 @@ class ArtifactStore(ABC):
 
 
 class LocalStore(ArtifactStore):
+    quick = True
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)
@@ -354,6 +360,14 @@ class S3Store(ArtifactStore):
             batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
             self._call(prefix, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch})
         return len(keys)
+
+
+async def blocking(store: ArtifactStore, fn: Callable[..., T], *args: Any) -> T:
+    """A blocking call on ``store`` from async code: in a thread, except for a local directory, whose file
+    operations (~50 us) cost less than the thread hop (~300 us of CPU measured at concurrency 64 on 2 cores)."""
+    if store.quick:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 def pool_size_for(concurrency: int) -> int:

@@ -33,7 +33,7 @@ from pipeline.llm.client import (
 from pipeline.llm.server import embedded_server
 from pipeline.records import Claims, RecordSet, Shard
 from pipeline.redact import redact_obj
-from pipeline.store import pool_size_for
+from pipeline.store import blocking, pool_size_for
 
 log = logging.getLogger("ielts_distill.llm")
 T = TypeVar("T")
@@ -163,7 +163,7 @@ class _Store:
         while True:
             failed = time.monotonic()
             try:
-                return await asyncio.to_thread(fn, *args)
+                return await blocking(self.records.store, fn, *args)
             except ArtifactNotFound:
                 raise
             except StoreError as exc:
@@ -179,7 +179,7 @@ class _Store:
                 release()
 
         try:
-            await asyncio.to_thread(write)
+            await blocking(self.records.store, write)
             return
         except StoreError as exc:
             self.unsaved[iid] = record
