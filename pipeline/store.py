@@ -307,8 +307,10 @@ class S3Store(ArtifactStore):
         self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def get_bytes(self, key: str) -> bytes:
-        resp = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        return resp["Body"].read()
+        def read(**kwargs: Any) -> bytes:  # the body too: a connection broken mid-read is a StoreError
+            return self.client.get_object(**kwargs)["Body"].read()
+
+        return self._call(key, read, Bucket=self.bucket, Key=self._key(key))
 
     def exists(self, key: str) -> bool:
         try:
