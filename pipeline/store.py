@@ -129,6 +129,7 @@ class ArtifactStore(ABC):
 
 class LocalStore(ArtifactStore):
     quick = True
+
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)

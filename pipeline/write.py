@@ -140,7 +140,8 @@ def write_essay(image: str | Path, title: str, *, adapter: str | None = None, mo
                 image_longest_edge: int | None = None, max_pixels: int | None = None,
                 decoding: dict[str, Any] | None = None) -> str:
     """The essay; ``max_new_tokens`` unset: what a 190-word essay needs (the CLI passes the config's
-    ``checks.generation_limit``, and ``generate.decoding()`` as ``decoding``, so it decodes as generate does). An essay cut at the limit is printed with a one-line warning on stderr."""
+    ``checks.generation_limit``, and ``generate.decoding()`` as ``decoding``, so it decodes as generate does).
+    An essay cut at the limit is printed with a one-line warning on stderr."""
     import sys
 
     from transformers.utils import logging as hf_logging

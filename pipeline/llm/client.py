@@ -4,7 +4,8 @@
 variable named by ``cfg.api_key_env`` and is never logged or stored. Bounded concurrency, optional
 requests-per-minute limit (aiolimiter), retries with exponential backoff + jitter on 429/5xx/timeouts/
 connection errors/garbage bodies honouring ``Retry-After`` (tenacity; the openai client's own retries are
-off so every retry is counted here); a 429's wait holds every request of the client, not only the retried one, ``n=1``, ``<think>`` blocks removed, usage and cost per request, and
+off so every retry is counted here; a 429's wait holds every request of the client, not only the retried
+one), ``n=1``, ``<think>`` blocks removed, usage and cost per request, and
 a budget (``cfg.budget_usd``) after which no new request is sent. Only openai/httpx errors (and garbage
 bodies) are API errors; any other exception is a bug and propagates unchanged.
 """
