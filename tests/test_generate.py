@@ -103,6 +103,31 @@ def test_finetune_then_generate_on_s3(s3_bucket, sample_dir):
     assert len(rows) == 6 and {r["model"] for r in rows} == set(MODELS)
 
 
+def test_generate_uses_the_connectors_the_adapters_trained(tmp_path, sample_dir):
+    """Adapters trained with finetune.train_connector carry their own connector: generate reads that from
+    the adapters, so switching the option off after training changes no essay (it used to drop the trained
+    connectors silently)."""
+    from student_fixtures import student_config, write_dataset
+
+    from pipeline.models.loading import trains_connector
+    from pipeline.stages import finetune
+
+    config = student_config(str(tmp_path / "s"), finetune__max_steps=3, finetune__learning_rate=0.05,
+                            finetune__train_connector=True, generate__limit=3)
+    store = open_store(config.store.uri)
+    write_dataset(store, "t", sample_dir, sizes=(8, 2, 3))
+    finetune.run(stage_ctx(config, "finetune"))
+    adapter = store.download_dir("t/finetune/structured/adapter", tmp_path / "adapter")
+    assert trains_connector(adapter)
+    essays = {}
+    for on in (True, False):
+        config.finetune.train_connector = on
+        store.delete_prefix("t/generate/")
+        generate.run(stage_ctx(config, "generate"))
+        essays[on] = [(r["model"], r["chart_id"], r["essay"]) for r in store.get_jsonl("t/generate/essays.jsonl")]
+    assert essays[True] == essays[False] and len(essays[True]) == 9
+
+
 def test_new_training_run_makes_old_essays_stale(trained_run, caplog):
     """Essays come from particular adapters: once finetune completed again, generate redoes every essay."""
     store = open_store(trained_run.store.uri)

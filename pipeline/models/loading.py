@@ -98,6 +98,14 @@ def load_student(model_or_path: str | Path, *, adapter: str | Path | None = None
     return model, processor
 
 
+def trains_connector(adapter: str | Path) -> bool:
+    """Whether a PEFT adapter folder carries its own trained connector (``finetune.train_connector``)."""
+    import json
+
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    return "connector" in (config.get("modules_to_save") or [])
+
+
 def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str], train_connector: bool = False):
     """Wrap ``model`` with fresh LoRA adapters on the text model's ``target_modules`` only; with
     ``train_connector`` the connector is trained in full too and saved with the adapter (PEFT's

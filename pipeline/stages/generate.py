@@ -69,21 +69,21 @@ def _raw_image():
 
 
 def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[str, tuple[Any, str]],
-                 base: str, tmp: Path, caches: dict[str, Any]) -> None:
+                 base: str, adapter: Path | None, tower: bool, tmp: Path, caches: dict[str, Any]) -> None:
     """``name``'s essays for the ``pending`` charts; ``caches`` (by ``cache_tag``) holds the prompts and
-    vision features the models of one base share, so each chart's vision side runs once per stage."""
+    vision features the models of one base share, so each chart's vision side runs once per stage. With
+    ``tower`` (an adapter trained its connector) they hold the tower's output and each model applies its
+    own connector."""
     from tqdm import tqdm
 
     from pipeline.models import generate_essays, load_student
     from pipeline.models.features import shared_cache
 
     cfg, student = ctx.config.generate, ctx.config.student
-    adapter = None if name == BASELINE else artifacts.fetch_adapter(ctx, name, tmp)
     model, processor = load_student(base, adapter=adapter, device=student.device,
                                     attn_implementation=student.attn_implementation, merge=True,
                                     image_longest_edge=student.image_longest_edge)
-    # adapters with a trained connector: every model applies its own connector to the tower's output
-    cache = shared_cache(caches, base, processor, model.dtype, tmp / "charts", ctx.config.finetune.train_connector)
+    cache = shared_cache(caches, base, processor, model.dtype, tmp / "charts", tower)
     records = ctx.records(name)
     bar = tqdm(total=len(pending), desc=f"generate {name}", unit="essay", disable=None)
 
@@ -105,7 +105,7 @@ def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.models.loading import cpu_threads
+    from pipeline.models.loading import cpu_threads, trains_connector
 
     ctx.require("dataset", "finetune")
     ids = test_ids(ctx)
@@ -123,10 +123,13 @@ def run(ctx: StageContext) -> None:
         single = ctx.config.student.tiny
         with tempfile.TemporaryDirectory(prefix="ielts-generate-") as tmp, cpu_threads(single=single):
             base, caches = artifacts.student_base(ctx, tmp), {}
-            for name in names:
-                if pending[name]:
-                    ctx.log.info("generate %s: %d of %d test charts to do", name, len(pending[name]), len(ids))
-                    generate_for(ctx, name, pending[name], charts, base, Path(tmp), caches)
+            # the adapters say whether they trained a connector (the config may have changed since finetune)
+            adapters = {name: None if name == BASELINE else artifacts.fetch_adapter(ctx, name, tmp)
+                        for name in names if pending[name]}
+            tower = any(trains_connector(a) for a in adapters.values() if a is not None)
+            for name, adapter in adapters.items():
+                ctx.log.info("generate %s: %d of %d test charts to do", name, len(pending[name]), len(ids))
+                generate_for(ctx, name, pending[name], charts, base, adapter, tower, Path(tmp), caches)
 
     def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         models = {name: {"essays": len(ids),
@@ -151,7 +154,7 @@ def inputs_fingerprint(ctx: StageContext) -> str:
     gen, student = ctx.config.generate, ctx.config.student
     return fingerprint(artifacts.finetune_mark(ctx), student.model, student.build,
                        student.image_longest_edge, max_new_tokens(ctx.config), gen.do_sample, gen.min_new_tokens,
-                       *([gen.repetition_penalty] if gen.repetition_penalty != 1.0 else []))
+                       *([gen.repetition_penalty, "essay-only"] if gen.repetition_penalty != 1.0 else []))
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:
