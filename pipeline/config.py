@@ -196,8 +196,9 @@ class GenerateSection(Section):
     # No stop token before this many tokens, for every model alike: the untuned SmolLM2 student (build:
     # smollm) ends its turn right after SmolVLM's "Assistant:" otherwise, and its baseline essay is empty.
     min_new_tokens: int = Field(0, ge=0)
-    # > 1 discourages tokens already in the prompt or essay (transformers' repetition_penalty), for every model
-    # alike; 1.0: off. A weakly trained student otherwise loops on one sentence until the token limit.
+    # > 1 discourages tokens the essay already used (transformers' repetition_penalty, the prompt not counted:
+    # titles and figures stay quotable), for every model alike; 1.0: off. A weakly trained student otherwise
+    # loops on one sentence until the token limit.
     repetition_penalty: float = Field(1.0, gt=0)
     limit: int | None = Field(None, ge=1)  # first N test charts (by id)
     parallelism: int = Field(1, ge=1)

@@ -301,18 +301,29 @@ def test_trained_connector_is_saved_with_the_adapter_and_used_by_shared_generati
         [r.ids for r in generate_essays(tuned, processor, charts, max_new_tokens=12, batch_size=4)]
 
 
-def test_repetition_penalty_reaches_generate(tiny_loaded, sample_dir):
-    """generate.repetition_penalty decodes as transformers' own repetition_penalty on the same prompt."""
+def test_repetition_penalty_counts_the_essay_not_the_prompt(tiny_loaded, sample_dir):
+    """generate.repetition_penalty decodes as transformers' RepetitionPenaltyLogitsProcessor over the
+    generated tokens only: a token of the prompt (a digit of a year in the title, a title word) is not
+    penalised, so the first token is the unpenalised one whatever the penalty."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
     model, processor = tiny_loaded
-    (image, title), = sample_charts(sample_dir, 1)
-    plain, = generate_essays(model, processor, [(image, title)], max_new_tokens=24, batch_size=1)
-    penalised, = generate_essays(model, processor, [(image, title)], max_new_tokens=24, batch_size=1,
-                                 repetition_penalty=5.0)
     tok = processor.tokenizer
-    inputs = collate([encode(processor, image, title)], tok.pad_token_id, side="left")
-    inputs.pop("labels")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=24, do_sample=False, repetition_penalty=5.0,
-                             eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    assert penalised.ids == new[:len(penalised.ids)] and penalised.ids != plain.ids
+    charts = sample_charts(sample_dir, 6)
+    plain = generate_essays(model, processor, charts, max_new_tokens=24, batch_size=1)
+    penalised = generate_essays(model, processor, charts, max_new_tokens=24, batch_size=1, repetition_penalty=5.0)
+    assert [r.ids[:1] for r in penalised] == [r.ids[:1] for r in plain]
+    assert [r.ids for r in penalised] != [r.ids for r in plain]
+    prompts = [encode(processor, image, title) for image, title in charts]
+    # the old behaviour (the prompt counted) changes some first token: the test can tell the two apart
+    assert any(r.ids[0] in p.input_ids for r, p in zip(plain, prompts))
+    for (image, title), result in zip(charts, penalised):
+        inputs = collate([encode(processor, image, title)], tok.pad_token_id, side="left")
+        inputs.pop("labels")
+        length = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=24, do_sample=False, eos_token_id=[tok.eos_token_id],
+                                 pad_token_id=tok.pad_token_id,
+                                 logits_processor=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(5.0, length)]))
+        new = out[0, length:].tolist()
+        assert result.ids == new[:len(result.ids)]

@@ -52,12 +52,18 @@ def _generate_batch(model, cache: ChartCache, keys: list[str], *, pad_id: int, s
                     repetition_penalty: float = 1.0) -> list[list[int]]:
     """New token ids per chart (stop tokens and what follows them included): one left-padded
     ``model.generate`` call fed the cached vision features."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
     device = next(model.parameters()).device
     batch = collate([_prompt(cache.prompt_ids(k)) for k in keys], pad_id, side="left", pixels=False)
     greedy = {} if do_sample else {"num_beams": 1, "temperature": None, "top_p": None, "top_k": None}
+    # the penalty counts the essay's own tokens, not the prompt's: the title and its figures stay quotable
+    # and the step markers' digits are not penalised because a year in the title contains them
+    processors = [RepetitionPenaltyLogitsProcessor(float(repetition_penalty), batch["input_ids"].shape[1])] \
+        if repetition_penalty != 1.0 else []
     out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                          mm_encoder_outputs=cache.batch_features(keys, model), max_new_tokens=max_new_tokens,
-                         min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
+                         min_new_tokens=min_new_tokens, logits_processor=LogitsProcessorList(processors),
                          do_sample=do_sample, eos_token_id=stops, pad_token_id=pad_id, **greedy)
     return out[:, batch["input_ids"].shape[1]:].tolist()
 
