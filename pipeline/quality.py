@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from pipeline.essays import (
@@ -350,13 +351,40 @@ def failure_modes(text: str, *, variant: str | None = None, min_words: int = 120
                                           table_rows=table_rows, title=title)]
 
 
-def gate_findings(essay: str, table_rows: Iterable[Iterable[Any]] | None,
-                  cfg: TeacherSection, title: str | None = None) -> list[tuple[str, str]]:
-    """[(mode, reason)] for the teacher's gate (mode ``empty`` for an empty answer)."""
+ECHO_WORDS = 8  # a run this long copied from the prompt's instructions or examples is an echo, not an essay
+_WORDS = re.compile(r"[a-z0-9']+")
+
+
+def _prose_words(text: str) -> list[str]:
+    return _WORDS.findall("\n".join(_content_lines(text)).lower())
+
+
+@lru_cache(maxsize=32)
+def _runs(source: str, n: int) -> frozenset[tuple[str, ...]]:
+    words = _prose_words(source)
+    return frozenset(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def copied_run(text: str, source: str, n: int = ECHO_WORDS) -> str | None:
+    """The first run of ``n`` words that ``text`` shares with ``source`` outside the structure markers
+    (which an essay must copy); case and punctuation are ignored."""
+    runs, words = _runs(source, n), _prose_words(text)
+    return next((" ".join(words[i:i + n]) for i in range(len(words) - n + 1) if tuple(words[i:i + n]) in runs), None)
+
+
+def gate_findings(essay: str, table_rows: Iterable[Iterable[Any]] | None, cfg: TeacherSection,
+                  title: str | None = None, instructions: str | None = None) -> list[tuple[str, str]]:
+    """[(mode, reason)] for the teacher's gate (mode ``empty`` for an empty answer). ``instructions``: the
+    prompt template (instructions and example essays, without this chart's title and data, which an essay
+    may quote); an answer copying a run of ``ECHO_WORDS`` words from it is an echo (``prompt_echo``)."""
     if not essay or not essay.strip():
         return [("empty", "empty answer")]
-    return _findings(essay, variant="structured" if cfg.require_structure else None, min_words=cfg.min_words,
-                     max_words=cfg.max_words, table_rows=table_rows if cfg.check_numbers else None, title=title)
+    found = _findings(essay, variant="structured" if cfg.require_structure else None, min_words=cfg.min_words,
+                      max_words=cfg.max_words, table_rows=table_rows if cfg.check_numbers else None, title=title)
+    if instructions and (run := copied_run(essay, instructions)):
+        found.append(("prompt_echo", f'copies the instructions or an example instead of describing this chart '
+                                     f'("{run} ...")'))
+    return found
 
 
 def gate(essay: str, table_rows: Iterable[Iterable[Any]] | None, cfg: TeacherSection,

@@ -133,6 +133,38 @@ def test_failed_gate_regenerates_with_the_reason(tmp_path, llm, sample_dir):
     assert bad["raw_answer"] == questions and bad["essay"] == ""
 
 
+def test_an_answer_echoing_the_prompt_is_rejected_and_regenerated(tmp_path, llm, sample_dir):
+    """A weak teacher copies the prompt's instructions or an example essay instead of writing about the
+    chart: a run of 8 words from the template is rejected (gate:prompt_echo) and the chart asked again.
+    Quoting the chart's own title is not an echo, and none of the sample's 120 human summaries is one."""
+    from fake_llm import default_reply, prompt_text
+
+    from pipeline.prompts import TEACHER_TYPES, teacher_template
+    from pipeline.quality import copied_run
+
+    cfg, store, charts = ingest(str(tmp_path / "s"), llm, sample_dir, "data.limit=6", "teacher.max_attempts=2",
+                                "teacher.vision=false")
+    echo = charts[0]
+    instruction = next(line for line in teacher_template(echo["type"]).text.splitlines()
+                       if len(line.split()) >= 12 and "{" not in line)
+
+    def reply(request, key):  # every essay quotes its chart's title (default_reply)
+        if key == echo["title"] and "previous answer was rejected" not in prompt_text(request):
+            return default_reply(request, key) + "\n" + instruction
+        return default_reply(request, key)
+
+    llm.reply = reply
+    assert run_stage(cfg, store, "teacher")
+    recs = teacher_records(store)
+    first = recs.pop(echo["id"])
+    assert first["status"] == "accepted" and first["attempts"] == 2
+    assert [f for f in first["failures"][0] if f.startswith("copies the instructions or an example instead")]
+    assert all(r["status"] == "accepted" and r["attempts"] == 1 for r in recs.values()) and len(recs) == len(charts) - 1 >= 2
+    summaries = [json.loads(line)["summary"] for line in (sample_dir / "manifest.jsonl").read_text().splitlines()]
+    assert len(summaries) == 120
+    assert not [s for s in summaries for t in TEACHER_TYPES if copied_run(s, teacher_template(t).text)]
+
+
 def test_budget_stops_new_work_and_keeps_finished(tmp_path, llm, sample_dir):
     # each answer costs about $0.01 (completion tokens at $50/Mtok); budget $0.05
     cfg, store, charts = ingest(str(tmp_path / "s"), llm, sample_dir, "data.limit=40", "teacher.concurrency=2",

@@ -60,13 +60,13 @@ def make_handler(ctx: StageContext):
     cfg = ctx.config.teacher
     extra = {"extra_body": {"min_tokens": cfg.min_tokens}} if cfg.min_tokens else {}
 
-    async def gate(text: str, chart: dict[str, Any]) -> list[tuple[str, str]]:
-        table = chart.get("table")
+    async def gate(text: str, chart: dict[str, Any], template) -> list[tuple[str, str]]:
+        table, title = chart.get("table"), chart.get("title")
         if table and cfg.check_numbers and sum(map(len, table)) > GATE_INLINE_CELLS:
             # the number gate of a large table (78 ms for 336 rows) runs in a thread: the event loop keeps
             # serving the other requests meanwhile
-            return await asyncio.to_thread(gate_findings, text, table, cfg, title=chart.get("title"))
-        return gate_findings(text, table, cfg, title=chart.get("title"))
+            return await asyncio.to_thread(gate_findings, text, table, cfg, title, template.text)
+        return gate_findings(text, table, cfg, title, template.text)
 
     async def essay_for(chart: dict[str, Any], client) -> dict[str, Any]:
         template = teacher_template(chart["type"], cfg.templates)
@@ -93,7 +93,7 @@ def make_handler(ctx: StageContext):
             record["cost_usd"] = round(record["cost_usd"] + done.cost_usd, 8)
             record["raw_answer"] = done.raw_text
             record["finish_reason"] = done.finish_reason
-            findings = await gate(done.text, chart)
+            findings = await gate(done.text, chart, template)
             if done.truncated:  # a cut essay may still pass the gates: it is never accepted
                 findings.insert(0, ("truncated", f"the answer was cut at the token limit (finish_reason 'length'); "
                                                  f"write at most {cfg.max_words} words"))
