@@ -185,6 +185,9 @@ class FinetuneSection(Section):
     val_subset: int | None = Field(128, ge=1)  # validation charts evaluated during training (all at the end)
     num_workers: int | None = Field(None, ge=0)  # DataLoader workers (None: 4 on CUDA, 0 on CPU)
     bf16: bool = True  # used only on CUDA
+    # bf16 autocast of the LoRA steps on a CPU with native bf16 matrix units (AMX or AVX512-BF16): 1.6x faster
+    # steps on the demo machine; the weights and the loss stay fp32. On other CPUs it trains in fp32 (logged).
+    cpu_bf16: bool = False
     seed: int = 42
     gpus: int = Field(1, ge=0)  # Kubernetes GPU request for the finetune Job
 

@@ -263,6 +263,41 @@ def test_cached_features_and_answer_only_loss_equal_the_full_forward(tiny_studen
             assert torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-6), k
 
 
+def test_cpu_bf16_runs_the_step_in_bf16_on_a_cpu_that_has_it(tiny_student, sample_dir, tmp_path, caplog):
+    """finetune.cpu_bf16: on a CPU with AMX or AVX512-BF16 the text model's products run in bf16 (seen at
+    the LM head) and the loss stays within bf16 rounding of fp32's; elsewhere it says so and trains in fp32.
+    The finetune stage honours the key (its log names the precision)."""
+    from student_fixtures import stage_ctx, student_config, write_dataset
+
+    from pipeline.models.features import ChartCache
+    from pipeline.models.training import Collate, Samples, answer_loss, cpu_bf16_autocast
+    from pipeline.stages import finetune
+    from pipeline.store import open_store
+
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert cpu_bf16_autocast(cpu, True) == native and not cpu_bf16_autocast(cpu, False)
+    model, processor = load_student(tiny_student, device="cpu")
+    rows = [{"chart_id": f"c{i}", "image": image, "title": title, "essay": r["summary"]}
+            for i, ((image, title), r) in enumerate(zip(sample_charts(sample_dir, 4), sample_rows(sample_dir)))]
+    batch = Collate(processor.tokenizer.pad_token_id)(list(Samples(rows, processor, ChartCache("t"), model, 512)))
+    seen = []
+    model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    with torch.no_grad():
+        fp32, n = answer_loss(model, batch, cpu, torch.float32)
+        bf16, _ = answer_loss(model, batch, cpu, torch.float32, bf16_autocast=native)
+    assert seen == [torch.float32, torch.bfloat16 if native else torch.float32]
+    assert float(bf16 / n) == pytest.approx(float(fp32 / n), rel=2e-2)
+
+    config = student_config(str(tmp_path / "s"), finetune__max_steps=1, finetune__cpu_bf16=True,
+                            finetune__variants="[unstructured]")
+    write_dataset(open_store(config.store.uri), "t", sample_dir, sizes=(4, 2, 2))
+    caplog.set_level("INFO", logger="ielts_distill")
+    finetune.run(stage_ctx(config, "finetune"))
+    assert ("(float32, bf16 autocast)" in caplog.text) == native
+    assert ("has neither AMX nor AVX512-BF16" in caplog.text) == (not native)
+
+
 def test_trained_connector_is_saved_with_the_adapter_and_used_by_shared_generation(tiny_student, sample_dir,
                                                                                    tmp_path):
     """finetune.train_connector: the connector trains, is saved with the adapter (the base keeps its own),

@@ -248,7 +248,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 # finetune.* settings that do not change what is trained: a resumed run may change them
-RESUME_NEUTRAL = {"variants", "save_every", "log_every", "gpus", "gradient_checkpointing", "num_workers"}
+RESUME_NEUTRAL = {"variants", "save_every", "log_every", "gpus", "gradient_checkpointing", "num_workers", "cpu_bf16"}
 
 
 def config_fingerprint(cfg) -> dict[str, Any]:
@@ -322,9 +322,19 @@ class Checkpoints:
 # --------------------------------------------------------------------------- step and evaluation
 
 
-def answer_loss(model, batch: dict[str, Any], device, dtype):
+def cpu_bf16_autocast(device, wanted: bool) -> bool:
+    """Whether ``finetune.cpu_bf16`` applies: a CPU device whose CPU has AMX tiles or AVX512-BF16."""
+    import torch
+
+    return wanted and device.type == "cpu" and (torch.cpu._is_amx_tile_supported()
+                                                or torch.cpu._is_avx512_bf16_supported())
+
+
+def answer_loss(model, batch: dict[str, Any], device, dtype, bf16_autocast: bool = False):
     """(summed cross-entropy over the batch's answer tokens, number of those tokens). The text model runs
-    on the cached vision features, and the LM head only at the positions that carry a label."""
+    on the cached vision features, and the LM head only at the positions that carry a label; with
+    ``bf16_autocast`` (CPU) its matrix products run in bf16, the loss in fp32."""
+    import torch
     import torch.nn.functional as F
 
     from pipeline.models.chat import IGNORE_INDEX
@@ -332,16 +342,18 @@ def answer_loss(model, batch: dict[str, Any], device, dtype):
 
     base = base_model(model)
     features = batch["features"].to(device, dtype, non_blocking=True)
-    hidden = base.model(input_ids=batch["input_ids"].to(device, non_blocking=True),
-                        attention_mask=batch["attention_mask"].to(device, non_blocking=True),
-                        mm_encoder_outputs=encoder_outputs(base, features), use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:].to(device, non_blocking=True)
     keep = labels != IGNORE_INDEX
-    logits = base.lm_head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+        hidden = base.model(input_ids=batch["input_ids"].to(device, non_blocking=True),
+                            attention_mask=batch["attention_mask"].to(device, non_blocking=True),
+                            mm_encoder_outputs=encoder_outputs(base, features), use_cache=False).last_hidden_state
+        logits = base.lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
 
 
-def evaluate(model, samples: Samples, indices: list[int], batch_size: int, collate: Collate, device, dtype) -> float:
+def evaluate(model, samples: Samples, indices: list[int], batch_size: int, collate: Collate, device, dtype,
+             bf16_autocast: bool = False) -> float:
     """Mean loss per answer token over ``indices`` (batched by length)."""
     import torch
 
@@ -350,7 +362,8 @@ def evaluate(model, samples: Samples, indices: list[int], batch_size: int, colla
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            loss, n = answer_loss(model, collate([samples[i] for i in order[start:start + batch_size]]), device, dtype)
+            loss, n = answer_loss(model, collate([samples[i] for i in order[start:start + batch_size]]), device, dtype,
+                                  bf16_autocast)
             total, tokens = total + float(loss), tokens + n
     model.train()
     return total / max(tokens, 1)
@@ -476,6 +489,9 @@ def train(model, processor, train_rows, val_rows, cfg, *, cache, checkpoints: Ch
 
     dist = Dist.current()
     device, dtype = next(model.parameters()).device, model.dtype
+    autocast = cpu_bf16_autocast(device, cfg.cpu_bf16)
+    if cfg.cpu_bf16 and device.type == "cpu" and not autocast and dist.main:
+        log.warning("finetune.cpu_bf16: this CPU has neither AMX nor AVX512-BF16; training in float32")
     collate = Collate(pad_token_id(processor))
     train_set = Samples(train_rows, processor, cache, model, cfg.max_length)
     val = Samples(val_rows, processor, cache, model, cfg.max_length)
@@ -508,12 +524,14 @@ def train(model, processor, train_rows, val_rows, cfg, *, cache, checkpoints: Ch
                  "epoch, batch %d x accum %d%s), padding efficiency %.3f, %s trainable LoRA parameters on %s (%s), "
                  "%d data workers", name, len(train_set), len(val), len(val_during), total, steps_per_epoch,
                  cfg.batch_size, cfg.grad_accum, f" over {dist.world} processes" if dist.world > 1 else "",
-                 efficiency, f"{trainable:,}", device, str(dtype).removeprefix("torch."), workers)
+                 efficiency, f"{trainable:,}", device,
+                 str(dtype).removeprefix("torch.") + (", bf16 autocast" if autocast else ""), workers)
 
     def run_eval(indices: list[int], track: bool = True) -> bool:
         """Validation loss; returns True when early stopping says stop. ``track``: the loss takes part in
         choosing the best weights (only losses on the same charts are compared)."""
-        loss = evaluate(model, val, indices, cfg.batch_size, collate, device, dtype) if indices else float("nan")
+        loss = evaluate(model, val, indices, cfg.batch_size, collate, device, dtype, autocast) \
+            if indices else float("nan")
         row = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "val_loss": loss}
         if len(indices) < len(val):
             row["val_charts"] = len(indices)
@@ -551,7 +569,7 @@ def train(model, processor, train_rows, val_rows, cfg, *, cache, checkpoints: Ch
                                                     sum(len(b["input_ids"]) for b in mine)])
             step_loss = 0.0
             for batch in mine:  # token-weighted: summed over the global batch's answer tokens, then divided
-                loss, _ = answer_loss(model, batch, device, dtype)
+                loss, _ = answer_loss(model, batch, device, dtype, autocast)
                 (loss / n_tokens).backward()
                 step_loss += float(loss.detach()) / n_tokens
             dist.sum_grads(params)
