@@ -119,12 +119,13 @@ def test_kind_config_is_the_local_demo_in_the_cluster():
 @pytest.mark.llm
 def test_kind_config_rehearsal(sample_dir, tmp_path):
     """k8s/overlays/local/run.yaml through the documented command, in-process instead of in Jobs: the store
-    and data folder are local paths; the embedded llama.cpp teacher and judge and the student are real."""
+    and data folder are local paths; the embedded llama.cpp teacher and judge and the student are real; only
+    sizes shrink (``data.limit``, ``finetune.max_steps``)."""
     import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=14", "run.id=kind",
-            "run.executor=local"]
+            "run.executor=local", "finetune.max_steps=8"]
     args = [a for s in sets for a in ("--set", s)]
     check = cli("config", "--check", "--config", "k8s/overlays/local/run.yaml", *args, env=env)
     assert check.returncode == 0, check.stderr
