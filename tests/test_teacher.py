@@ -392,7 +392,7 @@ def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
     import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
     cfg = load_config(REPO / "configs" / "local.yaml", [
         f"store.uri={tmp_path / 's'}", f"run.id={RUN}", f"data.source={sample_dir}", "data.stride=1", "data.limit=4",
-        "teacher.max_tokens=48", "teacher.max_attempts=1", "teacher.min_words=1"])
+        "teacher.max_tokens=48", "teacher.min_tokens=24", "teacher.max_attempts=1", "teacher.min_words=1"])
     store = run_pipeline(cfg, ["ingest", "teacher"])
     recs = teacher_records(store)
     assert len(recs) == len(store.get_jsonl(f"{RUN}/ingest/charts.jsonl")) == 2
