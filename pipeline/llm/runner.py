@@ -190,7 +190,7 @@ class _Store:
                 os.fsync(fh.fileno())
             await self.wait(exc, failed)
             if release is not None:
-                await asyncio.to_thread(release)
+                await blocking(self.records.store, release)
 
     async def wait(self, exc: StoreError, failed: float) -> None:
         """Return once the store works again (every unsaved record written); StoreDown when it stays down."""
