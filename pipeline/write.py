@@ -9,7 +9,6 @@ one-line PipelineError.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -42,14 +41,9 @@ def load_image(path: str | Path, max_pixels: int | None = None):
 
 def adapter_base(adapter: str | Path) -> str:
     """The base model an adapter was trained on, from its adapter_config.json."""
-    cfg_path = Path(adapter) / "adapter_config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter folder)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PipelineError(f"--adapter {adapter}: unreadable adapter_config.json ({exc.__class__.__name__})") from None
-    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    from pipeline.models.loading import adapter_config
+
+    base = adapter_config(adapter, "--adapter").get("base_model_name_or_path")
     if not base:
         raise PipelineError(f"--adapter {adapter}: adapter_config.json names no base model; pass --model")
     if (base.startswith((".", "/")) or Path(base).is_absolute()) and not Path(base).exists():

@@ -98,12 +98,25 @@ def load_student(model_or_path: str | Path, *, adapter: str | Path | None = None
     return model, processor
 
 
-def trains_connector(adapter: str | Path) -> bool:
-    """Whether a PEFT adapter folder carries its own trained connector (``finetune.train_connector``)."""
+def adapter_config(adapter: str | Path, label: str = "adapter") -> dict[str, Any]:
+    """A PEFT adapter folder's ``adapter_config.json``; a missing or unreadable one is a one-line error
+    naming ``label`` and the folder."""
     import json
 
-    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    return "connector" in (config.get("modules_to_save") or [])
+    from pipeline.errors import PipelineError
+
+    try:
+        config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{label} {adapter}: no adapter_config.json (not a PEFT adapter folder)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{label} {adapter}: unreadable adapter_config.json ({exc.__class__.__name__})") from None
+    return config if isinstance(config, dict) else {}
+
+
+def trains_connector(adapter: str | Path) -> bool:
+    """Whether a PEFT adapter folder carries its own trained connector (``finetune.train_connector``)."""
+    return "connector" in (adapter_config(adapter).get("modules_to_save") or [])
 
 
 def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str], train_connector: bool = False):
