@@ -136,5 +136,11 @@ def test_kind_config_rehearsal(sample_dir, tmp_path):
         return json.loads((tmp_path / "store" / "kind" / stage / "_SUCCESS").read_text())["summary"]
 
     assert summary("teacher")["accepted"] > 0
+    records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "kind" / "teacher" / "records").glob("*.json")]
+    assert records and all(r["usage"]["completion_tokens"] >= 150 * r["attempts"] for r in records)  # min_tokens
+    import torch
+
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert ("bf16 autocast" in run.stderr) == native  # finetune.cpu_bf16 reached the training steps
     assert summary("judge")["invalid"] == 0  # the answer grammar of local.yaml reached the kind config
     assert summary("generate")["models"]  # cut essays are counted (the untuned baseline rambles), not hidden
