@@ -74,7 +74,7 @@ class LLMSection(Section):
 
 
 # Models known to think before answering (matched case-insensitively against the model name).
-REASONING_MODELS = re.compile(r"minimax-m1|deepseek-r1|deepseek-reasoner|\bo[134](-mini)?\b|qwq|gpt-5|"
+REASONING_MODELS = re.compile(r"minimax-m\d|deepseek-r1|deepseek-reasoner|\bo[134](-mini)?\b|qwq|gpt-5|"
                               r"magistral|-thinking|reasoner", re.I)
 
 
@@ -225,7 +225,7 @@ class JudgeSection(LLMSection):
     embedded: bool | None = None  # type: ignore[assignment]
     vision: bool | None = None  # type: ignore[assignment]
     reasoning_tokens: int | None = Field(None, ge=0)  # type: ignore[assignment]
-    temperature: float = Field(0.0, ge=0)
+    temperature: float = Field(0.01, ge=0)  # near-greedy; MiniMax refuses 0 (docs/teacher.md)
     max_tokens: int = Field(16, ge=1)
     template: str = "seed_v1"
     comparisons: list[tuple[str, str]] = [

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from pipeline.config import TeacherSection
 
 MODES = ("question_list", "markdown", "bullets", "too_short", "too_long", "missing_paragraphs",
-         "structure_markers", "invented_numbers", "truncated")
+         "structure_markers", "invented_numbers", "truncated", "refusal", "emoji")
 # The seed's failure modes of the students, shown per model in the report whether or not they occur.
 SEED_MODES = ("question_list", "markdown", "bullets", "too_short", "truncated")
 
@@ -43,6 +43,22 @@ _BULLET = re.compile(r"^\s*(?:[-*+\u2022\u25cf\u25aa\u2013]|\d{1,2}[.)])\s+\S")
 _MARKDOWN = (re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__"), re.compile(r"^\s*#{1,6}\s+\S", re.MULTILINE),
              re.compile(r"`[^`\n]+`"), re.compile(r"^\s*\|.*\|\s*$", re.MULTILINE), re.compile(r"\[[^\]\n]+\]\([^)\s]+\)"))
 _SENTENCE = re.compile(r"(?<=[.!?])[\"\u201d]?\s+(?=[\"\u201c]?[A-Z0-9])")
+# A refusal, an apology or a request for more input: what a cautious model writes instead of an essay
+# (none of the sample's 120 human summaries or the prompts' example essays matches).
+_REFUSAL = re.compile(
+    r"\bI(?:'m|\s+am)\s+(?:sorry|afraid|unable|not\s+able)\b|"
+    r"\bI\s+(?:can(?:no|['\u2019])t|cannot|won['\u2019]t|do\s+not|don['\u2019]t)\s+(?:assist|help|provide|see|view|access|"
+    r"describe|analy[sz]e|generate|write|fulfil|complete|open|interpret|comply|create|have\s+(?:access|the))\b|"
+    r"\bas\s+an\s+(?:ai|a\.i\.|language\s+model)\b|"
+    r"\b(?:could|can|would)\s+you\s+(?:please\s+)?(?:provide|share|upload|send|give|attach|clarify|specify)\b|"
+    r"\bplease\s+(?:provide|share|upload|send|attach|clarify|specify)\b|"
+    r"\bif\s+you\s+(?:can\s+|could\s+)?(?:provide|share|upload|send)\b|"
+    r"\b(?:I|we)\s+(?:would\s+)?need\s+(?:more|additional|access|to\s+see)\b|"
+    r"\b(?:let\s+me\s+know|feel\s+free\s+to|I\s+hope\s+this\s+helps)\b|\bunfortunately,?\s+I\b", re.IGNORECASE)
+# Emoji and pictographs (with their joiners and variation selector), and hashtags: a social-media post, not
+# an essay ("#1", "C#" and markdown headings are not hashtags).
+_EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\u2300-\u23FF\uFE0F\u200D]")
+_HASHTAG = re.compile(r"(?<![\w&/#])#[A-Za-z][A-Za-z0-9_]*")
 
 
 # --------------------------------------------------------------------------- numbers
@@ -314,14 +330,30 @@ def numeric_faithfulness(essay: str, table_rows: Iterable[Iterable[Any]] | None,
 # --------------------------------------------------------------------------- detectors
 
 
+def refusal(text: str) -> str | None:
+    """The first phrase of ``text`` that refuses, apologises or asks for more input, else None."""
+    m = _REFUSAL.search(text)
+    return m.group(0) if m else None
+
+
+def emoji_and_hashtags(text: str, quotable: str = "") -> list[str]:
+    """The emoji and hashtags in ``text``, in order, but those that ``quotable`` (the chart's title and data)
+    holds: a chart of the most used hashtags may be quoted."""
+    return [m.group(0) for m in re.finditer(f"{_EMOJI.pattern}|{_HASHTAG.pattern}", text)
+            if m.group(0) not in ("\ufe0f", "\u200d") and m.group(0) not in quotable]
+
+
 def _content_lines(text: str) -> list[str]:
     """Lines of the text other than structure markers (``1. <Describe a graph>:``, ``Paragraph 1:``)."""
     return [line for line in text.replace("\r\n", "\n").split("\n") if line.strip() and not _MARKER.match(line)]
 
 
 def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
-              table_rows: Iterable[Iterable[Any]] | None, title: str | None = None) -> list[tuple[str, str]]:
-    """[(mode, human-readable reason)] for one text; shared by failure_modes and gate."""
+              table_rows: Iterable[Iterable[Any]] | None, title: str | None = None, data: str | None = None
+              ) -> list[tuple[str, str]]:
+    """[(mode, human-readable reason)] for one text; shared by failure_modes and gate. ``data``: the chart's
+    data as the prompt gave it (hashtags quoted from it or the table are not a failure)."""
+    table_rows = None if table_rows is None else [list(r) for r in table_rows]
     found: list[tuple[str, str]] = []
     lines = _content_lines(text)
     body = "\n".join(lines)
@@ -351,6 +383,11 @@ def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
         elif len(paragraphs := essay_paragraphs(text)) < 3:
             found.append(("missing_paragraphs", (f"{len(paragraphs)} paragraph(s); expected a "
                                                  "description, body paragraphs and an overview")))
+    if refused := refusal(text):
+        found.append(("refusal", f'refuses or asks for more input instead of describing the chart ("{refused}")'))
+    quotable = "\n".join([title or "", data or "", *("\t".join(map(str, r)) for r in table_rows or [])])
+    if marks := emoji_and_hashtags(text, quotable):
+        found.append(("emoji", f"uses emoji or hashtags ({' '.join(marks[:5])})"))
     invented = invented_numbers(text, table_rows, title)
     if invented:
         shown = ", ".join(invented[:5]) + (f" (+{len(invented) - 5} more)" if len(invented) > 5 else "")
@@ -384,25 +421,42 @@ def _runs(source: str, n: int) -> frozenset[tuple[str, ...]]:
     return frozenset(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 
-def copied_run(text: str, source: str, n: int = ECHO_WORDS) -> str | None:
+def copied_run(text: str, source: str, n: int = ECHO_WORDS, exclude: str = "") -> str | None:
     """The first run of ``n`` words that ``text`` shares with ``source`` outside the structure markers
-    (which an essay must copy); case and punctuation are ignored."""
-    runs, words = _runs(source, n), _prose_words(text)
+    (which an essay must copy) and not inside ``exclude``; case and punctuation are ignored."""
+    runs, words = _runs(source, n) - _runs(exclude, n), _prose_words(text)
     return next((" ".join(words[i:i + n]) for i in range(len(words) - n + 1) if tuple(words[i:i + n]) in runs), None)
 
 
+# A run this long copied from the prompt's data block (table rows, OCR text) is a copy, not a description: the
+# sample's 120 human summaries share at most 7 words in a row with their own chart's data (title excluded).
+DATA_ECHO_WORDS = 12
+
+
+def data_echo(text: str, data: str, title: str | None = None, n: int = DATA_ECHO_WORDS) -> str | None:
+    """The first run of ``n`` words (numbers count as words) that ``text`` copies from ``data``, the prompt's
+    data block, other than a run inside the chart's title (which an essay may quote); else None."""
+    return copied_run(text, data, n, exclude=title or "")
+
+
 def gate_findings(essay: str, table_rows: Iterable[Iterable[Any]] | None, cfg: TeacherSection,
-                  title: str | None = None, instructions: str | None = None) -> list[tuple[str, str]]:
+                  title: str | None = None, instructions: str | None = None, data: str | None = None
+                  ) -> list[tuple[str, str]]:
     """[(mode, reason)] for the teacher's gate (mode ``empty`` for an empty answer). ``instructions``: the
-    prompt template (instructions and example essays, without this chart's title and data, which an essay
-    may quote); an answer copying a run of ``ECHO_WORDS`` words from it is an echo (``prompt_echo``)."""
+    prompt's fixed text (instructions, example essays, placeholder lines, without this chart's title and data,
+    which an essay may quote); an answer copying a run of ``ECHO_WORDS`` words from it is an echo
+    (``prompt_echo``). ``data``: the prompt's data block (table or OCR text); a run of ``DATA_ECHO_WORDS``
+    words copied from it is ``data_echo``. Refusals and emoji/hashtags are rejected whatever the config."""
     if not essay or not essay.strip():
         return [("empty", "empty answer")]
     found = _findings(essay, variant="structured" if cfg.require_structure else None, min_words=cfg.min_words,
-                      max_words=cfg.max_words, table_rows=table_rows if cfg.check_numbers else None, title=title)
+                      max_words=cfg.max_words, table_rows=table_rows if cfg.check_numbers else None, title=title,
+                      data=data)
     if instructions and (run := copied_run(essay, instructions)):
         found.append(("prompt_echo", f'copies the instructions or an example instead of describing this chart '
                                      f'("{run} ...")'))
+    if data and (run := data_echo(essay, data, title)):
+        found.append(("data_echo", f'copies the data given in the prompt instead of describing it ("{run} ...")'))
     return found
 
 
