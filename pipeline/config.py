@@ -289,7 +289,9 @@ class K8sSection(Section):
     pending_grace_s: int = Field(600, ge=0)  # driver gives up on a pod stuck pulling or unschedulable w/o scale-up
     poll_s: float = Field(5.0, gt=0)  # watch window between pod checks (log streams, stuck pods)
     request_timeout_s: float = Field(30.0, gt=0)  # one API call; a silent API server fails after a few of these
+    api_outage_s: float = Field(600.0, gt=0)  # once reached, the driver rides out an API outage this long (reads)
     dry_run: bool = True  # server-side dry run of every Job before the first stage starts
+    preflight: bool = True  # check Secrets, PVCs, queue, GPU nodes, rights before any Job (ielts-distill preflight)
 
 
 class RunConfig(Section):
