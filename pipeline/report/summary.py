@@ -433,6 +433,7 @@ def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
                   "usage": dict(usage),
                   "cost_usd": round(sum(float(v.get("cost_usd") or 0) for v in inputs.verdicts), 6)},
         "test_charts": len(inputs.test_ids),
+        "student": {"table_in_prompt": config.student.table_in_prompt},
         "comparisons": [{**c, "trustworthy": None if check is None else check["trustworthy"]}
                         for c in comparisons(config, pairs)],
         "deterministic": deterministic(config, inputs, scores, pairs),
