@@ -1,6 +1,8 @@
 #!/bin/sh
-# Build the images the StageSpecs ask for (python3 -m pipeline.k8s.images): a base variant per (pip extras,
-# CPU/CUDA) and one image per stage from images/stage/Dockerfile; CUDA variants <stage>-cuda for GPU stages.
+# Build the images of the image plan (images/plan.txt, generated from what each stage needs under the shipped
+# configs; read through python3 -m pipeline.k8s.images): a base variant per (needs, CPU/CUDA) and one image per
+# stage from images/stage/Dockerfile; CUDA variants <stage>-cuda for the stages a config runs on GPUs.
+#   IMAGE_PLAN (images/plan.txt; `ielts-distill render --format image-plan --config mine.yaml -o FILE` adds yours)
 #   IMAGE_REGISTRY (ghcr.io/ielts-distill)  IMAGE_TAG (0.1.0)  IMAGE_CUDA (1; 0: no CUDA builds)
 #   IMAGE_STAGES ("": every stage; e.g. "ingest" builds only ingest and the base it needs)
 #   TORCH_CUDA_INDEX (.../whl/cu128); PYTHON_IMAGE, TORCH_VERSION, TORCH_INDEX (CPU wheels): base build args
@@ -47,7 +49,7 @@ cpu_index="${TORCH_INDEX:-}"
 no_cuda=""
 if [ "${IMAGE_CUDA:-1}" = 0 ]; then no_cuda="--no-cuda"; fi
 # shellcheck disable=SC2086  # IMAGE_STAGES is a list of words
-plan="$("$PYTHON" -m pipeline.k8s.images $no_cuda ${IMAGE_STAGES:-})"
+plan="$("$PYTHON" -m pipeline.k8s.images --plan "${IMAGE_PLAN:-images/plan.txt}" $no_cuda ${IMAGE_STAGES:-})"
 echo "$plan" | while read -r kind name what base; do
   if [ "$kind" = base ]; then
     if [ "$base" = 1 ]; then index="$CUDA_INDEX"; else index="$cpu_index"; fi

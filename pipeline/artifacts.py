@@ -50,7 +50,8 @@ SPLIT_NAMES = ("train", "validation", "test")
 VARIANTS = ("structured", "unstructured")
 BASELINE = "baseline"  # the base student without an adapter, in generate's and judge's records
 ORDERS = ("ab", "ba")  # a verdict record's order: which model's essay the judge saw first
-SELFTEST_GOLDEN = "golden"  # the judge's self-test: the golden essay (prose) ...
+VIEWS = ("neutral", "as_written")  # a verdict record's view: every text in one layout, or candidates as written
+SELFTEST_GOLDEN = "good"  # the judge's self-test: the good essay (the chart's human summary) ...
 SELFTEST_PREFIX = "selftest-"  # ... against "selftest-<corruption>", a copy made worse in one known way
 
 

@@ -211,6 +211,9 @@ class GenerateSection(Section):
     # titles and figures stay quotable), for every model alike; 1.0: off. A weakly trained student otherwise
     # loops on one sentence until the token limit.
     repetition_penalty: float = Field(1.0, gt=0)
+    # The penalty leaves the tokens of the seed's step markers alone (`1. <Describe a graph>:`, `Paragraph 2:`,
+    # quotes): the structured student must repeat them, the unstructured one never writes them.
+    penalty_spares_markers: bool = True
     limit: int | None = Field(None, ge=1)  # first N test charts (by id)
     parallelism: int = Field(1, ge=1)
     gpus: int = Field(0, ge=0)
@@ -218,7 +221,7 @@ class GenerateSection(Section):
     def decoding(self) -> dict[str, Any]:
         """The decoding settings of ``generate_essays``: the same for every model, in generate and in ``write``."""
         return {"do_sample": self.do_sample, "min_new_tokens": self.min_new_tokens,
-                "repetition_penalty": self.repetition_penalty}
+                "repetition_penalty": self.repetition_penalty, "penalty_spares_markers": self.penalty_spares_markers}
 
 
 class JudgeSection(LLMSection):
@@ -246,8 +249,13 @@ class JudgeSection(LLMSection):
     # structured (as the teacher wrote it), or variant (the layout of the fine-tuned model(s) in the pair;
     # prose when the pair mixes layouts).
     golden_form: Literal["prose", "structured", "variant"] = "prose"
-    # Judge self-test: planted pairs (golden vs a corrupted copy) on this many test charts, judged in both
-    # orders like every pair; win rates are flagged untrustworthy below selftest_min_accuracy. 0: off.
+    # Layout-neutral judging (the headline): the golden essay and both candidates are all shown in that one
+    # form (candidates' markers stripped for prose). as_written: also judge each pair with the candidates as
+    # they wrote them (a second, labelled row; twice the pair requests).
+    as_written: bool = True
+    # Judge self-test: planted pairs (the chart's human summary vs a corrupted copy of it) on this many test
+    # charts, judged in both orders like every pair; below selftest_min_accuracy (overall or for any
+    # corruption) the win rates are "not evidence". 0: off.
     selftest_charts: int = Field(10, ge=0)
     selftest_min_accuracy: float = Field(0.9, ge=0, le=1)
     # Optional (issue 16, item 7): each judged essay scored on the IELTS Task 1 rubric (four bands 0-9) by the
@@ -297,7 +305,9 @@ class K8sSection(Section):
     pending_grace_s: int = Field(600, ge=0)  # driver gives up on a pod stuck pulling or unschedulable w/o scale-up
     poll_s: float = Field(5.0, gt=0)  # watch window between pod checks (log streams, stuck pods)
     request_timeout_s: float = Field(30.0, gt=0)  # one API call; a silent API server fails after a few of these
+    api_outage_s: float = Field(600.0, gt=0)  # once reached, the driver rides out an API outage this long (reads)
     dry_run: bool = True  # server-side dry run of every Job before the first stage starts
+    preflight: bool = True  # check Secrets, PVCs, queue, GPU nodes, rights before any Job (ielts-distill preflight)
 
 
 class RunConfig(Section):

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
+import pytest
 import yaml
 
+from pipeline.k8s.images import PLAN_FILE, read_plan
 from pipeline.stages import spec
 from pipeline.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _buildah(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -49,12 +54,27 @@ def test_stage_image_runs_its_entrypoint_against_s3(s3_bucket, s3_server, sample
             proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-def test_stage_image_loads_its_extras():
-    """The pip extras of the stage's spec import inside its image (llama.cpp needs libgomp, for one)."""
-    stage = os.environ.get("IMAGE_TEST_STAGE", "ingest")
-    modules = {"local-llm": "llama_cpp"}
-    code = "; ".join(["import pipeline.stages." + stage, *(f"import {modules[e]}" for e in spec(stage).extras)])
-    ctr = _buildah("from", os.environ["IMAGE_TEST_REF"])
+# a check, run inside the image, for each thing StageSpec.image_needs can ask for
+NEED_CHECKS = {
+    "local-llm": "import llama_cpp, llama_cpp.llama_cpp",  # loads libllama (and libgomp, which it links)
+    "smollm2-gguf": "from pipeline.config import LLMSection; from pipeline.llm.server import find_gguf; "
+                    "assert find_gguf(LLMSection()).stat().st_size > 50e6",
+    "cuda": "import torch; assert torch.version.cuda, 'a CPU build of torch'",
+}
+
+
+def _stages() -> list[str]:
+    return (os.environ.get("IMAGE_TEST_STAGES") or os.environ.get("IMAGE_TEST_STAGE", "ingest")).split()
+
+
+@pytest.mark.parametrize("stage", _stages())
+def test_stage_image_holds_what_its_stage_needs(stage):
+    """Everything the image plan says the stage's image holds (what the stage needs under the configs it
+    serves) is there: llama.cpp loads with its shared libraries, the GGUF is found, torch has CUDA."""
+    registry, tag = os.environ["IMAGE_TEST_REF"].rsplit("/", 1)[0], os.environ["IMAGE_TEST_REF"].rsplit(":", 1)[1]
+    (image,) = [i for i in read_plan((REPO / PLAN_FILE).read_text()) if i.stage == stage and not i.cuda]
+    code = "; ".join(["import pipeline.stages." + stage, *(NEED_CHECKS[n] for n in sorted(image.holds))])
+    ctr = _buildah("from", f"{registry}/{image.name}:{tag}")
     assert ctr.returncode == 0, ctr.stderr
     try:
         proc = _buildah("run", "--isolation", os.environ.get("BUILDAH_ISOLATION", "chroot"), ctr.stdout.strip(),

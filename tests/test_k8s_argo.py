@@ -98,5 +98,6 @@ def test_queue_name_and_pull_secrets_reach_the_workflow(tmp_path):
     path.write_text(CONFIGS["local"].read_text() + "  queue_name: team-a\n  image_pull_secrets: [regcred]\n")
     _, wf = _render(path, tmp_path)
     _validate(wf)
-    assert wf["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert wf["spec"]["podMetadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "team-a"}  # Kueue's pod integration
+    assert "kueue.x-k8s.io/queue-name" not in wf["metadata"]["labels"]  # (Kueue ignores a Workflow's labels)
     assert wf["spec"]["imagePullSecrets"] == [{"name": "regcred"}]

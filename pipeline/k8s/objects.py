@@ -30,6 +30,7 @@ GPU_TAINT = "nvidia.com/gpu"  # the taint GPU node pools carry (whatever k8s.gpu
 GPU_NODE_LABEL = "nvidia.com/gpu.present"  # set by GPU feature discovery: CPU stages stay off those nodes
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 EXIT_CONFIG_ERROR = 2  # pipeline.errors.ConfigError.exit_code: retrying cannot help
+EXIT_API_OUTAGE = 75  # the driver lost the API for longer than k8s.api_outage_s (EX_TEMPFAIL): its Job retries
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 
 
@@ -261,6 +262,7 @@ def build_job(config: RunConfig, stage: str) -> k.V1Job:
             k.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
     ])
     job_spec = k.V1JobSpec(
+        suspend=True if kc.queue_name else None,  # Kueue resumes it once admitted (also without its webhook)
         backoff_limit=kc.backoff_limit,
         active_deadline_seconds=kc.active_deadline_s,
         ttl_seconds_after_finished=kc.ttl_after_finished_s,
@@ -325,9 +327,13 @@ def build_driver_job(config: RunConfig, run_args: list[str]) -> k.V1Job:
                                 annotations={"ielts-distill/version": __version__}),
         spec=k.V1JobSpec(backoff_limit=3, active_deadline_seconds=kc.wait_timeout_s,
                          ttl_seconds_after_finished=kc.ttl_after_finished_s, pod_replacement_policy="Failed",
-                         pod_failure_policy=k.V1PodFailurePolicy(rules=[k.V1PodFailurePolicyRule(
-                             action="FailJob", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
-                                 container_name="driver", operator="In", values=[1, EXIT_CONFIG_ERROR]))]),
+                         pod_failure_policy=k.V1PodFailurePolicy(rules=[  # a failed stage stays final;
+                             k.V1PodFailurePolicyRule(   # an API outage: a new pod re-attaches, uncounted
+                                 action="FailJob", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
+                                     container_name="driver", operator="In", values=[1, EXIT_CONFIG_ERROR])),
+                             k.V1PodFailurePolicyRule(
+                                 action="Ignore", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
+                                     container_name="driver", operator="In", values=[EXIT_API_OUTAGE]))]),
                          template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=meta_labels), spec=pod)))
 
 

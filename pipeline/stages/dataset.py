@@ -14,7 +14,6 @@ and the rest validation (3,475 -> 2,432 / 521 / 522, as in the seed). Output und
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,11 @@ from pipeline import artifacts
 from pipeline.config import DatasetSection
 from pipeline.context import StageContext
 from pipeline.errors import StageError
-from pipeline.essays import EssayFormatError, StructuredEssay, canonical, essay_paragraphs, parse_structured
+from pipeline.essays import (
+    EssayFormatError,
+    canonical,
+    structure_of,
+)
 from pipeline.records import stable_hash
 
 SPLITS = artifacts.SPLIT_NAMES
@@ -50,26 +53,6 @@ def assign_splits(chart_ids: list[str], cfg: DatasetSection) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- essays -> variants
-
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"”]?\s+(?=[\"“(]?[A-Z0-9])")
-
-
-def structure_of(essay: str, infer: str) -> tuple[StructuredEssay, bool]:
-    """(steps, inferred): an essay without step markers is read as first / middle / last paragraph
-    (``infer="paragraphs"``), or, when it has fewer than 3 paragraphs, first / middle / last sentence
-    (``infer="sentences"``)."""
-    try:
-        return parse_structured(essay), False
-    except EssayFormatError:
-        parts = essay_paragraphs(essay)
-        if infer == "sentences" and len(parts) < 3:
-            parts = [s.strip() for s in _SENTENCE_END.split(" ".join(parts)) if s.strip()]
-            if len(parts) >= 3:
-                return StructuredEssay(parts[0], [" ".join(parts[1:-1])], parts[-1]), True
-        if infer == "off" or len(parts) < 3:
-            raise
-        return StructuredEssay(parts[0], parts[1:-1], parts[-1]), True
 
 
 def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg: DatasetSection,

@@ -156,7 +156,8 @@ def inputs_fingerprint(ctx: StageContext) -> str:
     gen, student = ctx.config.generate, ctx.config.student
     return fingerprint(artifacts.finetune_mark(ctx), student.model, student.build,
                        student.image_longest_edge, max_new_tokens(ctx.config), gen.do_sample, gen.min_new_tokens,
-                       *([gen.repetition_penalty, "essay-only"] if gen.repetition_penalty != 1.0 else []))
+                       *([gen.repetition_penalty, "essay-only"] if gen.repetition_penalty != 1.0 else []),
+                       *(["markers spared"] if gen.repetition_penalty != 1.0 and gen.penalty_spares_markers else []))
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:
