@@ -281,6 +281,9 @@ class K8sSection(Section):
     image_tag: str = "0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = []  # Secrets of type dockerconfigjson for a private registry
+    # image name -> sha256 digest (Jobs pull <registry>/<name>@<digest>), or the file images/build.sh records
+    # with IMAGE_PUSH=1 (one `NAME sha256:...` line per image), read when the config is loaded
+    image_digests: dict[str, str] = {}
     profile: Literal["cloud", "cpu"] = "cloud"  # cpu: kind/minikube, no GPU requests
     service_account: str | None = None
     s3_secret: str = "ielts-distill-s3"  # Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
@@ -308,6 +311,22 @@ class K8sSection(Section):
     api_outage_s: float = Field(600.0, gt=0)  # once reached, the driver rides out an API outage this long (reads)
     dry_run: bool = True  # server-side dry run of every Job before the first stage starts
     preflight: bool = True  # check Secrets, PVCs, queue, GPU nodes, rights before any Job (ielts-distill preflight)
+
+
+    @field_validator("image_digests", mode="before")
+    @classmethod
+    def _digests_file(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        try:
+            lines = Path(v).read_text(encoding="utf-8").split("\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read the digests file {v}: {exc.strerror}") from None
+        pairs = [line.split() for line in lines if line.strip()]
+        bad = next((" ".join(p) for p in pairs if len(p) != 2 or not re.fullmatch(r"sha256:[0-9a-f]{64}", p[1])), None)
+        if bad is not None:
+            raise ValueError(f"{v}: expected `NAME sha256:<64 hex>` lines, got {bad!r}")
+        return dict(pairs)
 
 
 class RunConfig(Section):

@@ -82,3 +82,36 @@ def test_stage_image_holds_what_its_stage_needs(stage):
     finally:
         _buildah("rm", ctr.stdout.strip())
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def pod_as_buildah_run(job: dict, index: int | None, entrypoint: list[str], secrets: dict[str, dict[str, str]],
+                       volumes: dict[str, str]) -> list[str]:
+    """``buildah run`` options and command that run a rendered Job's container as its pod would: the pod's
+    user and group, the container's env (values, ``secretKeyRef`` and ``envFrom`` resolved from ``secrets``;
+    an optional key that is missing stays unset, a required one fails), ``JOB_COMPLETION_INDEX`` for an
+    Indexed Job, each volume (``volumes``: name -> host folder) at its mount path (read-only where mounted
+    so), and its command: the container's, else the image's entrypoint, then its args."""
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    user = pod["securityContext"]
+    opts = [f"--user={user['runAsUser']}:{user['runAsGroup']}"]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom") or []:
+        env.update(secrets[source["secretRef"]["name"]])
+    for var in container.get("env") or []:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+            continue
+        ref = var["valueFrom"]["secretKeyRef"]
+        value = secrets.get(ref["name"], {}).get(ref["key"])
+        assert value is not None or ref.get("optional"), f"secret {ref['name']} lacks key {ref['key']}"
+        if value is not None:
+            env[var["name"]] = value
+    if index is not None:
+        env["JOB_COMPLETION_INDEX"] = str(index)
+    opts += [f"--env={key}={value}" for key, value in env.items()]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    for volume in pod["volumes"]:
+        mount = mounts[volume["name"]]
+        opts.append(f"--volume={volumes[volume['name']]}:{mount['mountPath']}" + (":ro" if mount.get("readOnly") else ""))
+    return [*opts, "--", *(container.get("command") or entrypoint), *(container.get("args") or [])]

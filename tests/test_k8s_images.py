@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -189,3 +190,28 @@ def test_load_hook_loads_into_kind_or_minikube(tmp_path):
                                               "minikube image load ghcr.io/x/judge:1"]
     other = run("gke_prod")
     assert other.returncode == 1 and "neither kind-* nor minikube" in other.stderr
+
+
+def test_the_rehearsal_runs_each_rendered_job_as_its_pod_would():
+    """#2: tests/images_rehearsal.py turns each rendered Job into a ``buildah run`` (checked here without buildah)."""
+    from pipeline.k8s.objects import build_job, to_dict
+    from tests.images_check import pod_as_buildah_run
+
+    config = load_config(REPO / "k8s" / "overlays" / "local" / "run.yaml")
+    secrets = {"ielts-distill-s3": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s"}}
+    volumes = {n: f"/host/{n}" for n in ("config", "tmp", "cache", "dshm", "data")}
+    entry = ["python", "/app/jobs/entrypoint.py"]
+    teacher = pod_as_buildah_run(to_dict(build_job(config, "teacher")), 1, entry, secrets, volumes)
+    sep = teacher.index("--")
+    assert teacher[sep:] == ["--", *entry, "teacher"] and teacher[0] == "--user=10001:10001"
+    opts = set(teacher[:sep])
+    assert {"--env=IELTS_STAGE=teacher", "--env=JOB_COMPLETION_INDEX=1", "--env=JOB_COMPLETION_COUNT=2",
+            "--env=AWS_ACCESS_KEY_ID=id", "--volume=/host/config:/etc/ielts-distill:ro",
+            "--volume=/host/tmp:/tmp"} <= opts
+    assert not any(o.startswith("--env=LOCAL_LLM_API_KEY") for o in opts)  # optional: the server is embedded
+    ingest = pod_as_buildah_run(to_dict(build_job(config, "ingest")), None, entry, secrets, volumes)
+    assert "--volume=/host/data:/data:ro" in ingest and not any("JOB_COMPLETION_INDEX" in o for o in ingest)
+    cloud = load_config(REPO / "configs" / "cluster.yaml")
+    with pytest.raises(AssertionError, match="secret ielts-distill-llm lacks key MINIMAX_API_KEY"):
+        pod_as_buildah_run(to_dict(build_job(cloud, "teacher")), 0, entry, {**secrets, "ielts-distill-llm": {}},
+                           volumes)

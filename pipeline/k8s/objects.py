@@ -19,8 +19,9 @@ from pipeline import __version__
 from pipeline.config import RunConfig, dump_config
 from pipeline.errors import ConfigError
 from pipeline.k8s.images import stage_image
-from pipeline.stages import STAGES, StageSpec, spec
+from pipeline.stages import CUDA, STAGES, StageSpec, spec
 
+MIN_KUBERNETES = "1.29"  # podFailurePolicy onPodConditions, podReplacementPolicy, backoffLimitPerIndex (beta)
 CONFIG_DIR = "/etc/ielts-distill"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 CACHE_DIR = "/var/cache/ielts-distill"
@@ -80,9 +81,15 @@ def _label_value(text: str) -> str:
 
 
 def image(config: RunConfig, stage: str) -> str:
-    """``<registry>/<stage>:<tag>``; GPU Jobs run the CUDA build ``<registry>/<stage>-cuda:<tag>``."""
-    name = stage_image(spec(stage), cuda=spec(stage).gpu_count(config) > 0)
-    return f"{config.k8s.image_registry.rstrip('/')}/{name}:{config.k8s.image_tag}"
+    """``<registry>/<stage>:<tag>``; the CUDA build ``<stage>-cuda`` when the stage needs CUDA under the config;
+    ``<registry>/<name>@sha256:...`` instead when k8s.image_digests holds the image's digest."""
+    return image_ref(config, stage_image(spec(stage), cuda=CUDA in spec(stage).image_needs(config)))
+
+
+def image_ref(config: RunConfig, name: str) -> str:
+    kc = config.k8s
+    digest = kc.image_digests.get(name)
+    return f"{kc.image_registry.rstrip('/')}/{name}" + (f"@{digest}" if digest else f":{kc.image_tag}")
 
 
 def stage_resources(config: RunConfig, stage: str) -> dict[str, str]:
@@ -299,7 +306,7 @@ def build_driver_job(config: RunConfig, run_args: list[str]) -> k.V1Job:
     volumes, mounts = _volumes(config, spec("report"), quantities)  # config, /tmp, cache (+ store PVC)
     container = k.V1Container(
         name="driver",
-        image=f"{kc.image_registry.rstrip('/')}/base:{kc.image_tag}",
+        image=image_ref(config, "base"),
         image_pull_policy=kc.image_pull_policy,
         command=["ielts-distill", "run", "--executor", "k8s", "--config", CONFIG_FILE, *run_args],
         env=env,

@@ -34,6 +34,9 @@ def kept_in_store(store: ArtifactStore, key: str) -> Iterator[None]:
     logger.addHandler(handler)
     try:
         yield
+    except BaseException as exc:  # what the CLI prints on its way out belongs to the log too
+        lines.append(f"error: {exc}" if str(exc) else f"error: {exc.__class__.__name__}")
+        raise
     finally:
         logger.removeHandler(handler)
         try:
