@@ -96,6 +96,11 @@ class TeacherSection(LLMSection):
     check_numbers: bool = True  # reject numbers that appear nowhere in the chart's data table
     require_structure: bool = True  # the three-step structure must parse
     templates: str = "v1"  # prompt template version under pipeline/prompts/
+    # Draw charts in a fixed order (a stable hash of the chart id salted with dataset.seed), draw_batch at a
+    # time, until the accepted essays give at least this many test charts (dataset.test's share); every chart
+    # ingest accepted (data.limit) is the cap. None: every chart, in one go.
+    min_test_charts: int | None = Field(None, ge=1)
+    draw_batch: int = Field(8, ge=1)
     # Ask the server not to end the answer before this many tokens (sent as ``min_tokens``, an extension
     # that llama.cpp's and vLLM's OpenAI servers honour; hosted APIs may reject it). None: not sent.
     min_tokens: int | None = Field(None, ge=1)
@@ -144,6 +149,9 @@ class StudentSection(Section):
     image_longest_edge: int | None = None  # resize images (None: the processor's own setting)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # The chart's data table (or its OCR text) in the student's user turn, in training and generation (the
+    # dataset's `data` column). Off: the seed's student sees the image and the title only.
+    table_in_prompt: bool = False
 
     @model_validator(mode="before")
     @classmethod
