@@ -55,6 +55,13 @@ SELFTEST_GOLDEN = "good"  # the judge's self-test: the good essay (the chart's h
 SELFTEST_PREFIX = "selftest-"  # ... against "selftest-<corruption>", a copy made worse in one known way
 
 
+def split_sizes(n: int, train: float, test: float) -> dict[str, int]:
+    """How many of ``n`` usable essays the dataset puts in each split (``dataset.train``/``dataset.test`` shares;
+    validation gets the rest): the dataset stage's cut, and what the teacher draws charts for."""
+    n_train, n_test = int(n * train + 1e-9), int(n * test + 1e-9)
+    return {"train": n_train, "test": n_test, "validation": n - n_train - n_test}
+
+
 def split_file(split: str) -> str:
     """A split's Parquet file inside a variant folder (the Hub's layout, so the folder pushes as it is)."""
     return f"data/{split}-00000-of-00001.parquet"

@@ -96,6 +96,11 @@ class TeacherSection(LLMSection):
     check_numbers: bool = True  # reject numbers that appear nowhere in the chart's data table
     require_structure: bool = True  # the three-step structure must parse
     templates: str = "v1"  # prompt template version under pipeline/prompts/
+    # Draw charts in a fixed order (a stable hash of the chart id salted with dataset.seed), draw_batch at a
+    # time, until the accepted essays give at least this many test charts (dataset.test's share); every chart
+    # ingest accepted (data.limit) is the cap. None: every chart, in one go.
+    min_test_charts: int | None = Field(None, ge=1)
+    draw_batch: int = Field(8, ge=1)
     # Ask the server not to end the answer before this many tokens (sent as ``min_tokens``, an extension
     # that llama.cpp's and vLLM's OpenAI servers honour; hosted APIs may reject it). None: not sent.
     min_tokens: int | None = Field(None, ge=1)
@@ -144,6 +149,9 @@ class StudentSection(Section):
     image_longest_edge: int | None = None  # resize images (None: the processor's own setting)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # The chart's data table (or its OCR text) in the student's user turn, in training and generation (the
+    # dataset's `data` column). Off: the seed's student sees the image and the title only.
+    table_in_prompt: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -293,6 +301,9 @@ class K8sSection(Section):
     image_tag: str = "0.1.0"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = []  # Secrets of type dockerconfigjson for a private registry
+    # image name -> sha256 digest (Jobs pull <registry>/<name>@<digest>), or the file images/build.sh records
+    # with IMAGE_PUSH=1 (one `NAME sha256:...` line per image), read when the config is loaded
+    image_digests: dict[str, str] = {}
     profile: Literal["cloud", "cpu"] = "cloud"  # cpu: kind/minikube, no GPU requests
     service_account: str | None = None
     s3_secret: str = "ielts-distill-s3"  # Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
@@ -317,7 +328,25 @@ class K8sSection(Section):
     pending_grace_s: int = Field(600, ge=0)  # driver gives up on a pod stuck pulling or unschedulable w/o scale-up
     poll_s: float = Field(5.0, gt=0)  # watch window between pod checks (log streams, stuck pods)
     request_timeout_s: float = Field(30.0, gt=0)  # one API call; a silent API server fails after a few of these
+    api_outage_s: float = Field(600.0, gt=0)  # once reached, the driver rides out an API outage this long (reads)
     dry_run: bool = True  # server-side dry run of every Job before the first stage starts
+    preflight: bool = True  # check Secrets, PVCs, queue, GPU nodes, rights before any Job (ielts-distill preflight)
+
+
+    @field_validator("image_digests", mode="before")
+    @classmethod
+    def _digests_file(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        try:
+            lines = Path(v).read_text(encoding="utf-8").split("\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read the digests file {v}: {exc.strerror}") from None
+        pairs = [line.split() for line in lines if line.strip()]
+        bad = next((" ".join(p) for p in pairs if len(p) != 2 or not re.fullmatch(r"sha256:[0-9a-f]{64}", p[1])), None)
+        if bad is not None:
+            raise ValueError(f"{v}: expected `NAME sha256:<64 hex>` lines, got {bad!r}")
+        return dict(pairs)
 
 
 class RunConfig(Section):

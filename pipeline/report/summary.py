@@ -504,6 +504,7 @@ def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
                   "cost_usd": round(sum(float(v.get("cost_usd") or 0) for v in inputs.verdicts), 6)},
         "test_charts": len(inputs.test_ids),
         "seeds": sorted({s for *_, s in config.finetune.units()}),
+        "student": {"table_in_prompt": config.student.table_in_prompt},
         "comparisons": comparisons(config, pairs, scores, check, NEUTRAL),
         "comparisons_as_written": comparisons(config, comparison_pairs(inputs, AS_WRITTEN), scores, check,
                                               AS_WRITTEN),
