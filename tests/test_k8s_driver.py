@@ -804,3 +804,25 @@ def test_preflight_on_a_missing_namespace_says_so_once(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         f"namespace {NS} does not exist: apply k8s/overlays/local or cloud (kubectl apply -k ...)"]
+
+
+def test_an_in_cluster_driver_rides_out_an_outage_from_its_first_call(tmp_path, monkeypatch):
+    """A driver pod restarted (exit 75) while the API is still away must not fail fast as a wrong context would."""
+    from pipeline.k8s.client import ApiOutage
+
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("t")
+    ca.write_text("not read: nothing answers")
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "9")  # nothing listens there
+    from kubernetes.config import incluster_config
+
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    backend = KubeBackend(NS, load_api_client(), timeout_s=0.3, outage_s=1.0, notify=lambda line: None)
+    started = time.monotonic()
+    with pytest.raises(ApiOutage, match=r"unreachable for 1s \(k8s.api_outage_s\)"):
+        backend.read_job("ielts-t1-ingest")
+    assert time.monotonic() - started >= 1.0
