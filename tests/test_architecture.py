@@ -94,3 +94,15 @@ def test_stage_modules_use_artifact_names_not_bare_file_names():
             if bare.search(line) and not line.lstrip().startswith("#"):
                 offenders.append(f"{path.name}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_llm_package_is_a_library():
+    """pipeline/llm/ (client, runner, server) imports no stage machinery: pipeline.items puts the runner into a
+    stage. Its functions fit on a screen (80 lines)."""
+    offenders = [f"{name} imports {dep}" for name, deps in _graph().items() if name.startswith("pipeline.llm")
+                 for dep in deps if dep == "pipeline.context" or dep.startswith("pipeline.stages")]
+    assert not offenders, "; ".join(offenders)
+    long = [f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in (PKG / "llm").glob("*.py") for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long, ", ".join(long)
