@@ -11,11 +11,12 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
+from pipeline import __version__
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.k8s.images import plan
 from pipeline.k8s.objects import image
-from pipeline.stages import SPECS, STAGES
+from pipeline.stages import SPECS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"local": REPO / "k8s" / "overlays" / "local" / "run.yaml", "cloud": REPO / "configs" / "cluster.yaml"}
@@ -56,9 +57,9 @@ def test_build_sh_one_stage_without_cuda_and_no_host_pip_settings():
                      IMAGE_PIP_FIND_LINKS="/srv/wheels")
     assert proc.returncode == 0, proc.stderr
     builds = _builds(proc.stdout)
-    assert set(builds) == {"ghcr.io/ielts-distill/base-local-llm:0.1.0", "ghcr.io/ielts-distill/judge:0.1.0"}
+    assert set(builds) == {f"ghcr.io/ielts-distill/base-local-llm:{__version__}", f"ghcr.io/ielts-distill/judge:{__version__}"}
     assert "/home/me/wheels" not in proc.stdout  # pip's own setting on the host stays on the host
-    assert "PIP_FIND_LINKS=/srv/wheels" in builds["ghcr.io/ielts-distill/base-local-llm:0.1.0"]
+    assert "PIP_FIND_LINKS=/srv/wheels" in builds[f"ghcr.io/ielts-distill/base-local-llm:{__version__}"]
     bad = _build_sh(IMAGE_STAGES="nope")
     assert bad.returncode == 2 and "unknown stage 'nope'" in bad.stderr
 
@@ -86,8 +87,8 @@ def test_skaffold_profiles_name_every_image_the_jobs_run_and_local_loads_them():
     for name, config_path in CONFIGS.items():
         artifacts = profiles[name]["build"]["artifacts"]
         built = {a["image"] for a in artifacts}
-        for stage in STAGES:
-            assert image(load_config(config_path), stage).rsplit(":", 1)[0] in built, (name, stage)
+        for stage in SPECS:
+            assert image(load_config(config_path), stage).rsplit(":", 1)[0] in built, (name, stage.name)
         assert profiles[name]["manifests"]["kustomize"]["paths"] == [f"k8s/overlays/{name}"]
         for a in artifacts:
             assert (REPO / a["docker"]["dockerfile"]).is_file()

@@ -24,6 +24,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.k8s.objects import build_job, build_run, image, to_dict
 from pipeline.stages import STAGES
+from pipeline.stages import spec as stage_spec
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_VERSION = kubernetes_validate.latest_version()
@@ -159,7 +160,7 @@ def test_job_defaults_labels_and_writable_paths(rendered):
         assert {"/tmp", "/var/cache/ielts-distill", "/etc/ielts-distill"} <= set(mounts)
         env = {e["name"]: e for e in container["env"]}
         assert env["HF_HOME"]["value"].startswith("/var/cache/ielts-distill")
-        assert container["args"] == [stage] and container["image"] == image(config, stage)
+        assert container["args"] == [stage] and container["image"] == image(config, stage_spec(stage))
         if stage == "ingest":
             assert mounts[config.k8s.data_mount]["readOnly"] is True  # k8s.data_claim
 

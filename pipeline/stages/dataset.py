@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts
-from pipeline.config import DatasetSection
+from pipeline.config import DatasetSection, RunConfig
 from pipeline.context import StageContext
 from pipeline.errors import StageError
 from pipeline.essays import EssayFormatError, StructuredEssay, canonical, essay_paragraphs, parse_structured
 from pipeline.records import stable_hash
+from pipeline.stages import DATASET
+from pipeline.store import ArtifactStore
 
 SPLITS = artifacts.SPLIT_NAMES
 VARIANTS = artifacts.VARIANTS
@@ -79,7 +81,7 @@ def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg:
     by_id = {c["id"]: c for c in charts}
     rows, counts = [], {"teacher_records": len(records), "rejected_by_teacher": 0, "rejected_reasons": Counter(),
                         "excluded_unparseable": 0, "excluded_reasons": Counter(), "structure_inferred": 0,
-                        "teacher": Counter()}
+                        "teacher_models": Counter()}
     for rec in records:
         chart = by_id.get(rec.get("chart_id"))
         if chart is None:
@@ -95,7 +97,7 @@ def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg:
             counts["excluded_reasons"][str(why).split(" (")[0]] += 1
             continue
         counts["structure_inferred"] += inferred
-        counts["teacher"][(rec.get("model"), rec.get("template"), rec.get("template_version"))] += 1
+        counts["teacher_models"][(rec.get("model"), rec.get("template"), rec.get("template_version"))] += 1
         rows.append({"chart_id": chart["id"], "type": chart["type"], "title": chart["title"],
                      "image_key": chart["image"], "image_format": chart.get("image_format", "png"),
                      "structured": canonical(steps), "unstructured": "\n\n".join(steps.prose())})
@@ -165,11 +167,12 @@ def run(ctx: StageContext) -> None:
 # --------------------------------------------------------------------------- publishing
 
 
-def push_to_hub(ctx: StageContext, variant: str, repo: str, *, private: bool = False) -> str:
+def push_to_hub(config: RunConfig, store: ArtifactStore, variant: str, repo: str, *, private: bool = False) -> str:
     """Upload one variant's folder (Parquet + card) to a Hub dataset repo; the token comes from $HF_TOKEN."""
     from huggingface_hub import HfApi
 
-    ctx.require("dataset")
+    ctx = StageContext(config, store, DATASET)
+    ctx.require(DATASET)
     with tempfile.TemporaryDirectory(prefix="ielts-push-") as tmp:
         ctx.store.download_dir(artifacts.dataset_folder(ctx, variant), tmp)
         try:

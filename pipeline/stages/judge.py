@@ -119,7 +119,7 @@ class Plan:
 
 
 def make_plan(ctx: StageContext) -> Plan:
-    ctx.require("generate")
+    ctx.require()
     charts = artifacts.charts_by_id(ctx)
     golden = artifacts.golden_essays(ctx)
     essays: dict[str, dict[str, str]] = {}
