@@ -12,7 +12,7 @@ STAMP     := $(VENV)/.installed
 .PHONY: install system-deps demo test bench render clean help
 
 help:
-	@echo "make demo | make test | make bench | make images | make images-test | make render | make clean"
+	@echo "make demo | make test | make bench | make images | make images-test | make rehearse-images | make render | make clean"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,10 +48,15 @@ clean:
 
 # One image per stage (+ CUDA variants of finetune/generate) with docker or buildah; see docs/kubernetes.md.
 # images-test: the base and one stage image built with buildah and run against the test S3 server (slow;
-# .ci/run runs it when CI_IMAGES=1).
-.PHONY: images images-test
+# .ci/run runs it when CI_IMAGES=1). rehearse-images: every stage image, then the kind config's Jobs run in
+# them with buildah run against SeaweedFS through to report.html (REHEARSE_SET="k=v ..." shrinks the run).
+.PHONY: images images-test rehearse-images
 images:
 	images/build.sh
 
 images-test: $(STAMP)
 	PYTHON=$(BIN)/python images/test.sh
+
+rehearse-images: $(STAMP)
+	PYTHON=$(BIN)/python IMAGE_TEST_STAGES="$$($(BIN)/python -c 'from pipeline.stages import STAGES; print(*STAGES)')" \
+	  IMAGE_TEST_CHECKS="tests/images_check.py tests/images_rehearsal.py" images/test.sh

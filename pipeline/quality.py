@@ -4,8 +4,8 @@
 same findings into human-readable reasons under a TeacherSection's thresholds, so the gate and the report
 never disagree. The essay's structure and word counts come from ``pipeline.essays``.
 
-Numbers: ``numeric_faithfulness`` is the share of the essay's figures found in the chart's data table,
-tolerant of formatting (``4,751,653``, ``29.8%``, ``$12``), rounding (``about 30`` for 29.6, ``4.75 million``
+Numbers: ``numeric_faithfulness`` is the share of the essay's figures found in their cell of the chart's
+data table (the row or column their sentence names, or the previous sentence's subject), tolerant of formatting (``4,751,653``, ``29.8%``, ``$12``), rounding (``about 30`` for 29.6, ``4.75 million``
 for 4,751,653), percent/fraction scales, and differences between two table values (``rose by 5 points``).
 Bare integers up to 12 (``three paragraphs``, ``10 years``) are not treated as data.
 """
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from pipeline.config import TeacherSection
 
 MODES = ("question_list", "markdown", "bullets", "too_short", "too_long", "missing_paragraphs",
-         "structure_markers", "invented_numbers", "truncated")
+         "structure_markers", "invented_numbers", "truncated", "refusal", "emoji")
 # The seed's failure modes of the students, shown per model in the report whether or not they occur.
 SEED_MODES = ("question_list", "markdown", "bullets", "too_short", "truncated")
 
@@ -43,6 +43,22 @@ _BULLET = re.compile(r"^\s*(?:[-*+\u2022\u25cf\u25aa\u2013]|\d{1,2}[.)])\s+\S")
 _MARKDOWN = (re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__"), re.compile(r"^\s*#{1,6}\s+\S", re.MULTILINE),
              re.compile(r"`[^`\n]+`"), re.compile(r"^\s*\|.*\|\s*$", re.MULTILINE), re.compile(r"\[[^\]\n]+\]\([^)\s]+\)"))
 _SENTENCE = re.compile(r"(?<=[.!?])[\"\u201d]?\s+(?=[\"\u201c]?[A-Z0-9])")
+# A refusal, an apology or a request for more input: what a cautious model writes instead of an essay
+# (none of the sample's 120 human summaries or the prompts' example essays matches).
+_REFUSAL = re.compile(
+    r"\bI(?:'m|\s+am)\s+(?:sorry|afraid|unable|not\s+able)\b|"
+    r"\bI\s+(?:can(?:no|['\u2019])t|cannot|won['\u2019]t|do\s+not|don['\u2019]t)\s+(?:assist|help|provide|see|view|access|"
+    r"describe|analy[sz]e|generate|write|fulfil|complete|open|interpret|comply|create|have\s+(?:access|the))\b|"
+    r"\bas\s+an\s+(?:ai|a\.i\.|language\s+model)\b|"
+    r"\b(?:could|can|would)\s+you\s+(?:please\s+)?(?:provide|share|upload|send|give|attach|clarify|specify)\b|"
+    r"\bplease\s+(?:provide|share|upload|send|attach|clarify|specify)\b|"
+    r"\bif\s+you\s+(?:can\s+|could\s+)?(?:provide|share|upload|send)\b|"
+    r"\b(?:I|we)\s+(?:would\s+)?need\s+(?:more|additional|access|to\s+see)\b|"
+    r"\b(?:let\s+me\s+know|feel\s+free\s+to|I\s+hope\s+this\s+helps)\b|\bunfortunately,?\s+I\b", re.IGNORECASE)
+# Emoji and pictographs (with their joiners and variation selector), and hashtags: a social-media post, not
+# an essay ("#1", "C#" and markdown headings are not hashtags).
+_EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\u2300-\u23FF\uFE0F\u200D]")
+_HASHTAG = re.compile(r"(?<![\w&/#])#[A-Za-z][A-Za-z0-9_]*")
 
 
 # --------------------------------------------------------------------------- numbers
@@ -136,7 +152,9 @@ class Figure:
     """One figure of an essay and what it was matched to."""
 
     written: str
-    kind: str  # "value" (a cell), "derived" (difference, change or ratio of two cells), "reference", "unmatched"
+    # "value" (its cell), "derived" (difference, change or ratio of two cells), "reference" (a label or the
+    # title), "unverifiable" (its sentence ties it to no row or column, though some cell has it), "unmatched"
+    kind: str
     cell: tuple[int, int] | None = None  # (row, column) of the table, header row = 0
 
     @property
@@ -147,13 +165,15 @@ class Figure:
 class DataTable:
     """A chart's data table: numeric cells with their rounding, row labels, column headers and the title's unit.
 
-    ``align(essay)`` matches each figure of the essay to a cell in a row or column its sentence names
-    (any cell when it names none), within the rounding of both the figure and the cell, in the title's unit
-    ("1.6 billion" for 1,608 in a table "in million"); near a change word ("by", "points", "increase",
-    "times") also to differences, percentage changes and ratios of two cells of the rows the sentence names
-    (within one row, or one column among those rows; never when it names no row).
-    Numbers written as in the title, the header row or the label column (years, age groups), and bare years
-    (1900-2100), are references, not data, and count neither way.
+    ``align(essay)`` ties each figure of the essay to the rows and columns its sentence names — or, when it
+    names no row, the subject carried over from the previous sentence of the paragraph — and matches it to a
+    cell there, within the rounding of both the figure and the cell, in the title's unit ("1.6 billion" for
+    1,608 in a table "in million"); near a change word ("by", "points", "increase", "times") also to
+    differences, percentage changes and ratios of two of those cells (within one row, or one column among
+    the named rows). A figure that cannot be tied to any row or column is ``unverifiable`` (not correct),
+    or ``unmatched`` when no cell of the table has it at all. Numbers written as in the title, the header row
+    or the label column (years, age groups), and bare years (1900-2100), are references, not data, and count
+    neither way.
     """
 
     def __init__(self, rows: Iterable[Iterable[Any]], title: str | None = None):
@@ -175,39 +195,42 @@ class DataTable:
 
     # ---------------------------------------------------------------- alignment
 
-    def candidates(self, sentence: str) -> list[list[tuple[int, int]]]:
-        """The cells a sentence is about, most specific first: the named rows' cells in the named columns,
-        then the named rows' other cells (a series named, its year left implicit), else the named columns'
-        cells; every cell when it names neither. A value of an unnamed row is never its match."""
+    def named(self, sentence: str) -> tuple[set[int], set[int]]:
+        """The rows and columns whose labels the sentence names."""
         low = sentence.lower()
         words = set(_TOKEN.findall(low))
-        rows = {i for i, lab in self.row_labels.items() if _mentions(low, words, lab)}
-        cols = {j for j, lab in self.col_labels.items() if _mentions(low, words, lab)}
+        return ({i for i, lab in self.row_labels.items() if _mentions(low, words, lab)},
+                {j for j, lab in self.col_labels.items() if _mentions(low, words, lab)})
+
+    def candidates(self, rows: set[int], cols: set[int]) -> list[list[tuple[int, int]]]:
+        """The cells a sentence about ``rows`` and ``cols`` can quote, most specific first: the rows' cells in
+        the columns, then the rows' other cells (a series named, its year left implicit); with no row, the
+        columns' cells only when the table has one data row (else a column names many cells, none in
+        particular); otherwise none (the figure is tied to nothing)."""
         if rows:
             return [[c for c in self.cells if c[0] in rows and c[1] in cols],
                     [c for c in self.cells if c[0] in rows and c[1] not in cols]]
-        return [[c for c in self.cells if c[1] in cols or not cols]]
+        return [[c for c in self.cells if c[1] in cols]] if cols and len(self.row_labels) == 1 else []
 
     def _near(self, x: float, tol: float, cell: tuple[float, float]) -> bool:
         value, half = cell
         return any(abs(abs(x) - abs(v)) < tol + h for v, h in ((value, half), (value * self.unit, half * self.unit)))
 
-    def match(self, written: str, value: float, scale: float, decimals: int, sentence: str, window: str
-              ) -> Figure:
+    def match(self, written: str, value: float, scale: float, decimals: int, rows: set[int], cols: set[int],
+              window: str) -> Figure:
         if _written_key(written) in self.references or (re.fullmatch(r"\d{4}", written) and 1900 <= value <= 2100):
             return Figure(written, "reference")  # a label of the table or the title, or a bare year
         half = _half_unit(written, value, decimals)
         percent = "%" in written or "cent" in written.lower()
         forms = [(value * scale, half * scale)] + ([(value, half)] if scale != 1.0 else [])
-        groups = self.candidates(sentence)
-        for cid in (c for group in groups for c in group):
-            cell = self.cells[cid]
-            for x, tol in forms:
-                if self._near(x, tol, cell):
-                    return Figure(written, "value", cid)
-        named_rows = [c for g in groups for c in g] if len(groups) == 2 else []  # see candidates()
-        if _CUE.search(window) and self._derived(value * scale, half * scale, percent, named_rows):
-            return Figure(written, "derived")
+        groups = self.candidates(rows, cols)
+        for cid in (c for group in groups or [list(self.cells)] for c in group):
+            if any(self._near(x, tol, self.cells[cid]) for x, tol in forms):
+                return Figure(written, "value", cid) if groups else Figure(written, "unverifiable")
+        if rows and _CUE.search(window):  # the named rows' cells in the named columns, else all of the rows'
+            cells = groups[0] if len(groups[0]) > 1 else groups[0] + groups[1]
+            if self._derived(value * scale, half * scale, percent, cells):
+                return Figure(written, "derived")
         return Figure(written, "unmatched")
 
     def _derived(self, x: float, tol: float, percent: bool, cells: list[tuple[int, int]]) -> bool:
@@ -238,11 +261,16 @@ class DataTable:
     def align(self, essay: str) -> list[Figure]:
         out = []
         for paragraph in essay_paragraphs(essay):
+            subject: tuple[set[int], set[int]] = (set(), set())  # carried from sentence to sentence
             for sentence in _SENTENCE.split(paragraph):
+                rows, cols = self.named(sentence)
+                if not rows:  # the subject of the previous sentence, with this sentence's columns if it names any
+                    rows, cols = subject[0], cols or (subject[1] if subject[0] else set())
+                subject = (rows, cols)
                 for written, value, scale, decimals, start, end in _numbers(sentence):
                     if _is_data(written, value):
                         window = sentence[max(0, start - 30):end + 20]
-                        out.append(self.match(written, value, scale, decimals, sentence, window))
+                        out.append(self.match(written, value, scale, decimals, rows, cols, window))
         return out
 
     def key_cells(self) -> set[tuple[int, int]]:
@@ -261,9 +289,12 @@ def numeric_scores(essay: str, table_rows: Iterable[Iterable[Any]] | None, title
                    ) -> dict[str, Any] | None:
     """Numeric faithfulness of one essay against its chart's table; None without a table.
 
-    ``precision``: share of the essay's data figures that match their cell (or a difference, change or
-    ratio of two), None when it quotes none; ``coverage``: share of the table's key cells (each column's
-    first, last, largest, smallest) that some figure matches; ``unmatched``: the figures as written."""
+    ``precision``: share of the essay's data figures tied to their cell (or a difference, change or ratio of
+    two tied cells), None when it quotes none — a figure its sentence ties to no row or column is
+    ``unverifiable`` and not correct; ``tied_precision``: the same over the tied figures only; ``coverage``:
+    share of the table's key cells (each column's first, last, largest, smallest) that some figure matches;
+    ``unverifiable``: how many figures are tied to nothing; ``unmatched``: the figures (as written) that are
+    wrong: not their tied cell's, or in no cell at all."""
     rows = list(table_rows or [])
     if not rows:
         return None
@@ -271,11 +302,15 @@ def numeric_scores(essay: str, table_rows: Iterable[Iterable[Any]] | None, title
     figures = [f for f in table.align(essay) if f.kind != "reference"]
     keys = table.key_cells()
     covered = keys & {f.cell for f in figures if f.cell}
-    return {"figures": len(figures), "correct": sum(f.correct for f in figures),
-            "precision": sum(f.correct for f in figures) / len(figures) if figures else None,
+    correct = sum(f.correct for f in figures)
+    unverifiable = sum(f.kind == "unverifiable" for f in figures)
+    tied = len(figures) - unverifiable
+    return {"figures": len(figures), "correct": correct, "unverifiable": unverifiable,
+            "precision": correct / len(figures) if figures else None,
+            "tied_precision": correct / tied if tied else None,
             "key_cells": len(keys), "covered": len(covered),
             "coverage": len(covered) / len(keys) if keys else None,
-            "unmatched": [f.written for f in figures if not f.correct]}
+            "unmatched": [f.written for f in figures if f.kind == "unmatched"]}
 
 
 def invented_numbers(text: str, table_rows: Iterable[Iterable[Any]] | None, title: str | None = None
@@ -295,14 +330,30 @@ def numeric_faithfulness(essay: str, table_rows: Iterable[Iterable[Any]] | None,
 # --------------------------------------------------------------------------- detectors
 
 
+def refusal(text: str) -> str | None:
+    """The first phrase of ``text`` that refuses, apologises or asks for more input, else None."""
+    m = _REFUSAL.search(text)
+    return m.group(0) if m else None
+
+
+def emoji_and_hashtags(text: str, quotable: str = "") -> list[str]:
+    """The emoji and hashtags in ``text``, in order, but those that ``quotable`` (the chart's title and data)
+    holds: a chart of the most used hashtags may be quoted."""
+    return [m.group(0) for m in re.finditer(f"{_EMOJI.pattern}|{_HASHTAG.pattern}", text)
+            if m.group(0) not in ("\ufe0f", "\u200d") and m.group(0) not in quotable]
+
+
 def _content_lines(text: str) -> list[str]:
     """Lines of the text other than structure markers (``1. <Describe a graph>:``, ``Paragraph 1:``)."""
     return [line for line in text.replace("\r\n", "\n").split("\n") if line.strip() and not _MARKER.match(line)]
 
 
 def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
-              table_rows: Iterable[Iterable[Any]] | None, title: str | None = None) -> list[tuple[str, str]]:
-    """[(mode, human-readable reason)] for one text; shared by failure_modes and gate."""
+              table_rows: Iterable[Iterable[Any]] | None, title: str | None = None, data: str | None = None
+              ) -> list[tuple[str, str]]:
+    """[(mode, human-readable reason)] for one text; shared by failure_modes and gate. ``data``: the chart's
+    data as the prompt gave it (hashtags quoted from it or the table are not a failure)."""
+    table_rows = None if table_rows is None else [list(r) for r in table_rows]
     found: list[tuple[str, str]] = []
     lines = _content_lines(text)
     body = "\n".join(lines)
@@ -332,6 +383,11 @@ def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
         elif len(paragraphs := essay_paragraphs(text)) < 3:
             found.append(("missing_paragraphs", (f"{len(paragraphs)} paragraph(s); expected a "
                                                  "description, body paragraphs and an overview")))
+    if refused := refusal(text):
+        found.append(("refusal", f'refuses or asks for more input instead of describing the chart ("{refused}")'))
+    quotable = "\n".join([title or "", data or "", *("\t".join(map(str, r)) for r in table_rows or [])])
+    if marks := emoji_and_hashtags(text, quotable):
+        found.append(("emoji", f"uses emoji or hashtags ({' '.join(marks[:5])})"))
     invented = invented_numbers(text, table_rows, title)
     if invented:
         shown = ", ".join(invented[:5]) + (f" (+{len(invented) - 5} more)" if len(invented) > 5 else "")
@@ -365,25 +421,42 @@ def _runs(source: str, n: int) -> frozenset[tuple[str, ...]]:
     return frozenset(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 
-def copied_run(text: str, source: str, n: int = ECHO_WORDS) -> str | None:
+def copied_run(text: str, source: str, n: int = ECHO_WORDS, exclude: str = "") -> str | None:
     """The first run of ``n`` words that ``text`` shares with ``source`` outside the structure markers
-    (which an essay must copy); case and punctuation are ignored."""
-    runs, words = _runs(source, n), _prose_words(text)
+    (which an essay must copy) and not inside ``exclude``; case and punctuation are ignored."""
+    runs, words = _runs(source, n) - _runs(exclude, n), _prose_words(text)
     return next((" ".join(words[i:i + n]) for i in range(len(words) - n + 1) if tuple(words[i:i + n]) in runs), None)
 
 
+# A run this long copied from the prompt's data block (table rows, OCR text) is a copy, not a description: the
+# sample's 120 human summaries share at most 7 words in a row with their own chart's data (title excluded).
+DATA_ECHO_WORDS = 12
+
+
+def data_echo(text: str, data: str, title: str | None = None, n: int = DATA_ECHO_WORDS) -> str | None:
+    """The first run of ``n`` words (numbers count as words) that ``text`` copies from ``data``, the prompt's
+    data block, other than a run inside the chart's title (which an essay may quote); else None."""
+    return copied_run(text, data, n, exclude=title or "")
+
+
 def gate_findings(essay: str, table_rows: Iterable[Iterable[Any]] | None, cfg: TeacherSection,
-                  title: str | None = None, instructions: str | None = None) -> list[tuple[str, str]]:
+                  title: str | None = None, instructions: str | None = None, data: str | None = None
+                  ) -> list[tuple[str, str]]:
     """[(mode, reason)] for the teacher's gate (mode ``empty`` for an empty answer). ``instructions``: the
-    prompt template (instructions and example essays, without this chart's title and data, which an essay
-    may quote); an answer copying a run of ``ECHO_WORDS`` words from it is an echo (``prompt_echo``)."""
+    prompt's fixed text (instructions, example essays, placeholder lines, without this chart's title and data,
+    which an essay may quote); an answer copying a run of ``ECHO_WORDS`` words from it is an echo
+    (``prompt_echo``). ``data``: the prompt's data block (table or OCR text); a run of ``DATA_ECHO_WORDS``
+    words copied from it is ``data_echo``. Refusals and emoji/hashtags are rejected whatever the config."""
     if not essay or not essay.strip():
         return [("empty", "empty answer")]
     found = _findings(essay, variant="structured" if cfg.require_structure else None, min_words=cfg.min_words,
-                      max_words=cfg.max_words, table_rows=table_rows if cfg.check_numbers else None, title=title)
+                      max_words=cfg.max_words, table_rows=table_rows if cfg.check_numbers else None, title=title,
+                      data=data)
     if instructions and (run := copied_run(essay, instructions)):
         found.append(("prompt_echo", f'copies the instructions or an example instead of describing this chart '
                                      f'("{run} ...")'))
+    if data and (run := data_echo(essay, data, title)):
+        found.append(("data_echo", f'copies the data given in the prompt instead of describing it ("{run} ...")'))
     return found
 
 
@@ -435,43 +508,3 @@ def score_essay(text: str, *, table_rows: Iterable[Iterable[Any]] | None = None,
             "paragraphs": len(essay_paragraphs(text)), "failure_modes": modes, "finish": finish,
             "numeric": numeric, "chrf_to_golden": chrf,
             "closeness": closeness(chrf, numeric["precision"] if numeric else None, bool(rows))}
-
-
-# --------------------------------------------------------------------------- the judge's self-test
-
-PLANTED = ("figures", "truncated", "questions", "bullets", "other_chart")
-
-
-def _perturb_figures(text: str, rng) -> str:
-    """Every data figure but years moved by 20-50 % up or down, written with the same number of decimals."""
-    def moved(m: re.Match) -> str:
-        value = float(m.group(1).replace(",", "") + (m.group(2) or ""))
-        year = not (m.group(2) or m.group(3)) and 1900 <= value <= 2100
-        if year or not _is_data(m.group(0).strip(), value):
-            return m.group(0)
-        decimals = len(m.group(2) or ".") - 1
-        new = value * rng.choice((rng.uniform(1.2, 1.5), rng.uniform(0.5, 0.8)))
-        digits = f"{new:,.{decimals}f}" if "," in m.group(1) else f"{new:.{decimals}f}"
-        return digits + m.string[m.end(2) if m.group(2) else m.end(1):m.end()]
-
-    return _NUMBER.sub(moved, text)
-
-
-def planted(golden: str, kind: str, other: str, rng) -> str:
-    """A copy of the (prose) golden essay that is worse in one known way, for the judge's self-test:
-    ``figures`` perturbed, ``truncated`` mid-sentence, rewritten as ``questions`` or ``bullets``, or the
-    golden essay of ``other_chart``."""
-    sentences = [s.strip() for s in _SENTENCE.split(" ".join(essay_paragraphs(golden))) if s.strip()]
-    if kind == "figures":
-        return _perturb_figures(golden, rng)
-    if kind == "truncated":
-        words = golden.split()
-        return " ".join(words[: max(3, int(len(words) * rng.uniform(0.35, 0.6)))]).rstrip(".,;:!?")
-    if kind == "questions":
-        return "\n".join(f"{i}. What does the chart say about this: {s.rstrip('.!?')}?"
-                         for i, s in enumerate(sentences, 1))
-    if kind == "bullets":
-        return "\n".join(f"- {s}" for s in sentences)
-    if kind == "other_chart":
-        return other
-    raise ValueError(f"unknown planted corruption {kind!r} (expected one of {', '.join(PLANTED)})")

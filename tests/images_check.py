@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
+import pytest
 import yaml
 
+from pipeline.k8s.images import PLAN_FILE, read_plan
 from pipeline.stages import spec
 from pipeline.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _buildah(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -49,12 +54,27 @@ def test_stage_image_runs_its_entrypoint_against_s3(s3_bucket, s3_server, sample
             proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-def test_stage_image_loads_its_extras():
-    """The pip extras of the stage's spec import inside its image (llama.cpp needs libgomp, for one)."""
-    stage = os.environ.get("IMAGE_TEST_STAGE", "ingest")
-    modules = {"local-llm": "llama_cpp"}
-    code = "; ".join(["import pipeline.stages." + stage, *(f"import {modules[e]}" for e in spec(stage).extras)])
-    ctr = _buildah("from", os.environ["IMAGE_TEST_REF"])
+# a check, run inside the image, for each thing StageSpec.image_needs can ask for
+NEED_CHECKS = {
+    "local-llm": "import llama_cpp, llama_cpp.llama_cpp",  # loads libllama (and libgomp, which it links)
+    "smollm2-gguf": "from pipeline.config import LLMSection; from pipeline.llm.server import find_gguf; "
+                    "assert find_gguf(LLMSection()).stat().st_size > 50e6",
+    "cuda": "import torch; assert torch.version.cuda, 'a CPU build of torch'",
+}
+
+
+def _stages() -> list[str]:
+    return (os.environ.get("IMAGE_TEST_STAGES") or os.environ.get("IMAGE_TEST_STAGE", "ingest")).split()
+
+
+@pytest.mark.parametrize("stage", _stages())
+def test_stage_image_holds_what_its_stage_needs(stage):
+    """Everything the image plan says the stage's image holds (what the stage needs under the configs it
+    serves) is there: llama.cpp loads with its shared libraries, the GGUF is found, torch has CUDA."""
+    registry, tag = os.environ["IMAGE_TEST_REF"].rsplit("/", 1)[0], os.environ["IMAGE_TEST_REF"].rsplit(":", 1)[1]
+    (image,) = [i for i in read_plan((REPO / PLAN_FILE).read_text()) if i.stage == stage and not i.cuda]
+    code = "; ".join(["import pipeline.stages." + stage, *(NEED_CHECKS[n] for n in sorted(image.holds))])
+    ctr = _buildah("from", f"{registry}/{image.name}:{tag}")
     assert ctr.returncode == 0, ctr.stderr
     try:
         proc = _buildah("run", "--isolation", os.environ.get("BUILDAH_ISOLATION", "chroot"), ctr.stdout.strip(),
@@ -62,3 +82,36 @@ def test_stage_image_loads_its_extras():
     finally:
         _buildah("rm", ctr.stdout.strip())
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def pod_as_buildah_run(job: dict, index: int | None, entrypoint: list[str], secrets: dict[str, dict[str, str]],
+                       volumes: dict[str, str]) -> list[str]:
+    """``buildah run`` options and command that run a rendered Job's container as its pod would: the pod's
+    user and group, the container's env (values, ``secretKeyRef`` and ``envFrom`` resolved from ``secrets``;
+    an optional key that is missing stays unset, a required one fails), ``JOB_COMPLETION_INDEX`` for an
+    Indexed Job, each volume (``volumes``: name -> host folder) at its mount path (read-only where mounted
+    so), and its command: the container's, else the image's entrypoint, then its args."""
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    user = pod["securityContext"]
+    opts = [f"--user={user['runAsUser']}:{user['runAsGroup']}"]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom") or []:
+        env.update(secrets[source["secretRef"]["name"]])
+    for var in container.get("env") or []:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+            continue
+        ref = var["valueFrom"]["secretKeyRef"]
+        value = secrets.get(ref["name"], {}).get(ref["key"])
+        assert value is not None or ref.get("optional"), f"secret {ref['name']} lacks key {ref['key']}"
+        if value is not None:
+            env[var["name"]] = value
+    if index is not None:
+        env["JOB_COMPLETION_INDEX"] = str(index)
+    opts += [f"--env={key}={value}" for key, value in env.items()]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    for volume in pod["volumes"]:
+        mount = mounts[volume["name"]]
+        opts.append(f"--volume={volumes[volume['name']]}:{mount['mountPath']}" + (":ro" if mount.get("readOnly") else ""))
+    return [*opts, "--", *(container.get("command") or entrypoint), *(container.get("args") or [])]

@@ -24,12 +24,12 @@ def test_every_shipped_config_passes_the_check(path):
 def test_cluster_judge_gets_room_to_think():
     config = load_config(REPO / "configs/cluster.yaml")
     judge = config.judge_llm()
-    assert judge.model == "MiniMax-M1" and is_reasoning(judge)
+    assert judge.model == "MiniMax-M2.7" and is_reasoning(judge)
     assert token_limit(judge) >= judge.max_tokens + 1024
     assert not is_reasoning(load_config(REPO / "configs/local.yaml").judge_llm())  # SmolLM2 answers at once
 
 
-@pytest.mark.parametrize("model, expected", [("MiniMax-M1", True), ("deepseek-reasoner", True), ("o3-mini", True),
+@pytest.mark.parametrize("model, expected", [("MiniMax-M1", True), ("MiniMax-M2.7", True), ("deepseek-reasoner", True), ("o3-mini", True),
                                              ("gpt-4o-mini", False), ("MiniMax-Text-01", False),
                                              ("smollm2-135m-instruct", False)])
 def test_reasoning_models_are_known_by_name(model, expected):

@@ -42,8 +42,8 @@ def shown(request: dict) -> tuple[str, str]:
     return first.strip(), second.strip()
 
 
-def model_of(essay: str) -> str:  # the helper's essays are recognisable (see eval_helpers.model_essay)
-    return "unstructured" if "12345" in essay else "structured" if essay.startswith("1. <Describe") else "baseline"
+def model_of(essay: str) -> str:  # the helper's essays are recognisable in any layout (eval_helpers.model_essay)
+    return "unstructured" if "12345" in essay else "structured" if "The chart illustrates" in essay else "baseline"
 
 
 def fair(request: dict, key: str) -> str:
@@ -54,7 +54,7 @@ def fair(request: dict, key: str) -> str:
 def setup_run(store_uri, sample_dir, tmp_path, llm: FakeLLM, *extra: str):
     config = seed_run(store_uri, sample_dir, tmp_path, overrides=(
         f"judge.base_url={llm.base_url}", "judge.model=fake-judge", "judge.timeout_s=2", "judge.max_retries=1",
-        "judge.selftest_charts=0", *extra))  # the self-test's planted pairs: test_selftest_* below
+        "judge.selftest_charts=0", "judge.as_written=false", *extra))  # self-test: tests/test_selftest.py
     return config, store_for(config)
 
 
@@ -209,7 +209,7 @@ def test_changed_essays_make_old_verdicts_stale(tmp_path, sample_dir):
         assert len(verdicts(store, config)) == total
 
 
-# --------------------------------------------------------------------------- the judge's self-test
+# --------------------------------------------------------------------------- layout-neutral judging
 
 
 def golden_shown(request: dict) -> str:
@@ -218,54 +218,49 @@ def golden_shown(request: dict) -> str:
     return head.split("ought to compare to:\n", 1)[1].split("\n", 1)[1]
 
 
-def faithful(request: dict, key: str) -> str:
-    """Picks the essay whose prose is the golden essay's prose; otherwise judges like ``fair``."""
+def closer_to_reference(request: dict, key: str) -> str:
+    """Position-unbiased: the text with the higher chrF++ to the golden essay shown (identical texts: FIRST,
+    which the two orders turn into a tie)."""
+    from sacrebleu.metrics import CHRF
+
     first, second = shown(request)
-    golden = " ".join(golden_view(golden_shown(request), "prose").split())
-    for tag, essay in (("<FIRST>", first), ("<SECOND>", second)):
-        if " ".join(golden_view(essay, "prose").split()) == golden:
-            return tag
-    return fair(request, key)
+    golden = golden_shown(request)
+    score = [CHRF(word_order=2).sentence_score(t, [golden]).score for t in (first, second)]
+    return "<FIRST>" if score[0] >= score[1] else "<SECOND>"
 
 
-def test_selftest_planted_pairs_in_both_orders(tmp_path, sample_dir):
-    from pipeline.quality import PLANTED, numbers_in
+@pytest.mark.parametrize("form, as_written_winner", [("prose", "unstructured"), ("structured", "structured")])
+def test_layout_neutral_judging_ties_the_same_essays_in_two_layouts(tmp_path, sample_dir, form, as_written_winner):
+    """The same essays, one model writing them with the step markers and the other as prose: shown as written,
+    a judge that prefers the text closer to the reference decides by layout (the golden essay's); shown in one
+    layout, every pair is a tie."""
+    from eval_helpers import golden_essay
 
-    with FakeLLM(reply=faithful, key_pattern=TITLE_KEY) as llm:
-        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm, "judge.selftest_charts=3",
-                                  "judge.golden_form=structured")
-        assert run_stage(config, store, "judge")
-        charts = split_charts(store, config)
-        rows = verdicts(store, config)
-        planted = [r for r in rows if r["a"] == "golden"]
-        # 3 charts per corruption, but "figures" only where the golden essay quotes figures
-        picked = {r["chart_id"] for r in rows if r["b"] == "selftest-truncated"}
-        golden = {r["chart_id"]: r["essay"] for r in store.get_jsonl(f"{config.run.id}/teacher/essays.jsonl")}
-        with_figures = {cid for cid in picked if numbers_in(golden[cid])}
-        assert len(picked) == 3 and 0 < len(with_figures) < 3
-        assert {r["chart_id"] for r in rows if r["b"] == "selftest-figures"} == with_figures
-        assert len(rows) == len(llm.requests) == 3 * len(charts) * 2 + ((len(PLANTED) - 1) * 3 + len(with_figures)) * 2
-        assert {r["b"] for r in planted} == {f"selftest-{k}" for k in PLANTED}
-        assert Counter((r["b"], r["chart_id"]) for r in planted).most_common(1)[0][1] == 2  # both orders
-        assert all(r["verdict"] == "a" for r in planted)  # this judge recognises the golden essay
-        # the golden essay shown is the teacher's as written (golden_form: structured); planted essays are prose
-        assert all(golden_shown(r).lstrip().startswith("1. <Describe a graph>") for r in llm.requests)
-        assert run_stage(config, store, "report")
-    summary = store.get_json(f"{config.run.id}/report/summary.json")
-    assert summary["selftest"]["accuracy"] == 1.0 and summary["selftest"]["trustworthy"] is True
-    assert set(summary["selftest"]["by_corruption"]) == set(PLANTED)
-    assert {c["comparison"] for c in summary["comparisons"]} == set(COMPARISONS)
+    from pipeline.essays import prose_form, structured_form
 
-
-def test_selftest_catches_a_position_biased_judge(tmp_path, sample_dir):
-    with FakeLLM(reply=lambda request, key: "<FIRST>", key_pattern=TITLE_KEY) as llm:
-        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm, "judge.selftest_charts=2",
-                                  "judge.comparisons=[[structured, baseline]]")
+    with FakeLLM(reply=closer_to_reference, key_pattern=TITLE_KEY) as llm:
+        config, store = setup_run(str(tmp_path / "store"), sample_dir, tmp_path, llm, f"judge.golden_form={form}",
+                                  "judge.as_written=true", "judge.comparisons=[[unstructured, structured]]")
+        charts = {c["id"]: c for c in store.get_jsonl(f"{config.run.id}/ingest/charts.jsonl")}
+        key = f"{config.run.id}/generate/essays.jsonl"
+        same = {cid: golden_essay(c).replace("clear", "visible") for cid, c in charts.items()}  # not the reference
+        store.put_jsonl(key, [{**r, "essay": (structured_form if r["model"] == "structured" else prose_form)(
+            same[r["chart_id"]])} for r in store.get_jsonl(key) if r["model"] != "baseline"])
         assert run_stage(config, store, "judge") and run_stage(config, store, "report")
+    rows = verdicts(store, config)
+    assert Counter(r["view"] for r in rows) == {"neutral": 14, "as_written": 14}
+    neutral = [r for r in llm.requests if len(set(shown(r))) == 1]  # both candidates shown as the same text
+    assert len(neutral) == 14 and all(("<Describe a graph>" in golden_shown(r)) == (form == "structured")
+                                      for r in neutral)
     summary = store.get_json(f"{config.run.id}/report/summary.json")
-    st = summary["selftest"]
-    assert (st["accuracy"], st["flipped"], st["trustworthy"]) == (0.0, st["n"], False)
-    assert summary["warnings"][0].startswith("Judge self-test:") and "untrustworthy" in summary["warnings"][0]
+    (headline,), (written,) = summary["comparisons"], summary["comparisons_as_written"]
+    assert (headline["view"], written["view"]) == ("layout-neutral", "as written")
+    assert headline["ties"] == headline["n"] == 7 and headline["win_rate"] == 0.5 and headline["ci_includes_half"]
+    assert written["ci_includes_half"] is False and written["swap_consistency"] == 1.0
+    assert (written["wins"], written["losses"]) == ((7, 0) if as_written_winner == "unstructured" else (0, 7))
+    md = store.get_text(f"{config.run.id}/report/report.md")
+    assert md.index("**unstructured vs structured** (layout-neutral)") < md.index(
+        "**unstructured vs structured** (as written)")
 
 
 def test_golden_view_forms():

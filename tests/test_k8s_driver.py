@@ -27,7 +27,8 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.context import StageContext, store_for
 from pipeline.errors import PipelineError
-from pipeline.executors.k8s import KubeBackend, load_api_client, run_pipeline
+from pipeline.executors.k8s import run_pipeline
+from pipeline.k8s.client import KubeBackend, load_api_client
 from pipeline.k8s.objects import job_name
 
 NS = "ielts-test"
@@ -35,10 +36,12 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class DryRunEmulator(kmock.KubernetesEmulator):
-    """kmock's emulator stores every create; a real API server stores nothing for ``?dryRun=All``."""
+    """kmock's emulator stores every create; a real API server stores nothing for ``?dryRun=All`` nor for an
+    access review (answered by a reaction)."""
 
     async def _handle(self, request):
-        if request.action == kmock.action.CREATE and "dryRun" in (request.params or {}):
+        if request.action == kmock.action.CREATE and ("dryRun" in (request.params or {})
+                                                      or str(request.url.path).endswith("accessreviews")):
             return await super(kmock.KubernetesEmulator, self)._handle(request)  # reactions only, no storage
         return await super()._handle(request)
 
@@ -53,6 +56,7 @@ class Emulator:
         self.logs: dict[str, str | list[str]] = {}
         self.log_requests: dict[str, int] = {}
         self.refuse: dict[str, str] = {}  # Job name -> admission message for its dry run
+        self.denied: set[tuple[str, str]] = set()  # (verb, resource) SelfSubjectAccessReviews answer "no" to
         self._thread = threading.Thread(target=self.loop.run_until_complete, args=(self._main(),), daemon=True)
         self._thread.start()
         assert self._ready.wait(20), "kmock did not start"
@@ -62,6 +66,7 @@ class Emulator:
             emu.resources.load_bundled()
             emu[kmock.subresource("log")] << self._log
             emu["create", kmock.params(dryRun="All")] << self._dry_run  # admitted (or refused), not stored
+            emu["create", kmock.resource("authorization.k8s.io/v1/selfsubjectaccessreviews")] << self._review
             self.emu, self.url = emu, str(server.url).rstrip("/")
             self._stop = asyncio.Event()
             self._ready.set()
@@ -72,6 +77,28 @@ class Emulator:
         if name in self.refuse:
             raise kmock.KubernetesError(status=422, reason="Invalid", message=self.refuse[name])
         return req.data
+
+    def _review(self, req) -> dict:
+        attrs = req.data["spec"]["resourceAttributes"]
+        return {**req.data, "status": {"allowed": (attrs["verb"], attrs["resource"]) not in self.denied}}
+
+    def seed(self) -> None:
+        """What the driver's preflight looks for in a namespace set up as docs/kubernetes.md says: the namespace
+        (its root CA ConfigMap, which every namespace has), the store PVC, the LLM Secret, a GPU node."""
+        core = k.CoreV1Api(self.api())
+        core.create_namespaced_config_map(NS, {"metadata": {"name": "kube-root-ca.crt"}, "data": {"ca.crt": "-"}})
+        core.create_namespaced_persistent_volume_claim(NS, {"metadata": {"name": "ielts-store", "namespace": NS}})
+        core.create_namespaced_secret(NS, {"metadata": {"name": "ielts-distill-llm"},
+                                           "data": {"MINIMAX_API_KEY": "bm90LWEta2V5"}})
+        self.emu.objects["v1/nodes", None, "gpu-1"] = {"metadata": {"name": "gpu-1"},
+                                                       "status": {"allocatable": {"nvidia.com/gpu": "8"}}}
+
+    def seed_driver(self) -> None:
+        """k8s/base's driver ServiceAccount and the S3 Secret (ielts-distill submit with an S3 store)."""
+        core = k.CoreV1Api(self.api())
+        core.create_namespaced_service_account(NS, {"metadata": {"name": "ielts-distill-driver"}})
+        core.create_namespaced_secret(NS, {"metadata": {"name": "ielts-distill-s3"}, "data": {
+            "AWS_ACCESS_KEY_ID": "eA==", "AWS_SECRET_ACCESS_KEY": "eA=="}})
 
     def _log(self, req) -> bytes:
         """The pod's log lines so far, each ``<RFC3339> <text>`` (timestamps=true). A list of strings in
@@ -132,6 +159,7 @@ class FakeCluster(threading.Thread):
         self.batch, self.core = k.BatchV1Api(emulator.api()), k.CoreV1Api(emulator.api())
         self.seen: list[str] = []
         self.events = 0
+        self.proxy, self.outage_s, self.suspended_at_creation = None, 2.0, None
         self.done = threading.Event()
         self.error: Exception | None = None
 
@@ -183,9 +211,9 @@ class FakeCluster(threading.Thread):
         scenario = self.scenarios.get(stage, "success")
         shards = job["spec"].get("completions") or 1
         name = job["metadata"]["name"]
-        if scenario == "success":
+        if scenario in ("success", "slow"):
             pods = [self.pod(job, stage, i, {"phase": "Running"}) for i in range(shards)]
-            time.sleep(0.3)  # the driver is watching by now
+            time.sleep(0.3 if scenario == "success" else 3.0)  # the driver is watching by now
             self.succeed(job, stage, pods, shards)
         elif scenario == "queued":  # Kueue's webhook suspends the Job until its Workload is admitted
             self.batch.patch_namespaced_job(name, NS, {"spec": {"suspend": True}}, _preload_content=False)
@@ -215,6 +243,31 @@ class FakeCluster(threading.Thread):
             self.event("Job", name, "FailedCreate", f'Error creating: pods "{name}-0-x" is forbidden: exceeded '
                        "quota: ielts-distill-gpus, requested: requests.nvidia.com/gpu=1, used: "
                        "requests.nvidia.com/gpu=4, limited: requests.nvidia.com/gpu=4")
+        elif scenario == "outage":  # the driver's line to the API is cut while it watches the running Job
+            pod = self.pod(job, stage, 0, {"phase": "Running"})
+            time.sleep(0.5)
+            self.proxy.down()
+            time.sleep(self.outage_s)
+            self.proxy.up()
+            self.succeed(job, stage, [pod])
+        elif scenario == "cut":  # the line to the API is cut for good while the driver watches
+            self.pod(job, stage, 0, {"phase": "Running"})
+            time.sleep(0.5)
+            self.proxy.down()
+        elif scenario == "admitted":  # created suspended (k8s.queue_name); Kueue admits it after a while
+            self.suspended_at_creation = job["spec"].get("suspend")
+            self.event("Workload", f"job-{name}-5d1e0", "Pending", "couldn't assign flavors to pod set main: "
+                       "insufficient unused quota for cpu in flavor default, 1 more needed")
+            time.sleep(1.0)
+            self.batch.patch_namespaced_job(name, NS, {"spec": {"suspend": False}}, _preload_content=False)
+            self.succeed(job, stage, [self.pod(job, stage, 0, {"phase": "Running"})])
+        elif scenario == "quota-then-room":
+            self.event("Job", name, "FailedCreate", f'Error creating: pods "{name}-0-x" is forbidden: exceeded quota: q')
+            time.sleep(1.0)
+            self.succeed(job, stage, [self.pod(job, stage, 0, {"phase": "Running"})])
+        elif scenario == "podsecurity":
+            self.event("Job", name, "FailedCreate", f'Error creating: pods "{name}-0-x" is forbidden: violates '
+                       'PodSecurity "restricted:latest": allowPrivilegeEscalation != false')
         elif scenario == "mount":
             pod = self.pod(job, stage, 0, {"phase": "Pending"})
             self.event("Pod", pod, "FailedMount", 'MountVolume.SetUp failed for volume "data" : '
@@ -263,6 +316,7 @@ class FakeCluster(threading.Thread):
 @pytest.fixture
 def emulator():
     emu = Emulator()
+    emu.seed()
     yield emu
     emu.close()
 
@@ -273,9 +327,11 @@ def _config(tmp_path, *extra: str):
                               "teacher.parallelism=2", "k8s.profile=cloud", *extra])
 
 
-def _drive(emulator, config, scenarios=None, stages=("ingest", "teacher", "dataset"), backend=None, **kwargs):
+def _drive(emulator, config, scenarios=None, stages=("ingest", "teacher", "dataset"), backend=None, proxy=None,
+           **kwargs):
     lines: list[str] = []
     cluster = FakeCluster(emulator, config, scenarios or {})
+    cluster.proxy = proxy
     cluster.start()
     try:
         run_pipeline(config, list(stages), backend=backend or KubeBackend(NS, emulator.api()), echo=lines.append,
@@ -385,7 +441,7 @@ def test_running_job_is_reattached_not_resubmitted(emulator, tmp_path):
     from pipeline.k8s.objects import build_job
 
     KubeBackend(NS, emulator.api()).create_job(build_job(config, "ingest"))
-    lines, cluster, error = _drive(emulator, config, stages=("ingest",))
+    lines, cluster, error = _drive(emulator, config, {"ingest": "slow"}, stages=("ingest",))
     assert error is None
     assert any("already running: attaching" in line for line in lines)
     assert emulator.requests("create") == 1
@@ -440,12 +496,29 @@ def test_pending_pods_get_a_grace_period_and_deadline_wins():
 # --------------------------------------------------------------------------- issue 15: what the cluster says
 
 
-def test_a_job_without_pods_fails_with_the_failedcreate_message(emulator, tmp_path):
+def test_a_job_refused_by_admission_fails_with_the_failedcreate_message(emulator, tmp_path):
     config = _config(tmp_path)
-    lines, cluster, error = _drive(emulator, config, {"dataset": "quota"})
+    lines, cluster, error = _drive(emulator, config, {"dataset": "podsecurity"})
     assert error.startswith("stage dataset failed: FailedCreate (job ielts-t1-dataset): Error creating:")
-    assert "exceeded quota: ielts-distill-gpus" in error and "\n" not in error
+    assert 'violates PodSecurity "restricted:latest"' in error and "\n" not in error
     assert f"kubectl -n {NS} describe job ielts-t1-dataset" in error
+
+
+def test_an_exhausted_quota_is_waiting_until_the_wait_timeout(emulator, tmp_path):
+    """Issue 28 #4: the pods start once GPUs free up, so a quota FailedCreate is waiting, not failing."""
+    config = _config(tmp_path, "k8s.wait_timeout_s=3")
+    lines, cluster, error = _drive(emulator, config, {"dataset": "quota"})
+    waiting = [line for line in lines if line.startswith("[dataset] waiting: quota (Error creating:")]
+    assert len(waiting) == 1 and "exceeded quota: ielts-distill-gpus" in waiting[0], lines
+    assert error.startswith("stage dataset failed: Timeout (job ielts-t1-dataset): not finished after 3s")
+    assert "still waiting: quota" in error and "\n" not in error
+
+
+def test_quota_then_room_completes(emulator, tmp_path):
+    config = _config(tmp_path)
+    lines, cluster, error = _drive(emulator, config, {"dataset": "quota-then-room"})
+    assert error is None, error
+    assert any(line.startswith("[dataset] waiting: quota") for line in lines) and "[dataset] complete" in lines
 
 
 @pytest.mark.parametrize("scenario, note", [
@@ -496,7 +569,7 @@ def test_reattaching_keeps_a_running_jobs_configmap(emulator, tmp_path):
         run_pipeline(changed, ["ingest"], backend=backend, echo=lambda line: None)
     cm = k.CoreV1Api(emulator.api()).read_namespaced_config_map("ielts-t1-config", NS)
     assert yaml.safe_load(cm.data["config.yaml"])["data"]["limit"] is None  # the running Job's config stays
-    lines, cluster, error = _drive(emulator, running, stages=("ingest",))  # same config: re-attach
+    lines, cluster, error = _drive(emulator, running, {"ingest": "slow"}, stages=("ingest",))  # same config: re-attach
     assert error is None and any("already running: attaching" in line for line in lines)
 
 
@@ -550,6 +623,7 @@ def test_cli_context_and_kubeconfig_options(emulator, tmp_path, monkeypatch):
 
 def test_submit_creates_the_driver_job_and_says_how_to_follow_it(emulator, tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path, kmock=emulator.url)))
+    emulator.seed_driver()
     args = ["submit", "--from", "teacher", "--set", "run.id=t1", "--set", "store.uri=s3://bucket/runs",
             "--set", f"k8s.namespace={NS}", "--set", "k8s.s3_endpoint=http://seaweedfs:8333"]
     result = CliRunner().invoke(main, args)
@@ -601,3 +675,116 @@ def test_executor_status_logs_and_cancel(emulator, tmp_path):
     finally:
         cluster.done.set()
         cluster.join(5)
+
+
+# --------------------------------------------------------------------------- issue 28: the operators' path
+
+
+def _proxied(proxy, timeout_s: float, outage_s: float) -> KubeBackend:
+    cfg = k.Configuration()
+    cfg.host = proxy.url
+    return KubeBackend(NS, k.ApiClient(cfg), timeout_s=timeout_s, outage_s=outage_s)
+
+
+def test_the_driver_rides_out_an_api_outage_in_the_middle_of_a_watch(emulator, tmp_path):
+    """#3, scaled down 30x: the line to the API is cut for 2 s (60 s) in the middle of a watch; reads retry
+    with capped back-off for up to k8s.api_outage_s (20 s for 600 s) and re-attach; the run completes."""
+    from tcp_proxy import TcpProxy
+
+    config = _config(tmp_path, "k8s.api_outage_s=20")
+    with TcpProxy(int(emulator.url.rsplit(":", 1)[1])) as proxy:
+        lines, cluster, error = _drive(emulator, config, {"ingest": "outage"}, stages=("ingest", "teacher"),
+                                       backend=_proxied(proxy, 1.0, 20.0), proxy=proxy)
+    assert error is None, error
+    assert proxy.downs == 2  # the cut, and the end of the with block
+    assert [line for line in lines if "retrying for up to 20s (k8s.api_outage_s)" in line], lines
+    assert [line for line in lines if "answers again after" in line], lines
+    assert "[ingest] complete" in lines and "[teacher] complete" in lines  # the next stage after the outage
+
+
+def test_a_longer_outage_exits_with_its_own_code_which_the_driver_job_retries(emulator, tmp_path):
+    from tcp_proxy import TcpProxy
+
+    from pipeline.k8s.client import ApiOutage
+    from pipeline.k8s.objects import EXIT_API_OUTAGE, build_driver_job, to_dict
+
+    config = _config(tmp_path)
+    with TcpProxy(int(emulator.url.rsplit(":", 1)[1])) as proxy:
+        cluster = FakeCluster(emulator, config, {"ingest": "cut"})
+        cluster.proxy = proxy
+        cluster.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(ApiOutage) as info:
+                run_pipeline(config, ["ingest"], backend=_proxied(proxy, 0.5, 1.5), echo=lambda line: None)
+        finally:
+            cluster.done.set()
+            cluster.join(5)
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert info.value.exit_code == EXIT_API_OUTAGE == 75 and "\n" not in message
+    assert "unreachable for 1.5s (k8s.api_outage_s)" in message and "rerun to re-attach" in message
+    rules = to_dict(build_driver_job(config, []))["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onExitCodes": {"containerName": "driver", "operator": "In", "values": [75]}} in rules
+    fail = next(r for r in rules if r["action"] == "FailJob")  # a failed stage (exit 1) stays final
+    assert fail["onExitCodes"]["values"] == [1, 2]  # (the next pod re-attaches: test_running_job_is_reattached...)
+
+
+def test_a_job_with_a_queue_name_is_created_suspended_reported_queued_and_goes_on_when_admitted(emulator, tmp_path):
+    """#5: without Kueue's webhook a GPU Job would start unqueued; created suspended, it waits for admission."""
+    emulator.emu.objects["kueue.x-k8s.io/v1beta1/localqueues", NS, "team-a"] = {
+        "metadata": {"name": "team-a", "namespace": NS}, "spec": {"clusterQueue": "gpus"}}
+    config = _config(tmp_path, "k8s.queue_name=team-a")
+    lines, cluster, error = _drive(emulator, config, {"ingest": "admitted"}, stages=("ingest",))
+    assert error is None, error
+    assert cluster.suspended_at_creation is True
+    queued = [line for line in lines if line.startswith("[ingest] queued (Kueue: couldn't assign flavors")]
+    assert len(queued) == 1 and "[ingest] complete" in lines, lines
+
+
+def _preflight_cli(emulator, tmp_path, *sets: str, command=("preflight",)):
+    kubeconfig = _kubeconfig(tmp_path, kmock=emulator.url)
+    args = [*command, "--kubeconfig", str(kubeconfig)]
+    for item in ("run.id=t1", f"store.uri={tmp_path / 'store'}", "k8s.store_claim=ielts-store", f"k8s.namespace={NS}",
+                 "k8s.poll_s=0.2", *sets):
+        args += ["--set", item]
+    return CliRunner().invoke(main, args)
+
+
+def test_preflight_names_each_missing_thing_in_one_line(emulator, tmp_path):
+    """#4: what would otherwise wait for days (a missing PVC, ServiceAccount, LocalQueue) or fail hours later."""
+    ok = _preflight_cli(emulator, tmp_path)
+    assert ok.exit_code == 0 and ok.output.strip().endswith("preflight: ok"), ok.output
+    emulator.denied.add(("watch", "jobs"))
+    bad = _preflight_cli(emulator, tmp_path, "k8s.data_claim=chart2text-data", "data.source=/data/sample",
+                         "k8s.service_account=ielts-distill-job", "k8s.queue_name=team-a",
+                         "k8s.gpu_resource=nvidia.com/mig-3g.40gb", "teacher.api_key_env=OTHER_KEY")
+    assert bad.exit_code == 1
+    lines = bad.output.strip().splitlines()
+    expected = [
+        f"permission: this identity may not watch jobs.batch in namespace {NS} (see k8s/base/driver-rbac.yaml)",
+        f"ServiceAccount ielts-distill-job not found in {NS} (job ielts-t1-ingest; k8s/base/serviceaccounts.yaml)",
+        "Secret ielts-distill-llm has no key OTHER_KEY (job ielts-t1-teacher reads it)",
+        f"PersistentVolumeClaim chart2text-data not found in {NS} (job ielts-t1-ingest mounts it)",
+        f"LocalQueue team-a not found in {NS} (k8s.queue_name; job ielts-t1-ingest)",
+        "no node offers nvidia.com/mig-3g.40gb (jobs ielts-t1-finetune request it); a node pool that scales from "
+        "zero: --set k8s.preflight=false"]
+    assert lines == expected, lines
+    assert not any("bm90LWEta2V5" in line or "not-a-key" in line for line in lines)  # no Secret value
+    run = _preflight_cli(emulator, tmp_path, "k8s.queue_name=team-a", command=("run", "--executor", "k8s"))
+    assert run.exit_code == 1 and f"preflight: LocalQueue team-a not found in {NS}" in run.output
+    assert "no Job was created" in run.output and emulator.requests("create") == 0
+    submitted = _preflight_cli(emulator, tmp_path, command=("submit",))  # the driver's account is missing
+    assert submitted.exit_code == 1 and emulator.requests("create") == 0
+    assert f"ServiceAccount ielts-distill-driver not found in {NS} (job ielts-t1-driver" in submitted.output
+
+
+def test_preflight_on_a_missing_namespace_says_so_once(tmp_path):
+    emulator = Emulator()  # nothing seeded
+    try:
+        result = _preflight_cli(emulator, tmp_path)
+    finally:
+        emulator.close()
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"namespace {NS} does not exist: apply k8s/overlays/local or cloud (kubectl apply -k ...)"]

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline import __version__
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
@@ -126,7 +127,7 @@ def test_overlays_render_and_pass_strict_schema_validation(overlays):
     for objs in overlays.values():
         for obj in objs:
             _validate(obj)
-            assert obj["kind"] == "Namespace" or obj["metadata"]["namespace"] == "ielts-distill"
+            assert obj["kind"] in ("Namespace", "ClusterRole", "ClusterRoleBinding") or obj["metadata"]["namespace"] == "ielts-distill"
 
 
 def test_every_workload_is_restricted_with_requests_and_limits(rendered, overlays):
@@ -290,3 +291,100 @@ def test_entrypoint_failures_name_the_cause(tmp_path):
     assert missing.returncode == 2 and "run config" in missing.stdout and "ConfigMap" in missing.stdout
     bad = _entrypoint(tmp_path, "run: {id: ep}\nk8s: {nope: 1}\n", "report")
     assert bad.returncode == 2 and "k8s.nope: unknown key" in bad.stdout.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- issue 28 #7: versions and identity
+
+
+def _minors(low: str) -> list[str]:
+    """Every minor kubernetes-validate knows from ``low`` up (e.g. 1.29.0 ... 1.37.0)."""
+    known = sorted(set(kubernetes_validate.utils.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
+    return [v for v in known if tuple(map(int, v.split(".")[:2])) >= tuple(map(int, low.split(".")))]
+
+
+def _objects_of_every_kind() -> list[dict]:
+    from pipeline.k8s.objects import build_driver_job
+
+    out = []
+    for path, sets in ((LOCAL, []), (CLOUD, []), (CLOUD, ["k8s.queue_name=team-a", "k8s.image_pull_secrets=[regcred]"])):
+        config = load_config(path, sets)
+        out += [to_dict(o) for o in build_run(config)] + [to_dict(build_driver_job(config, ["--from", "teacher"]))]
+    return out
+
+
+def test_every_rendered_object_is_valid_on_each_supported_minor_and_not_below():
+    from pipeline.k8s.objects import MIN_KUBERNETES
+
+    minors = _minors(MIN_KUBERNETES)
+    assert minors[0] == f"{MIN_KUBERNETES}.0" and len(minors) >= 8, minors
+    objects = _objects_of_every_kind()
+    for version in minors:
+        for obj in objects:
+            kubernetes_validate.validate(obj, version, strict=True)
+    older = f"1.{int(MIN_KUBERNETES.split('.')[1]) - 1}.0"  # the minimum is real: the Jobs fail one minor below
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(to_dict(build_job(load_config(CLOUD), "teacher")), older, strict=True)
+    docs = (REPO / "docs" / "kubernetes.md").read_text()
+    assert f"Kubernetes {MIN_KUBERNETES} or newer" in docs and f"Kubernetes {MIN_KUBERNETES} or newer" in \
+        (REPO / "README.md").read_text()
+
+
+def test_images_by_digest_when_the_build_recorded_one(tmp_path):
+    digest = "sha256:" + "ab" * 32
+    recorded = tmp_path / "digests.txt"
+    recorded.write_text(f"teacher {digest}\nbase sha256:{'cd' * 32}\n")
+    config = load_config(LOCAL, [f"k8s.image_digests={recorded}"])
+    assert image(config, stage_spec("teacher")) == f"ghcr.io/ielts-distill/teacher@{digest}"
+    assert image(config, stage_spec("ingest")) == f"ghcr.io/ielts-distill/ingest:{__version__}"  # no digest recorded: the tag
+    from pipeline.k8s.objects import build_driver_job
+
+    driver = to_dict(build_driver_job(config, []))["spec"]["template"]["spec"]["containers"][0]
+    assert driver["image"] == f"ghcr.io/ielts-distill/base@sha256:{'cd' * 32}"
+    assert load_config(None, ["k8s.image_digests.judge=" + digest]).k8s.image_digests == {"judge": digest}
+    recorded.write_text("teacher latest\n")
+    with pytest.raises(ConfigError, match="image_digests") as info:
+        load_config(LOCAL, [f"k8s.image_digests={recorded}"])
+    assert "\n" not in str(info.value) and "NAME sha256:<64 hex>" in str(info.value)
+
+
+def test_build_sh_pushes_and_records_each_digest(tmp_path):
+    """IMAGE_PUSH=1: each image is pushed after its build and its digest recorded (a stub buildah answers)."""
+    log = tmp_path / "calls"
+    stub = tmp_path / "buildah"
+    stub.write_text(f"""#!/bin/sh
+echo "$*" >> {log}
+case "$*" in *push*) for a; do [ "$prev" = --digestfile ] && printf 'sha256:%064d' 7 > "$a"; prev="$a"; done ;; esac
+""")
+    stub.chmod(0o755)
+    digests = tmp_path / "out" / "d.txt"
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "BUILDER": "buildah", "IMAGE_PUSH": "1",
+           "IMAGE_STAGES": "ingest", "IMAGE_CUDA": "0", "IMAGE_DIGESTS": str(digests), "PYTHON": sys.executable}
+    proc = subprocess.run(["sh", str(REPO / "images" / "build.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert digests.read_text().splitlines() == [f"base sha256:{7:064d}", f"ingest sha256:{7:064d}"]
+    pushes = [line for line in log.read_text().splitlines() if " push " in f" {line}"]
+    assert [p.split()[-1] for p in pushes] == [f"ghcr.io/ielts-distill/base:{__version__}", f"ghcr.io/ielts-distill/ingest:{__version__}"]
+    config = load_config(LOCAL, [f"k8s.image_digests={digests}"])
+    assert image(config, stage_spec("ingest")) == f"ghcr.io/ielts-distill/ingest@sha256:{7:064d}"
+
+
+def test_the_driver_role_grants_what_the_code_calls_and_says_the_truth_about_secrets():
+    from pipeline.k8s.preflight import DRIVER_RIGHTS
+
+    rbac = [d for d in _docs((REPO / "k8s" / "base" / "driver-rbac.yaml").read_text())]
+    role = next(d for d in rbac if d["kind"] == "Role")
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    for verb, group, resource, sub in DRIVER_RIGHTS:
+        assert (group, resource + (f"/{sub}" if sub else ""), verb) in granted, (verb, group, resource, sub)
+    for resource in ("serviceaccounts", "persistentvolumeclaims", "secrets"):  # preflight's reads
+        assert ("", resource, "get") in granted
+    secrets = next(rule for rule in role["rules"] if "secrets" in rule["resources"])
+    assert secrets["resourceNames"] == ["ielts-distill-s3", "ielts-distill-llm"] and secrets["verbs"] == ["get"]
+    assert ("kueue.x-k8s.io", "localqueues", "get") in granted
+    nodes = next(d for d in rbac if d["kind"] == "ClusterRole")
+    assert nodes["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]}]
+    text = (REPO / "k8s" / "base" / "driver-rbac.yaml").read_text() + (REPO / "docs" / "kubernetes.md").read_text()
+    assert "No access to Secrets" not in text and "no access to Secrets" not in text
+    assert "can mount every Secret of that namespace" in text and "namespace of its own" in text

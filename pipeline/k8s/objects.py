@@ -20,8 +20,9 @@ from pipeline import __version__
 from pipeline.config import RunConfig, dump_config
 from pipeline.errors import ConfigError
 from pipeline.k8s.images import stage_image
-from pipeline.stages import SPECS, STAGES, StageSpec, spec
+from pipeline.stages import CUDA, SPECS, STAGES, StageSpec, spec
 
+MIN_KUBERNETES = "1.29"  # podFailurePolicy onPodConditions, podReplacementPolicy, backoffLimitPerIndex (beta)
 CONFIG_DIR = "/etc/ielts-distill"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 CACHE_DIR = "/var/cache/ielts-distill"
@@ -31,6 +32,7 @@ GPU_TAINT = "nvidia.com/gpu"  # the taint GPU node pools carry (whatever k8s.gpu
 GPU_NODE_LABEL = "nvidia.com/gpu.present"  # set by GPU feature discovery: CPU stages stay off those nodes
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 EXIT_CONFIG_ERROR = 2  # pipeline.errors.ConfigError.exit_code: retrying cannot help
+EXIT_API_OUTAGE = 75  # the driver lost the API for longer than k8s.api_outage_s (EX_TEMPFAIL): its Job retries
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 
 
@@ -80,9 +82,15 @@ def _label_value(text: str) -> str:
 
 
 def image(config: RunConfig, stage: StageSpec) -> str:
-    """``<registry>/<stage>:<tag>``; GPU Jobs run the CUDA build ``<registry>/<stage>-cuda:<tag>``."""
-    name = stage_image(stage, cuda=stage.gpu_count(config) > 0)
-    return f"{config.k8s.image_registry.rstrip('/')}/{name}:{config.k8s.image_tag}"
+    """``<registry>/<stage>:<tag>``; the CUDA build ``<stage>-cuda`` when the stage needs CUDA under the config;
+    ``<registry>/<name>@sha256:...`` instead when k8s.image_digests holds the image's digest."""
+    return image_ref(config, stage_image(stage, cuda=CUDA in stage.image_needs(config)))
+
+
+def image_ref(config: RunConfig, name: str) -> str:
+    kc = config.k8s
+    digest = kc.image_digests.get(name)
+    return f"{kc.image_registry.rstrip('/')}/{name}" + (f"@{digest}" if digest else f":{kc.image_tag}")
 
 
 def stage_resources(config: RunConfig, stage: StageSpec) -> dict[str, str]:
@@ -269,6 +277,7 @@ def build_job(config: RunConfig, stage: StageSpec | str) -> k.V1Job:
             k.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
     ])
     job_spec = k.V1JobSpec(
+        suspend=True if kc.queue_name else None,  # Kueue resumes it once admitted (also without its webhook)
         backoff_limit=kc.backoff_limit,
         active_deadline_seconds=kc.active_deadline_s,
         ttl_seconds_after_finished=kc.ttl_after_finished_s,
@@ -305,7 +314,7 @@ def build_driver_job(config: RunConfig, run_args: list[str]) -> k.V1Job:
     volumes, mounts = _volumes(config, quantities, shm=False, data=False)  # config, /tmp, cache (+ store PVC)
     container = k.V1Container(
         name="driver",
-        image=f"{kc.image_registry.rstrip('/')}/base:{kc.image_tag}",
+        image=image_ref(config, "base"),
         image_pull_policy=kc.image_pull_policy,
         command=["ielts-distill", "run", "--executor", "k8s", "--config", CONFIG_FILE, *run_args],
         env=env,
@@ -333,9 +342,13 @@ def build_driver_job(config: RunConfig, run_args: list[str]) -> k.V1Job:
                                 annotations={"ielts-distill/version": __version__}),
         spec=k.V1JobSpec(backoff_limit=3, active_deadline_seconds=kc.wait_timeout_s,
                          ttl_seconds_after_finished=kc.ttl_after_finished_s, pod_replacement_policy="Failed",
-                         pod_failure_policy=k.V1PodFailurePolicy(rules=[k.V1PodFailurePolicyRule(
-                             action="FailJob", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
-                                 container_name="driver", operator="In", values=[1, EXIT_CONFIG_ERROR]))]),
+                         pod_failure_policy=k.V1PodFailurePolicy(rules=[  # a failed stage stays final;
+                             k.V1PodFailurePolicyRule(   # an API outage: a new pod re-attaches, uncounted
+                                 action="FailJob", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
+                                     container_name="driver", operator="In", values=[1, EXIT_CONFIG_ERROR])),
+                             k.V1PodFailurePolicyRule(
+                                 action="Ignore", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
+                                     container_name="driver", operator="In", values=[EXIT_API_OUTAGE]))]),
                          template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=meta_labels), spec=pod)))
 
 

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 from pipeline.config import LLMSection, is_reasoning, token_limit
 from pipeline.errors import PipelineError
+from pipeline.minimax import output_cap
 from pipeline.redact import redact, register_secret_env
 
 log = logging.getLogger("ielts_distill.llm")
@@ -327,12 +328,14 @@ class LLMClient:
         started = time.monotonic()
         done = await self._request(messages, params)
         cut = done.finish_reason == "length"
-        if cut and limit_param not in overrides and (is_reasoning(self.cfg) or not done.text):
+        room = min(2 * params[limit_param], output_cap(self.cfg.model) or 2 * params[limit_param])
+        if cut and limit_param not in overrides and room > params[limit_param] and (
+                is_reasoning(self.cfg) or not done.text):
             # cut at the limit (a reasoning model's long thought, or a long answer): once more with twice the
-            # room, then give up and say so (never an empty or half answer passed off as complete)
-            log.info("%s: answer cut at %d tokens; asking once more with %d", self.name, params[limit_param],
-                     2 * params[limit_param])
-            again = await self._request(messages, {**params, limit_param: 2 * params[limit_param]})
+            # room (within the endpoint's documented cap), then give up and say so (never an empty or half
+            # answer passed off as complete)
+            log.info("%s: answer cut at %d tokens; asking once more with %d", self.name, params[limit_param], room)
+            again = await self._request(messages, {**params, limit_param: room})
             again.prompt_tokens += done.prompt_tokens
             again.completion_tokens += done.completion_tokens
             again.cost_usd += done.cost_usd

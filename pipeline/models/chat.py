@@ -26,28 +26,30 @@ CHAT_TEMPLATE = (
 )
 
 
-def user_prompt(title: str) -> str:
-    """The instruction the student sees beside the chart image (the same for every model and variant)."""
-    return (f'The chart is titled "{title.strip()}". Write an IELTS Academic Task 1 essay: summarise the '
+def user_prompt(title: str, data: str = "") -> str:
+    """The instruction the student sees beside the chart image (the same for every model and variant), with
+    the chart's data (``student.table_in_prompt``: the dataset's ``data`` column) after it when given."""
+    text = (f'The chart is titled "{title.strip()}". Write an IELTS Academic Task 1 essay: summarise the '
             "information by selecting and reporting the main features, and make comparisons where relevant.")
+    return f"{text}\n{data.strip()}" if data and data.strip() else text
 
 
-def messages(title: str, essay: str | None = None) -> list[dict[str, Any]]:
+def messages(title: str, essay: str | None = None, data: str = "") -> list[dict[str, Any]]:
     turns: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "image"},
-                                                                {"type": "text", "text": user_prompt(title)}]}]
+                                                                {"type": "text", "text": user_prompt(title, data)}]}]
     if essay is not None:
         turns.append({"role": "assistant", "content": [{"type": "text", "text": essay}]})
     return turns
 
 
-def prompt_text(processor, title: str) -> str:
-    return processor.apply_chat_template(messages(title), add_generation_prompt=True, tokenize=False)
+def prompt_text(processor, title: str, data: str = "") -> str:
+    return processor.apply_chat_template(messages(title, data=data), add_generation_prompt=True, tokenize=False)
 
 
-def answer_text(processor, title: str, essay: str) -> str:
+def answer_text(processor, title: str, essay: str, data: str = "") -> str:
     """The assistant turn as the chat template renders it after the generation prompt."""
-    prompt = prompt_text(processor, title)
-    full = processor.apply_chat_template(messages(title, essay), tokenize=False)
+    prompt = prompt_text(processor, title, data)
+    full = processor.apply_chat_template(messages(title, essay, data), tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template does not render the prompt as a prefix of the full chat")
     answer = full[len(prompt):]
@@ -80,12 +82,13 @@ def shrink(image, processor):
     return image.reduce(factor) if factor >= 2 else image
 
 
-def encode(processor, image, title: str, essay: str | None = None, max_length: int | None = None) -> Encoded:
+def encode(processor, image, title: str, essay: str | None = None, max_length: int | None = None,
+           data: str = "") -> Encoded:
     """Encode one chart (and, for training, its essay). Long answers are cut to ``max_length``; a prompt
-    that alone exceeds it raises ValueError (the image tokens are never cut)."""
+    that alone exceeds it raises ValueError (the image tokens are never cut). ``data``: see user_prompt."""
     import torch
 
-    batch = processor(text=[prompt_text(processor, title)], images=[[shrink(image, processor)]],
+    batch = processor(text=[prompt_text(processor, title, data)], images=[[shrink(image, processor)]],
                       return_tensors="pt")
     ids = batch["input_ids"][0].tolist()
     prompt_len = len(ids)
@@ -93,7 +96,7 @@ def encode(processor, image, title: str, essay: str | None = None, max_length: i
         raise ValueError(f"prompt of {prompt_len} tokens (image included) exceeds max_length={max_length}")
     labels = [IGNORE_INDEX] * prompt_len
     if essay is not None:
-        answer = processor.tokenizer(answer_text(processor, title, essay), add_special_tokens=False)["input_ids"]
+        answer = processor.tokenizer(answer_text(processor, title, essay, data), add_special_tokens=False)["input_ids"]
         ids, labels = ids + answer, labels + answer
     if max_length is not None and len(ids) > max_length:
         ids, labels = ids[:max_length], labels[:max_length]

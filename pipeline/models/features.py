@@ -94,9 +94,10 @@ class ChartCache:
         feats = torch.cat([self.features(k) for k in keys])
         return encoder_outputs(model, feats.to(next(model.parameters()).device, model.dtype))
 
-    def fill(self, model, processor, charts: Mapping[str, tuple[Any, str]], batch_size: int = 8) -> int:
-        """Encode and run the vision side for every chart ``(PIL image, title)`` not cached yet; returns how
-        many were added. A chart the processor rejects raises ValueError naming its key."""
+    def fill(self, model, processor, charts: Mapping[str, tuple[Any, ...]], batch_size: int = 8) -> int:
+        """Encode and run the vision side for every chart ``(PIL image, title)`` or ``(PIL image, title, data)``
+        not cached yet; returns how many were added. A chart the processor rejects raises ValueError naming
+        its key."""
         import torch
 
         from pipeline.models.chat import encode, pad_tiles
@@ -109,7 +110,8 @@ class ChartCache:
 
         def prepare(key: str):
             try:
-                return key, encode(processor, *charts[key])
+                image, title, *data = charts[key]
+                return key, encode(processor, image, title, data=data[0] if data else "")
             except ValueError as exc:
                 raise ValueError(f"chart {key}: {exc}") from None
 

@@ -41,6 +41,37 @@ def stop_ids(processor) -> list[int]:
     return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
 
 
+def marker_token_ids(tokenizer, paragraphs: int = 9) -> list[int]:
+    """The token ids of the seed's step markers, paragraph labels (1..``paragraphs``) and the quotes and line
+    breaks around them, as the canonical layout tokenizes (:func:`pipeline.essays.canonical`)."""
+    from pipeline.essays import StructuredEssay, canonical
+
+    layout = canonical(StructuredEssay("x", ["x"] * paragraphs, "x"))
+    ids = set(tokenizer(layout, add_special_tokens=False)["input_ids"])
+    ids |= {i for line in layout.splitlines() if line.strip()
+            for i in tokenizer(line, add_special_tokens=False)["input_ids"]}
+    return sorted(ids - set(tokenizer("x", add_special_tokens=False)["input_ids"]))
+
+
+class SparingRepetitionPenalty:
+    """transformers' repetition penalty over the generated tokens, except for ``spared`` token ids, whose
+    scores are left as the model gave them (the step markers a structured essay must repeat)."""
+
+    def __init__(self, penalty: float, prompt_length: int, spared: list[int]):
+        import torch
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        self.inner = RepetitionPenaltyLogitsProcessor(penalty, prompt_length)
+        self.spared = torch.tensor(spared, dtype=torch.long)
+
+    def __call__(self, input_ids, scores):
+        spared = self.spared.to(scores.device)
+        kept = scores[:, spared].clone()
+        scores = self.inner(input_ids, scores)
+        scores[:, spared] = kept
+        return scores
+
+
 def _prompt(ids: list[int]):
     from types import SimpleNamespace
 
@@ -49,7 +80,7 @@ def _prompt(ids: list[int]):
 
 def _generate_batch(model, cache: ChartCache, keys: list[str], *, pad_id: int, stops: list[int],
                     max_new_tokens: int, do_sample: bool, min_new_tokens: int = 0,
-                    repetition_penalty: float = 1.0) -> list[list[int]]:
+                    repetition_penalty: float = 1.0, spared: list[int] | None = None) -> list[list[int]]:
     """New token ids per chart (stop tokens and what follows them included): one left-padded
     ``model.generate`` call fed the cached vision features."""
     from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
@@ -59,8 +90,11 @@ def _generate_batch(model, cache: ChartCache, keys: list[str], *, pad_id: int, s
     greedy = {} if do_sample else {"num_beams": 1, "temperature": None, "top_p": None, "top_k": None}
     # the penalty counts the essay's own tokens, not the prompt's: the title and its figures stay quotable
     # and the step markers' digits are not penalised because a year in the title contains them
-    processors = [RepetitionPenaltyLogitsProcessor(float(repetition_penalty), batch["input_ids"].shape[1])] \
-        if repetition_penalty != 1.0 else []
+    # (``spared``: token ids the penalty leaves alone, e.g. the step markers)
+    length = batch["input_ids"].shape[1]
+    processors = [] if repetition_penalty == 1.0 else \
+        [SparingRepetitionPenalty(float(repetition_penalty), length, spared) if spared else
+         RepetitionPenaltyLogitsProcessor(float(repetition_penalty), length)]
     out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                          mm_encoder_outputs=cache.batch_features(keys, model), max_new_tokens=max_new_tokens,
                          min_new_tokens=min_new_tokens, logits_processor=LogitsProcessorList(processors),
@@ -70,7 +104,8 @@ def _generate_batch(model, cache: ChartCache, keys: list[str], *, pad_id: int, s
 
 def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_new_tokens: int,
                     batch_size: int, do_sample: bool = False, min_new_tokens: int = 0,
-                    repetition_penalty: float = 1.0, sort_by_length: bool = True,
+                    repetition_penalty: float = 1.0, penalty_spares_markers: bool = False,
+                    sort_by_length: bool = True,
                     cache: ChartCache | None = None, keys: Sequence[str] | None = None,
                     on_batch: Callable[[list[int], list[GenerationResult]], None] | None = None
                     ) -> list[GenerationResult]:
@@ -78,7 +113,8 @@ def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_
     chart) shares the encoded prompts and vision features between calls, e.g. the baseline and the adapters
     of one base model; without it they live for this call. ``on_batch(indices, results)`` runs after each
     batch (indices into ``charts``), so a caller can store results as they come. ``min_new_tokens``: no stop
-    token before that many tokens, ``repetition_penalty`` (transformers') above 1.0 (both the same for every model)."""
+    token before that many tokens, ``repetition_penalty`` (transformers') above 1.0, sparing the step markers'
+    tokens with ``penalty_spares_markers`` (all the same for every model)."""
     import torch
 
     if cache is None:
@@ -88,6 +124,7 @@ def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_
     tok = processor.tokenizer
     pad_id = pad_token_id(processor)
     stops = stop_ids(processor)
+    spared = marker_token_ids(tok) if penalty_spares_markers and repetition_penalty != 1.0 else None
     cache.fill(model, processor, dict(zip(keys, charts)), batch_size=batch_size)
     order = list(range(len(charts)))
     if sort_by_length:
@@ -99,7 +136,7 @@ def generate_essays(model, processor, charts: Sequence[tuple[Any, str]], *, max_
         with torch.inference_mode():
             rows = _generate_batch(model, cache, [keys[i] for i in idx], pad_id=pad_id, stops=stops,
                                    max_new_tokens=max_new_tokens, do_sample=do_sample, min_new_tokens=min_new_tokens,
-                                   repetition_penalty=repetition_penalty)
+                                   repetition_penalty=repetition_penalty, spared=spared)
         seconds = (time.perf_counter() - started) / len(idx)
         done = []
         for i, row in zip(idx, rows):

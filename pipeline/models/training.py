@@ -134,7 +134,8 @@ class Samples:
             part = rows.select(range(start, min(start + chunk, len(rows)))) if hasattr(rows, "select") \
                 else rows[start:start + chunk]
             try:
-                cache.fill(model, processor, {r["chart_id"]: (r["image"], r["title"]) for r in part})
+                cache.fill(model, processor, {r["chart_id"]: (r["image"], r["title"], r.get("data") or "")
+                                              for r in part})
             except ValueError as exc:
                 raise StageError(str(exc)) from None
             for r in part:
@@ -142,7 +143,7 @@ class Samples:
                 if len(prompt) > max_length:
                     raise StageError(f"chart {r['chart_id']}: prompt of {len(prompt)} tokens (image included) "
                                      f"exceeds max_length={max_length}")
-                answer = processor.tokenizer(answer_text(processor, r["title"], r["essay"]),
+                answer = processor.tokenizer(answer_text(processor, r["title"], r["essay"], r.get("data") or ""),
                                              add_special_tokens=False)["input_ids"]
                 ids = (prompt + answer)[:max_length]
                 labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]

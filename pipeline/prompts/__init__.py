@@ -19,6 +19,35 @@ from pipeline.errors import PipelineError
 
 TEACHER_TYPES = ("bar", "line", "pie", "table")
 FINAL_LINE = "Follow given structured input:"
+MAX_TABLE_ROWS = 40  # rows of a chart's data table given in a prompt (the gates still check them all)
+MAX_OCR_CHARS = 1000  # Pew charts have OCR text instead of a table: noisy, so only its start
+# The student's prompt (student.table_in_prompt) is shorter: its sequence (image, prompt, essay) is trained
+STUDENT_TABLE_ROWS, STUDENT_OCR_CHARS = 12, 400
+TABLE_HEADING = "Data table of the chart (quote only figures from it):"
+OCR_HEADING = "Text read from the chart image (OCR):"
+NO_IMAGE = "no image: use the title and the data given"  # the image name when the prompt carries no image
+FEEDBACK = ("Your previous answer was rejected: {reasons}. Write a new essay that fixes this, following the "
+            "structure above.")
+# The fixed lines a prompt may add to its template: an answer must not copy them either
+FRAMING = "\n".join((TABLE_HEADING, OCR_HEADING, NO_IMAGE, FEEDBACK.format(reasons="")))
+
+
+def table_text(rows: list[list], max_rows: int = MAX_TABLE_ROWS) -> str:
+    """A data table as prompt text: one line per row, cells joined by `` | ``, at most ``max_rows`` rows."""
+    shown = [" | ".join(str(c) for c in row) for row in rows[: max_rows + 1]]
+    more = len(rows) - 1 - max_rows
+    return "\n".join(shown) + (f"\n... ({more} more rows)" if more > 0 else "")
+
+
+def chart_data(chart: dict, max_rows: int = MAX_TABLE_ROWS, max_chars: int = MAX_OCR_CHARS) -> str:
+    """What a prompt says about a chart's data: its table or the start of its OCR text, each under its
+    heading; '' when the chart has neither. The teacher's prompt, and with the student's limits
+    (STUDENT_TABLE_ROWS, STUDENT_OCR_CHARS) the student's (``student.table_in_prompt``)."""
+    if chart.get("table"):
+        return f"{TABLE_HEADING}\n{table_text(chart['table'], max_rows)}"
+    if chart.get("ocr_text"):
+        return f"{OCR_HEADING}\n{chart['ocr_text'][:max_chars]}"
+    return ""
 
 
 def read_prompt(relpath: str) -> str:

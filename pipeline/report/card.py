@@ -60,6 +60,7 @@ def dataset_card(variant: str, by_split: dict[str, list[dict[str, Any]]], counts
         teacher=", ".join(sorted({str(m) for m, _, _ in counts["teacher_models"]})) or "none",
         templates=", ".join(sorted({f"{t} ({v})" for _, t, v in counts["teacher_models"]})) or "none",
         variant_text=VARIANT_TEXT[variant], structure_inferred=counts["structure_inferred"],
+        table_in_prompt=counts.get("table_in_prompt", False),
         n_read=ingest.get("read", "?"), n_charts=ingest.get("accepted", "?"),
         teacher_records=counts["teacher_records"], rejected=counts["rejected_by_teacher"],
         excluded=counts["excluded_unparseable"], rows=len(rows),

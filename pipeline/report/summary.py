@@ -11,16 +11,17 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.artifacts import ORDERS, SELFTEST_GOLDEN, SELFTEST_PREFIX
+from pipeline.artifacts import ORDERS, SELFTEST_GOLDEN, SELFTEST_PREFIX, VIEWS
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
-MODEL_ORDER = ("teacher", "baseline", "structured", "unstructured")
+GOLDEN = "golden"  # the golden (teacher) essays, as a model of the report
+MODEL_ORDER = (GOLDEN, "baseline", "structured", "unstructured")
 # Which essay form each model is asked to produce (failure_modes checks structure accordingly).
-MODEL_VARIANT = {"teacher": "structured", "structured": "structured", "unstructured": "unstructured"}
+MODEL_VARIANT = {GOLDEN: "structured", "structured": "structured", "unstructured": "unstructured"}
 DETERMINISTIC_MARGIN = 0.01  # closeness scores closer than this are a tie for the deterministic judge
-LABELS = {"teacher": "golden (teacher)", "baseline": "baseline", "structured": "fine-tuned structured",
+LABELS = {GOLDEN: "golden (teacher)", "baseline": "baseline", "structured": "fine-tuned structured",
           "unstructured": "fine-tuned unstructured"}
 
 
@@ -34,6 +35,15 @@ def is_selftest(verdict: dict[str, Any]) -> bool:
     return verdict["a"] == SELFTEST_GOLDEN and verdict["b"].startswith(SELFTEST_PREFIX)
 
 
+NEUTRAL, AS_WRITTEN = VIEWS
+VIEW_LABELS = {NEUTRAL: "layout-neutral", AS_WRITTEN: "as written"}
+
+
+def view_of(verdict: dict[str, Any]) -> str:
+    """A verdict's view; records from before layout-neutral judging were judged as written."""
+    return verdict.get("view") or AS_WRITTEN
+
+
 def is_rubric(verdict: dict[str, Any]) -> bool:
     return verdict.get("order") == "rubric"  # pipeline.rubric.RUBRIC (judge.rubric)
 
@@ -43,7 +53,7 @@ class Inputs:
     """Everything the report reads from the store, keyed for quick lookup."""
 
     charts: dict[str, dict[str, Any]]
-    essays: dict[str, dict[str, str]]  # model ("teacher" = the golden essay) -> chart_id -> essay
+    essays: dict[str, dict[str, str]]  # model (GOLDEN = the golden essay) -> chart_id -> essay
     verdicts: list[dict[str, Any]]
     test_ids: list[str]
     training: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> metrics rows, loss.png
@@ -120,7 +130,7 @@ def essay_scores(inputs: Inputs, min_words: int, max_words: int) -> Scores:
     from pipeline.quality import score_essay
 
     finish = {(r["model"], r["chart_id"]): r.get("finish") for r in inputs.generated}
-    golden = inputs.essays.get("teacher", {})
+    golden = inputs.essays.get(GOLDEN, {})
     out: Scores = {}
     for model in inputs.models:
         out[model] = {}
@@ -131,7 +141,7 @@ def essay_scores(inputs: Inputs, min_words: int, max_words: int) -> Scores:
             chart = inputs.charts.get(cid, {})
             out[model][cid] = score_essay(
                 text, table_rows=chart.get("table"), title=chart.get("title"), golden=golden.get(cid),
-                variant=MODEL_VARIANT.get(model), finish="stop" if model == "teacher" else finish.get((model, cid)),
+                variant=MODEL_VARIANT.get(model), finish="stop" if model == GOLDEN else finish.get((model, cid)),
                 min_words=min_words, max_words=max_words)
     return out
 
@@ -155,6 +165,8 @@ def model_quality(scores: Scores) -> dict[str, Any]:
         modes = Counter(m for r in rows for m in set(r["failure_modes"]))
         precision = [r["numeric"]["precision"] for r in rows if r["numeric"] and r["numeric"]["precision"] is not None]
         coverage = [r["numeric"]["coverage"] for r in rows if r["numeric"] and r["numeric"]["coverage"] is not None]
+        untied = [r["numeric"]["unverifiable"] / r["numeric"]["figures"] for r in rows
+                  if r["numeric"] and r["numeric"]["figures"]]
         chrf = [r["chrf_to_golden"] for r in rows if r["chrf_to_golden"] is not None]
         known = sum(r["finish"] is not None for r in rows)
         out[model] = {
@@ -168,14 +180,15 @@ def model_quality(scores: Scores) -> dict[str, Any]:
             "finish_known": known,
             "numeric_precision": _mean(precision), "numeric_precision_n": len(precision),
             "numeric_coverage": _mean(coverage), "numeric_coverage_n": len(coverage),
-            "chrf_to_golden": _mean(chrf) if model != "teacher" else None,
+            "numeric_unverifiable": _mean(untied),
+            "chrf_to_golden": _mean(chrf) if model != GOLDEN else None,
         }
     return out
 
 
 def truncation(scores: Scores, limit: float = 0.02) -> dict[str, Any]:
     """Generated essays that hit the token limit (``finish == "length"``), over those whose finish is known."""
-    rows = [r for model, by_chart in scores.items() if model != "teacher" for r in by_chart.values()]
+    rows = [r for model, by_chart in scores.items() if model != GOLDEN for r in by_chart.values()]
     known = [r for r in rows if r["finish"] is not None]
     cut = sum(r["finish"] == "length" for r in known)
     share = cut / len(known) if known else None
@@ -186,13 +199,16 @@ def truncation(scores: Scores, limit: float = 0.02) -> dict[str, Any]:
 # --------------------------------------------------------------------------- comparisons
 
 
-def comparison_pairs(inputs: Inputs) -> dict[tuple[str, str], list]:
-    """Judge records grouped into :class:`pipeline.stats.Pair` per comparison (both orders in one pair)."""
+def comparison_pairs(inputs: Inputs, view: str = NEUTRAL) -> dict[tuple[str, str], list]:
+    """Judge records of one view grouped into :class:`pipeline.stats.Pair` per comparison (both orders in one
+    pair)."""
     from pipeline.essays import word_count
     from pipeline.stats import Pair
 
     grouped: dict[tuple[str, str], dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
     for v in inputs.judged:
+        if view_of(v) != view:
+            continue
         grouped[(v["a"], v["b"])][v["chart_id"]][v["order"]] = v["verdict"]
     out = {}
     for (a, b), by_chart in grouped.items():
@@ -241,16 +257,44 @@ def caveats(c: dict[str, Any]) -> list[str]:
     return out
 
 
-def comparisons(config: RunConfig, pairs: dict[tuple[str, str], list]) -> list[dict[str, Any]]:
-    """The LLM judge's comparisons, in the configured order, each with its sentence and caveats."""
+def lengths(models: tuple[str, ...], chart_ids: list[str], scores: Scores, min_words: int) -> dict[str, Any]:
+    """Per model, over the pairs' charts: the share of essays cut at the token limit (over those whose finish
+    is known) and under the word floor, so a win rate is read beside what may have decided it."""
+    out = {}
+    for model in models:
+        rows = [scores.get(model, {}).get(cid) for cid in chart_ids]
+        rows = [r for r in rows if r is not None]
+        known = [r for r in rows if r["finish"] is not None]
+        out[model] = {"n": len(rows), "cut": _share(sum(r["finish"] == "length" for r in known), len(known)),
+                      "finish_known": len(known), "short": _share(sum(r["words"] < min_words for r in rows), len(rows))}
+    return out
+
+
+def evidence_note(check: dict[str, Any] | None) -> str | None:
+    """Why the LLM judge's win rates are not evidence (None when its self-test passed)."""
+    if check is None:
+        return "not evidence: the judge was not self-tested"
+    return None if check["trustworthy"] else "not evidence: the judge failed its self-test"
+
+
+def comparisons(config: RunConfig, pairs: dict[tuple[str, str], list], scores: Scores | None = None,
+                check: dict[str, Any] | None = None, view: str = NEUTRAL) -> list[dict[str, Any]]:
+    """The LLM judge's comparisons of one view, in the configured order, each with its sentence, caveats,
+    the two models' cut / short shares and whether it is evidence (the self-test passed)."""
     from pipeline.stats import compare
 
     wanted = [tuple(c) for c in config.judge.comparisons]
     ordered = [c for c in wanted if c in pairs] + sorted(set(pairs) - set(wanted))
+    note = evidence_note(check)
     out = []
     for a, b in ordered:
         c = compare(a, b, pairs[(a, b)])
-        out.append({**c, "sentence": verdict_sentence(c), "caveats": caveats(c)})
+        sentence = verdict_sentence(c) + ("" if note is None else f" ({note})")
+        out.append({**c, "view": VIEW_LABELS[view], "sentence": sentence, "caveats": caveats(c),
+                    "lengths": lengths((a, b), [p.chart_id for p in pairs[(a, b)]], scores or {},
+                                       config.teacher.min_words),
+                    "trustworthy": None if check is None else check["trustworthy"],
+                    "evidence": note is None, "evidence_note": note})
     return out
 
 
@@ -279,6 +323,7 @@ def deterministic(config: RunConfig, inputs: Inputs, scores: Scores,
         llm = {p.chart_id: p.outcome for p in llm_pairs.get((a, b), [])}
         both = [(llm[p.chart_id], p.outcome) for p in pairs if p.chart_id in llm]
         out.append({**c, "sentence": verdict_sentence(c), "caveats": caveats(c),
+                    "lengths": lengths((a, b), [p.chart_id for p in pairs], scores, config.teacher.min_words),
                     "agreement_with_llm": agreement([x for x, _ in both], [y for _, y in both])})
     return {"method": f"chrF++ (sacrebleu) of the prose to the golden essay's prose, averaged with numeric "
                       f"precision where the chart has a table; a difference under {DETERMINISTIC_MARGIN} is a tie",
@@ -299,8 +344,10 @@ def _accuracy(outcomes: list[str]) -> dict[str, Any]:
 
 
 def selftest(inputs: Inputs, min_accuracy: float) -> dict[str, Any] | None:
-    """The judge's accuracy on planted pairs (golden vs a copy made worse in a known way): a pair is correct
-    when both orders pick the golden essay; a flip, a wrong pick or an invalid answer is not."""
+    """The judge's accuracy on planted pairs (the chart's human summary vs a copy of it made worse in a known
+    way): a pair is correct when both orders pick the good text; a flip, a wrong pick or an invalid answer is
+    not. The judge passes when its accuracy reaches ``min_accuracy`` overall *and* on every corruption: a
+    judge blind to one kind of defect (wrong figures, say) is not certified by catching the others."""
     from pipeline.stats import combine
 
     grouped: dict[str, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
@@ -312,8 +359,10 @@ def selftest(inputs: Inputs, min_accuracy: float) -> dict[str, Any] | None:
     outcomes = {kind: [combine(tuple(o[x] for x in ORDERS if x in o)) for o in by_chart.values()]
                 for kind, by_chart in grouped.items()}
     overall = _accuracy([o for kind in outcomes.values() for o in kind])
-    return {**overall, "min_accuracy": min_accuracy, "trustworthy": overall["accuracy"] >= min_accuracy,
-            "by_corruption": {kind: _accuracy(o) for kind, o in sorted(outcomes.items())}}
+    by_kind = {kind: _accuracy(o) for kind, o in sorted(outcomes.items())}
+    failed = [kind for kind, k in by_kind.items() if k["accuracy"] < min_accuracy]
+    return {**overall, "min_accuracy": min_accuracy, "failed_corruptions": failed,
+            "trustworthy": overall["accuracy"] >= min_accuracy and not failed, "by_corruption": by_kind}
 
 
 # --------------------------------------------------------------------------- the IELTS rubric (optional)
@@ -369,9 +418,9 @@ def gallery(inputs: Inputs, scores: Scores, count: int) -> list[dict[str, Any]]:
     """Per shown chart: its essays (words, failure modes) and each comparison's verdict per order."""
     from pipeline.stats import combine
 
-    verdicts: dict[str, dict[tuple[str, str], dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
+    verdicts: dict[str, dict[tuple[int, str, str], dict[str, str]]] = defaultdict(lambda: defaultdict(dict))
     for v in inputs.judged:
-        verdicts[v["chart_id"]][(v["a"], v["b"])][v["order"]] = v["verdict"]
+        verdicts[v["chart_id"]][(VIEWS.index(view_of(v)), v["a"], v["b"])][v["order"]] = v["verdict"]
     out = []
     for cid in gallery_ids(inputs, count):
         chart = inputs.charts.get(cid, {})
@@ -382,9 +431,9 @@ def gallery(inputs: Inputs, scores: Scores, count: int) -> list[dict[str, Any]]:
                            "modes": score["failure_modes"] if score else [],
                            "words": score["words"] if score else None})
         rows = []
-        for (a, b), by_order in sorted(verdicts[cid].items()):
+        for (view, a, b), by_order in sorted(verdicts[cid].items()):
             shown = [{"a": a, "b": b}.get(by_order[o], "invalid") if o in by_order else None for o in ORDERS]
-            rows.append({"comparison": f"{a} vs {b}", "orders": shown,
+            rows.append({"comparison": f"{a} vs {b} ({VIEW_LABELS[VIEWS[view]]})", "orders": shown,
                          "outcome": combine(tuple(by_order[o] for o in ORDERS if o in by_order))})
         out.append({"chart_id": cid, "type": chart.get("type", "?"), "title": chart.get("title", ""),
                     "image": chart.get("image"), "image_format": chart.get("image_format"),
@@ -407,18 +456,19 @@ def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
     pngs = {v: d["loss_png"] for v, d in inputs.training.items() if d.get("loss_png")}
     scores = essay_scores(inputs, teacher.min_words, teacher.max_words)
     models = model_quality(scores)
-    pairs = comparison_pairs(inputs)
+    pairs = comparison_pairs(inputs, NEUTRAL)
     cut = truncation(scores)
     check = selftest(inputs, config.judge.selftest_min_accuracy)
     warnings = []
     if check and not check["trustworthy"]:
-        warnings.append(f"Judge self-test: the judge preferred the golden essay over a planted worse copy in both "
+        failed = f" (below it on: {', '.join(check['failed_corruptions'])})" if check["failed_corruptions"] else ""
+        warnings.append(f"Judge self-test: the judge preferred the good text over a planted worse copy in both "
                         f"orders in {check['correct']} of {check['n']} pairs ({pct(check['accuracy'])}, 95 % CI "
-                        f"{ci_text(check['ci95'])}), below judge.selftest_min_accuracy "
-                        f"{pct(check['min_accuracy'])}: the LLM judge's win rates below are untrustworthy.")
+                        f"{ci_text(check['ci95'])}); judge.selftest_min_accuracy is {pct(check['min_accuracy'])} "
+                        f"overall and per corruption{failed}: the LLM judge's win rates below are not evidence.")
     elif check is None and inputs.judged:
         warnings.append("No judge self-test in this run (judge.selftest_charts: 0, or verdicts from before it "
-                        "existed): the LLM judge's win rates are unchecked.")
+                        "existed): the LLM judge's win rates are unchecked, not evidence.")
     if cut["over_limit"]:
         warnings.append(f"{cut['hit_limit']} of {cut['finish_known']} generated essays ({pct(cut['share'])}) hit "
                         "the token limit (finish 'length'): raise generate.max_new_tokens; cut essays lose to "
@@ -427,14 +477,16 @@ def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
         "run_id": run_id,
         "warnings": warnings,
         "selftest": check,
-        "judge": {"model": judge.model, "template": config.judge.template, "vision": judge.vision,
-                  "golden_form": config.judge.golden_form,
+        "judging": {"model": judge.model, "template": config.judge.template, "vision": judge.vision,
+                  "golden_form": config.judge.golden_form, "as_written": config.judge.as_written,
                   "requests": sum(int(v.get("attempts") or 1) for v in inputs.verdicts),
                   "usage": dict(usage),
                   "cost_usd": round(sum(float(v.get("cost_usd") or 0) for v in inputs.verdicts), 6)},
         "test_charts": len(inputs.test_ids),
-        "comparisons": [{**c, "trustworthy": None if check is None else check["trustworthy"]}
-                        for c in comparisons(config, pairs)],
+        "student": {"table_in_prompt": config.student.table_in_prompt},
+        "comparisons": comparisons(config, pairs, scores, check, NEUTRAL),
+        "comparisons_as_written": comparisons(config, comparison_pairs(inputs, AS_WRITTEN), scores, check,
+                                              AS_WRITTEN),
         "deterministic": deterministic(config, inputs, scores, pairs),
         "rubric": rubric(inputs, pairs),
         "models": models,

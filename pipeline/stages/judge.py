@@ -4,11 +4,13 @@ For each comparison ``(a, b)`` in ``judge.comparisons`` and each test chart, the
 evaluation prompt (``pipeline/prompts/judge_<template>.txt``: the chart's title and the teacher's essay as
 the golden standard, then ``<FIRST>`` and ``<SECOND>``), with the chart image attached when the judge has
 vision. Order ``ab`` shows a's essay first, ``ba`` shows b's first, so position bias shows up as a flip
-(counted as a tie by :mod:`pipeline.stats`). An answer naming neither or both tags is asked once more
+(counted as a tie by :mod:`pipeline.stats`). View ``neutral`` (the headline) shows the golden essay and both
+candidates in one layout (``judge.golden_form``, :func:`pipeline.essays.pair_form`), so layout cannot decide
+a verdict; view ``as_written`` (``judge.as_written``) shows the candidates as their models wrote them. An answer naming neither or both tags is asked once more
 with a reminder; if it still names neither or both, the verdict is ``invalid`` and the raw text is kept.
 
-Records: ``<run>/judge/records/<a>-vs-<b>/<chart_id>/<ab|ba>.json`` = ``{comparison, a, b, chart_id, order,
-verdict: a|b|invalid, raw_answer, attempts, usage, cost_usd}``, written as each answer arrives (resume,
+Records: ``<run>/judge/records/<a>-vs-<b>/<chart_id>/<ab|ba>.json`` (as written: ``as-written-<ab|ba>.json``)
+= ``{comparison, a, b, chart_id, order, view, verdict: a|b|invalid, raw_answer, attempts, usage, cost_usd}``, written as each answer arrives (resume,
 shards, budget: :func:`pipeline.llm.runner.run_items`). When every record exists: ``verdicts.jsonl``, ``_SUCCESS``.
 """
 
@@ -27,6 +29,7 @@ from pipeline.artifacts import ORDERS
 from pipeline.context import StageContext
 from pipeline.errors import ArtifactNotFound, StageError
 
+NEUTRAL, AS_WRITTEN = artifacts.VIEWS
 REMINDER = "Answer with exactly one word: <FIRST> or <SECOND>."
 _TAG = re.compile(r"<\s*(FIRST|SECOND)\s*>", re.I)
 _WORD = re.compile(r"\b(FIRST|SECOND)\b", re.I)
@@ -40,6 +43,7 @@ class Item:
     b: str
     chart_id: str
     order: str
+    view: str = NEUTRAL
 
     @property
     def comparison(self) -> str:
@@ -47,7 +51,7 @@ class Item:
 
     @property
     def id(self) -> str:
-        return f"{self.comparison}/{self.chart_id}/{self.order}"
+        return f"{self.comparison}/{self.chart_id}/{'as-written-' if self.view == AS_WRITTEN else ''}{self.order}"
 
     @property
     def first_second(self) -> tuple[str, str]:
@@ -102,7 +106,7 @@ async def judge_one(client, item: Item, messages: list[dict[str, Any]], **overri
     if verdict == "invalid" and reason is None:
         reason = "answer names neither or both of <FIRST> and <SECOND>"
     return {"comparison": item.comparison, "a": item.a, "b": item.b, "chart_id": item.chart_id,
-            "order": item.order, "verdict": verdict, "raw_answer": raw, "attempts": attempts,
+            "order": item.order, "view": item.view, "verdict": verdict, "raw_answer": raw, "attempts": attempts,
             "usage": usage, "cost_usd": round(cost, 8),
             **({"reason": reason} if verdict == "invalid" else {})}
 
@@ -115,7 +119,7 @@ class Plan:
     items: list[Item]
     charts: dict[str, dict[str, Any]]
     golden: dict[str, str]
-    essays: dict[str, dict[str, str]]  # model -> chart_id -> essay
+    essays: dict[str, dict[str, str]]  # model -> chart_id -> essay (self-test: already in the pair's form)
 
 
 def make_plan(ctx: StageContext) -> Plan:
@@ -138,11 +142,12 @@ def make_plan(ctx: StageContext) -> Plan:
                 raise StageError(f"judge.comparisons names '{model}' but generate has no essays for it "
                                  f"(models: {', '.join(sorted(essays)) or 'none'})")
         ids = [cid for cid in test if cid in essays[a] and cid in essays[b] and cid in golden and cid in charts]
+        views = (NEUTRAL, AS_WRITTEN) if cfg.as_written else (NEUTRAL,)
         for cid in ids[: cfg.limit] if cfg.limit else ids:
-            items += [Item(a, b, cid, order) for order in ORDERS]
+            items += [Item(a, b, cid, order, view) for view in views for order in ORDERS]
             for model in (a, b):
                 rubric.setdefault(model, []).append(cid)
-    items += selftest_items(cfg.selftest_charts, test, golden, charts, essays)
+    items += selftest_items(cfg.selftest_charts, test, golden, charts, essays, cfg.golden_form)
     if cfg.rubric:
         from pipeline.rubric import RubricItem
 
@@ -151,27 +156,29 @@ def make_plan(ctx: StageContext) -> Plan:
 
 
 def selftest_items(count: int, test: list[str], golden: dict[str, str], charts: dict[str, Any],
-                   essays: dict[str, dict[str, str]]) -> list[Item]:
-    """The judge's self-test: on ``count`` test charts (by stable hash), the golden essay in prose against a
-    copy made worse in one known way (:data:`pipeline.quality.PLANTED`), judged in both orders like every
-    pair (a chart whose golden essay the corruption leaves unchanged is skipped). Adds them to ``essays``."""
+                   essays: dict[str, dict[str, str]], golden_form: str = "prose") -> list[Item]:
+    """The judge's self-test (:mod:`pipeline.selftest`): on ``count`` test charts with a human-written summary
+    (by stable hash), that summary in the pair's form against a copy of it made worse in one known way, judged
+    in both orders like every pair, the teacher's essay as the reference (a corruption that leaves a chart's
+    summary unchanged, e.g. no figures to move, skips that chart). Adds the texts to ``essays``."""
     import random
 
-    from pipeline.essays import golden_view
-    from pipeline.quality import PLANTED, planted
+    from pipeline.essays import pair_form
     from pipeline.records import stable_hash
+    from pipeline.selftest import PLANTED, good_essay, planted
 
-    ids = sorted((c for c in test if c in golden and c in charts), key=lambda c: stable_hash(c, "selftest"))[:count]
-    prose = {cid: golden_view(golden[cid], "prose") for cid in ids}
+    form = pair_form(golden_form, (artifacts.SELFTEST_GOLDEN,))
+    ids = sorted((c for c in test if c in golden and (charts.get(c) or {}).get("summary")),
+                 key=lambda c: stable_hash(c, "selftest"))[:count]
+    good = {cid: good_essay(charts[cid]["summary"], form) for cid in ids}
     items = []
-    for kind in PLANTED if len(ids) > 1 else [k for k in PLANTED if k != "other_chart"]:
+    for kind in PLANTED:
         model = artifacts.SELFTEST_PREFIX + kind
-        worse = {cid: planted(prose[cid], kind, prose[ids[(i + 1) % len(ids)]], random.Random(f"{cid}/{kind}"))
-                 for i, cid in enumerate(ids)}
-        essays[model] = {cid: text for cid, text in worse.items() if text != prose[cid]}  # e.g. no figures to move
+        worse = {cid: planted(good[cid], kind, random.Random(f"{cid}/{kind}")) for cid in ids}
+        essays[model] = {cid: text for cid, text in worse.items() if text != good[cid]}
         items += [Item(artifacts.SELFTEST_GOLDEN, model, cid, order) for cid in essays[model] for order in ORDERS]
     if ids:
-        essays[artifacts.SELFTEST_GOLDEN] = prose
+        essays[artifacts.SELFTEST_GOLDEN] = good
     return items
 
 
@@ -181,7 +188,8 @@ def inputs_fingerprint(ctx: StageContext, plan: Plan) -> str:
     from pipeline.records import fingerprint
 
     judge, llm = ctx.config.judge, ctx.config.judge_llm()
-    return fingerprint(plan.golden, plan.essays, judge.template, judge.golden_form, judge.answer_grammar, llm.model,
+    return fingerprint("layout-neutral", plan.golden, plan.essays, judge.template, judge.golden_form,
+                       judge.answer_grammar, llm.model,
                        llm.vision, llm.temperature, llm.max_tokens, judge.rubric and judge.rubric_template)
 
 
@@ -213,7 +221,6 @@ def check(ctx: StageContext) -> Plan:
 
 def run(ctx: StageContext) -> None:
     from pipeline import rubric
-    from pipeline.essays import golden_view
     from pipeline.llm import run_stage_items
     from pipeline.rubric import RubricItem
 
@@ -222,7 +229,7 @@ def run(ctx: StageContext) -> None:
     template = load_template(ctx.config.judge.template)
     rubric_template = load_template(ctx.config.judge.rubric_template) if ctx.config.judge.rubric else ""
     kinds = Counter("rubric" if isinstance(i, RubricItem) else "self-test" if i.a == artifacts.SELFTEST_GOLDEN
-                    else "pairs" for i in plan.items)
+                    else "pairs as written" if i.view == AS_WRITTEN else "layout-neutral pairs" for i in plan.items)
     ctx.log.info("judge: %d requests planned (%s), shard %s; judge %s%s", len(plan.items),
                  ", ".join(f"{n} {k}" for k, n in kinds.items()), ctx.shard, llm_cfg.model,
                  " with the chart image" if llm_cfg.vision else "")
@@ -236,10 +243,8 @@ def run(ctx: StageContext) -> None:
             prompt = rubric.build_prompt(rubric_template, chart["title"], chart.get("table"),
                                          plan.essays[item.model][item.chart_id])
             return await rubric.score_one(client, item, messages_for(prompt, image, chart.get("image_format", "png")))
-        first, second = item.first_second
-        golden = golden_view(plan.golden[item.chart_id], ctx.config.judge.golden_form, (item.a, item.b))
-        prompt = build_prompt(template, chart["title"], golden, plan.essays[first][item.chart_id],
-                              plan.essays[second][item.chart_id])
+        golden, first, second = shown_texts(item, plan, ctx.config.judge.golden_form)
+        prompt = build_prompt(template, chart["title"], golden, first, second)
         return await judge_one(client, item, messages_for(prompt, image, chart.get("image_format", "png")),
                                **overrides)
 
@@ -247,6 +252,22 @@ def run(ctx: StageContext) -> None:
                     inputs=inputs_fingerprint(ctx, plan), outcome=lambda r: r["verdict"],
                     reason=lambda r: r.get("reason"))
     finish(ctx, plan)
+
+
+def shown_texts(item: Item, plan: Plan, golden_form: str) -> tuple[str, str, str]:
+    """(golden, first, second) as the judge sees them. Neutral: all three in the pair's one form (the
+    self-test's texts are planted in it already); as written: the golden essay in ``golden_form``, the
+    candidates untouched."""
+    from pipeline.essays import golden_view, in_form, pair_form
+
+    first, second = (plan.essays[m][item.chart_id] for m in item.first_second)
+    golden = plan.golden[item.chart_id]
+    if item.view == AS_WRITTEN:
+        return golden_view(golden, golden_form, (item.a, item.b)), first, second
+    form = pair_form(golden_form, (item.a, item.b))
+    if item.a == artifacts.SELFTEST_GOLDEN:
+        return in_form(golden, form), first, second
+    return in_form(golden, form), in_form(first, form), in_form(second, form)
 
 
 def finish(ctx: StageContext, plan: Plan) -> None:

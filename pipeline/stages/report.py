@@ -15,14 +15,14 @@ from typing import Any
 from pipeline import artifacts
 from pipeline.context import StageContext
 from pipeline.errors import ArtifactNotFound
-from pipeline.report.summary import Inputs
+from pipeline.report.summary import GOLDEN, Inputs
 
 
 def read_inputs(ctx: StageContext) -> Inputs:
     charts = artifacts.charts_by_id(ctx)
     verdicts = artifacts.verdicts(ctx)
     essays: dict[str, dict[str, str]] = defaultdict(dict)
-    essays["teacher"] = artifacts.golden_essays(ctx)
+    essays[GOLDEN] = artifacts.golden_essays(ctx)
     generated = artifacts.jsonl_or_empty(ctx, "generate", artifacts.GENERATED_ESSAYS)
     for row in generated:
         essays[row["model"]][row["chart_id"]] = row.get("essay") or ""
@@ -47,7 +47,7 @@ def run(ctx: StageContext) -> None:
     from pipeline.llm import image_mime
     from pipeline.report.figures import render_figures
     from pipeline.report.render import render_html, render_markdown
-    from pipeline.report.summary import build_view, ci_text
+    from pipeline.report.summary import build_view, ci_text, pct
 
     view = build_view(ctx.config, ctx.run_id, read_inputs(ctx))
     view.images = {g["chart_id"]: (ctx.store.get_bytes(g["image"]), image_mime(g["image_format"]))
@@ -59,10 +59,17 @@ def run(ctx: StageContext) -> None:
     ctx.store.put_text(ctx.key(artifacts.REPORT_SUMMARY), json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     ctx.store.put_text(ctx.key(artifacts.REPORT_MD), render_markdown(view))
     ctx.store.put_text(ctx.key(artifacts.REPORT_HTML), render_html(view, figures))
-    for c in summary["comparisons"]:
-        ctx.log.info("report: %s win rate %s (95%% CI %s, n=%d)", c["comparison"],
-                     "n/a" if c["win_rate"] is None else f"{c['win_rate']:.3f}", ci_text(c["ci95"]), c["n"])
+    st = summary["selftest"]
+    if st:
+        ctx.log.info("report: judge self-test %s: %d of %d planted pairs (%s, 95%% CI %s)%s",
+                     "passed" if st["trustworthy"] else "FAILED", st["correct"], st["n"], pct(st["accuracy"]),
+                     ci_text(st["ci95"]), "".join(f"; {k} {v['correct']}/{v['n']}" for k, v in st["by_corruption"].items()))
+    for c in summary["comparisons"] + summary["comparisons_as_written"]:
+        ctx.log.info("report: %s win rate %s (95%% CI %s, n=%d, %s)%s", c["comparison"],
+                     "n/a" if c["win_rate"] is None else f"{c['win_rate']:.3f}", ci_text(c["ci95"]), c["n"], c["view"],
+                     "" if c["evidence"] else f" -- {c['evidence_note'].upper()}")
     ctx.log.info("report: %s", ctx.store.url(ctx.key(artifacts.REPORT_HTML)))
     ctx.complete({"comparisons": len(summary["comparisons"]), "test_charts": summary["test_charts"],
+                  "win_rates_are_evidence": bool(summary["comparisons"]) and summary["comparisons"][0]["evidence"],
                   **{f"win_rate:{c['comparison']}": None if c["win_rate"] is None else round(c["win_rate"], 3)
                      for c in summary["comparisons"]}})

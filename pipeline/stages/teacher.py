@@ -13,23 +13,17 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from pipeline import artifacts
 from pipeline.context import StageContext
+from pipeline.records import Shard
 
-MAX_TABLE_ROWS = 40  # rows of the data table given to the teacher (the gate still checks them all)
-MAX_OCR_CHARS = 1000  # Pew charts have OCR text instead of a table: noisy, so only its start
 # The quality gate of a chart whose table has up to this many cells runs on the event loop: 1-3 ms with an
 # essay quoting 20 figures, while a thread hop adds ~0.3 ms of CPU and GIL hand-offs and the gate's CPU stays
 # in this process either way. Larger tables (the sample's largest: 700-1,300 cells, tens of ms) go to a thread.
 GATE_INLINE_CELLS = 100
-
-
-def table_text(rows: list[list[Any]]) -> str:
-    shown = [" | ".join(str(c) for c in row) for row in rows[: MAX_TABLE_ROWS + 1]]
-    more = len(rows) - 1 - MAX_TABLE_ROWS
-    return "\n".join(shown) + (f"\n... ({more} more rows)" if more > 0 else "")
 
 
 def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
@@ -37,23 +31,19 @@ def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
     """The user message for one attempt: the filled template (+ data, + last attempt's failures) and,
     when ``image_url`` is given, the image."""
     from pipeline.llm import user_message
+    from pipeline.prompts import FEEDBACK, NO_IMAGE, chart_data
 
-    extra = []
-    if chart.get("table"):
-        extra.append("Data table of the chart (quote only figures from it):\n" + table_text(chart["table"]))
-    elif chart.get("ocr_text"):
-        extra.append("Text read from the chart image (OCR):\n" + chart["ocr_text"][:MAX_OCR_CHARS])
+    extra = [data] if (data := chart_data(chart)) else []
     if feedback:
-        extra.append("Your previous answer was rejected: " + "; ".join(feedback) +
-                     ". Write a new essay that fixes this, following the structure above.")
-    image_name = "IMAGE_LAST" if image_url else "no image: use the title and the data given"
+        extra.append(FEEDBACK.format(reasons="; ".join(feedback)))
+    image_name = "IMAGE_LAST" if image_url else NO_IMAGE
     return user_message(template.render(chart["title"], image_name, "\n\n".join(extra)), image_url)
 
 
 def make_handler(ctx: StageContext):
     """The async per-chart function for pipeline.llm.runner.run_items."""
     from pipeline.llm import LLMError, image_data_url
-    from pipeline.prompts import teacher_template
+    from pipeline.prompts import FRAMING, chart_data, teacher_template
     from pipeline.quality import gate_findings
     from pipeline.store import blocking
 
@@ -62,11 +52,12 @@ def make_handler(ctx: StageContext):
 
     async def gate(text: str, chart: dict[str, Any], template) -> list[tuple[str, str]]:
         table, title = chart.get("table"), chart.get("title")
+        args = (text, table, cfg, title, f"{template.text}\n{FRAMING}", chart_data(chart))
         if table and cfg.check_numbers and sum(map(len, table)) > GATE_INLINE_CELLS:
             # the number gate of a large table (78 ms for 336 rows) runs in a thread: the event loop keeps
             # serving the other requests meanwhile
-            return await asyncio.to_thread(gate_findings, text, table, cfg, title, template.text)
-        return gate_findings(text, table, cfg, title, template.text)
+            return await asyncio.to_thread(gate_findings, *args)
+        return gate_findings(*args)
 
     async def essay_for(chart: dict[str, Any], client) -> dict[str, Any]:
         template = teacher_template(chart["type"], cfg.templates)
@@ -125,19 +116,67 @@ def run(ctx: StageContext) -> None:
 
     cfg = ctx.config.teacher
     charts = artifacts.charts(ctx)
-    ids = [c["id"] for c in charts]  # ingest order, kept in essays.jsonl
-    # grouped by chart type: consecutive prompts share the template's long prefix, which a local server
-    # (llama.cpp) reuses from its KV cache instead of evaluating ~1,200 tokens again
-    charts = sorted(charts, key=lambda c: c["type"])
-    run_stage_items(ctx, cfg, charts, make_handler(ctx), item_id=lambda c: c["id"], noun="charts")
+    handler = make_handler(ctx)
+
+    def request(part: list[dict[str, Any]], where: StageContext, llm) -> None:
+        # grouped by chart type: consecutive prompts share the template's long prefix, which a local server
+        # (llama.cpp) reuses from its KV cache instead of evaluating ~1,200 tokens again
+        run_stage_items(where, llm, sorted(part, key=lambda c: c["type"]), handler, item_id=lambda c: c["id"],
+                        noun="charts")
+
+    if cfg.min_test_charts is None:
+        request(charts, ctx, cfg)
+        drawn = {c["id"] for c in charts}
+    else:
+        # Every shard works on each batch, split by the records' claims (one payer per chart), and waits for
+        # the batch's last record: so all of them see the same count and stop at the same batch. Each keeps
+        # its share of the budget and of the rate limit.
+        n = ctx.shard.count
+        share = cfg.model_copy(update={"budget_usd": cfg.budget_usd / n if cfg.budget_usd else None,
+                                       "requests_per_minute": cfg.requests_per_minute / n
+                                       if cfg.requests_per_minute else None})
+        whole = replace(ctx, shard=Shard())
+        order = draw_order(charts, ctx.config.dataset.seed)
+        for start in range(0, len(order), cfg.draw_batch):
+            if enough(ctx, order[:start]) is not None:
+                break
+            request(order[start:start + cfg.draw_batch], whole, share)
+        drawn = {c["id"] for c in order[:enough(ctx, order) or len(order)]}
+    ids = [c["id"] for c in charts if c["id"] in drawn]  # ingest order, kept in essays.jsonl
     ctx.collect_if_complete(artifacts.TEACHER_ESSAYS, [(ctx.records(), ids)], lambda rows: summarize(ctx, rows))
+
+
+def draw_order(charts: list[dict[str, Any]], seed: str) -> list[dict[str, Any]]:
+    """The fixed order the teacher draws charts in (``teacher.min_test_charts``): a stable hash of the id."""
+    from pipeline.records import stable_hash
+
+    return sorted(charts, key=lambda c: (stable_hash(c["id"], f"{seed}|teacher-draw"), c["id"]))
+
+
+def enough(ctx: StageContext, order: list[dict[str, Any]]) -> int | None:
+    """The fewest charts of ``order`` (a prefix, in whole draw batches) whose records all exist and whose
+    accepted essays give ``teacher.min_test_charts`` test charts; None when no prefix does (yet)."""
+    cfg, split = ctx.config.teacher, ctx.config.dataset
+    records = ctx.records()
+    done = records.done_ids()
+    accepted = 0
+    for start in range(0, len(order), cfg.draw_batch):
+        batch = [c["id"] for c in order[start:start + cfg.draw_batch]]
+        if any(i not in done for i in batch):
+            return None
+        accepted += sum(r.get("status") == "accepted" for r in records.read_all(batch))
+        if artifacts.split_sizes(accepted, split.train, split.test)["test"] >= (cfg.min_test_charts or 0):
+            return start + len(batch)
+    return None
 
 
 def summarize(ctx: StageContext, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The teacher's summary once every chart has a record (essays.jsonl is in chart order)."""
     status = Counter(r["status"] for r in rows)
+    total = len(artifacts.charts(ctx))
     summary = {
-        "charts": len(rows), "accepted": status.get("accepted", 0), "rejected": status.get("rejected", 0),
+        "charts": len(rows), "charts_available": total,
+        "accepted": status.get("accepted", 0), "rejected": status.get("rejected", 0),
         "rejected_by_reason": dict(Counter(r.get("reason_code") or "other" for r in rows if r["status"] != "accepted")),
         "attempts": sum(r.get("attempts", 0) for r in rows),
         "prompt_tokens": sum(r.get("usage", {}).get("prompt_tokens", 0) for r in rows),
@@ -148,6 +187,14 @@ def summarize(ctx: StageContext, rows: list[dict[str, Any]]) -> dict[str, Any]:
     ctx.log.info("teacher: complete: %d charts, %d accepted, %d rejected (%s), $%.4f", summary["charts"],
                  summary["accepted"], summary["rejected"],
                  ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none", summary["cost_usd"])
+    cfg, split = ctx.config.teacher, ctx.config.dataset
+    if cfg.min_test_charts is not None:
+        test = artifacts.split_sizes(summary["accepted"], split.train, split.test)["test"]
+        summary["test_charts"] = test
+        ctx.log.info("teacher: drew %d of %d charts (in batches of %d) for %d accepted essays: %d test charts "
+                     "(teacher.min_test_charts %d)%s", len(rows), total, cfg.draw_batch, summary["accepted"], test,
+                     cfg.min_test_charts, "" if test >= cfg.min_test_charts else
+                     f"; every chart drawn and still short: raise data.limit (the cap, {total} charts now)")
     return summary
 
 
