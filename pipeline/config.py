@@ -198,7 +198,27 @@ class FinetuneSection(Section):
     # steps on the demo machine; the weights and the loss stay fp32. On other CPUs it trains in fp32 (logged).
     cpu_bf16: bool = False
     seed: int = 42
+    # Train each variant once per seed on the same data (separate adapters "<variant>-seed<N>"); generate and
+    # judge then run per seed and the report pools the seeds (bootstrap over charts and seeds). Unset: `seed`.
+    seeds: list[int] | None = Field(None, min_length=1)
     gpus: int = Field(1, ge=0)  # Kubernetes GPU request for the finetune Job
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"finetune.seeds: {v} repeats a seed")
+        return v
+
+    def units(self) -> list[tuple[str, str, int]]:
+        """(adapter name, dataset variant, seed) of every training run: the variant's own name with one seed,
+        ``<variant>-seed<N>`` with several."""
+        seeds = self.seeds or [self.seed]
+        return [(v if len(seeds) == 1 else f"{v}-seed{s}", v, s) for v in self.variants for s in seeds]
+
+    def unit_of(self, name: str) -> tuple[str, int | None]:
+        """(variant, seed) of a model name (the baseline and unknown names: the name itself, no seed)."""
+        return next(((v, s) for n, v, s in self.units() if n == name), (name, None))
 
 
 class GenerateSection(Section):
@@ -348,6 +368,16 @@ class RunConfig(Section):
         teacher's unset fields."""
         own = getattr(self, section)
         return self.judge_llm() if isinstance(own, JudgeSection) else own
+
+    def judged_comparisons(self) -> list[tuple[str, str, int | None]]:
+        """``judge.comparisons`` once per seed (``finetune.seeds``): each fine-tuned variant replaced by its
+        adapter of that seed, the baseline as it is; (a, b, seed), seed None with a single seed."""
+        units = self.finetune.units()
+        seeds = sorted({s for _, _, s in units})
+        if len(seeds) <= 1:
+            return [(a, b, None) for a, b in self.judge.comparisons]
+        name = {(v, s): n for n, v, s in units}
+        return [(name.get((a, s), a), name.get((b, s), b), s) for a, b in self.judge.comparisons for s in seeds]
 
     def judge_llm(self) -> LLMSection:
         """The judge's endpoint: judge.* where set, else the teacher's."""

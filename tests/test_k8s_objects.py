@@ -170,7 +170,7 @@ def test_indexed_stages_and_shard_count(rendered):
     config = load_config(CLOUD)
     jobs = _jobs(rendered["cloud"])
     expected = {"teacher": config.teacher.parallelism, "generate": config.generate.parallelism,
-                "judge": config.judge.parallelism, "finetune": len(config.finetune.variants)}
+                "judge": config.judge.parallelism, "finetune": len(config.finetune.units())}  # variants x seeds
     assert expected["teacher"] == 4
     for stage, job in jobs.items():
         spec = job["spec"]

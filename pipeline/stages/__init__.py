@@ -65,7 +65,7 @@ class StageSpec:
     def shard_count(self, config: RunConfig) -> int | None:
         """Indexed completions of its Job (None: one pod)."""
         if self.shard_over == "variants":
-            return len(config.finetune.variants)
+            return len(config.finetune.units())  # one pod per variant and seed
         if self.shard_over == "items" and self.parallelism:
             return int(self.parallelism(config))
         return None

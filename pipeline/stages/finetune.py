@@ -71,37 +71,39 @@ def checkpoint_fingerprint(ctx: StageContext, variant: str) -> dict[str, Any]:
             "student.image_longest_edge": student.image_longest_edge}
 
 
-def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path, caches: dict[str, Any]) -> dict[str, Any]:
-    """Train one variant with ``pipeline.models.training`` and store its adapter, metrics, loss plot and
-    summary (last: the variant is done)."""
+def train_variant(ctx: StageContext, name: str, base: str, tmp: Path, caches: dict[str, Any]) -> dict[str, Any]:
+    """Train one adapter (``name``: a variant, or ``<variant>-seed<N>`` with ``finetune.seeds``) with
+    ``pipeline.models.training`` on its variant's data and seed, and store its adapter, metrics, loss plot and
+    summary (last: it is done)."""
     from pipeline.models import training
     from pipeline.models.features import shared_cache
 
-    cfg = ctx.config.finetune
+    variant, seed = ctx.config.finetune.unit_of(name)
+    cfg = ctx.config.finetune.model_copy(update={"seed": seed})
     model, processor = training.prepare_model(base, ctx.config.student, cfg)
     # the variants share the charts' prompts and vision features
     cache = shared_cache(caches, base, processor, model.dtype, tmp / "charts", cfg.train_connector)
-    checkpoints = training.Checkpoints(ctx.store, ctx.key(variant, artifacts.CHECKPOINTS),
-                                       checkpoint_fingerprint(ctx, variant))
+    checkpoints = training.Checkpoints(ctx.store, ctx.key(name, artifacts.CHECKPOINTS),
+                                       {**checkpoint_fingerprint(ctx, variant), "seed": seed})
 
     def put_metrics(metrics: list[dict[str, Any]]) -> None:
-        ctx.store.put_jsonl(ctx.key(variant, artifacts.METRICS), metrics)
+        ctx.store.put_jsonl(ctx.key(name, artifacts.METRICS), metrics)
 
     result = training.train(model, processor, artifacts.load_split(ctx, variant, "train"),
                             artifacts.load_split(ctx, variant, "validation"), cfg, cache=cache, checkpoints=checkpoints,
-                            tmp=tmp / variant, name=variant, log=ctx.log, on_checkpoint=put_metrics)
+                            tmp=tmp / name, name=name, log=ctx.log, on_checkpoint=put_metrics)
     # the adapter names a base that outlives this run's temp folder: the Hub id, or the built student's store URL
     base_ref = ctx.store.url(artifacts.student_prefix(ctx)) if ctx.config.student.build else base
     if not training.Dist.current().main:
         return {}  # another data-parallel process: rank 0 stores the results
     model.peft_config["default"].base_model_name_or_path = base_ref
-    model.save_pretrained(tmp / variant / "adapter")
-    ctx.store.upload_dir(tmp / variant / "adapter", ctx.key(variant, artifacts.ADAPTER))
+    model.save_pretrained(tmp / name / "adapter")
+    ctx.store.upload_dir(tmp / name / "adapter", ctx.key(name, artifacts.ADAPTER))
     put_metrics(result.state.metrics)
-    ctx.store.put_bytes(ctx.key(variant, artifacts.LOSS_PNG),
-                        training.plot_losses(result.state.metrics, f"LoRA fine-tuning: {variant}"))
-    summary = {"variant": variant, **result.summary(), "base_model": base_ref}
-    ctx.store.put_json(ctx.key(variant, artifacts.VARIANT_SUMMARY), summary)  # last: this variant is done
+    ctx.store.put_bytes(ctx.key(name, artifacts.LOSS_PNG),
+                        training.plot_losses(result.state.metrics, f"LoRA fine-tuning: {name}"))
+    summary = {"variant": variant, "seed": seed, **result.summary(), "base_model": base_ref}
+    ctx.store.put_json(ctx.key(name, artifacts.VARIANT_SUMMARY), summary)  # last: this adapter is done
     return summary
 
 
@@ -112,15 +114,20 @@ def variant_done(ctx: StageContext, variant: str) -> bool:
     return artifacts.variant_trained(ctx, variant)
 
 
+def adapter_names(ctx: StageContext) -> list[str]:
+    """Every adapter to train: one per variant, or one per variant and seed (``finetune.seeds``)."""
+    return [name for name, _, _ in ctx.config.finetune.units()]
+
+
 def shard_variants(ctx: StageContext) -> list[str]:
-    """The variants this process trains: all of them, or ``variants[shard.index]`` in an Indexed Job whose
-    completions equal the number of variants (one pod per variant)."""
-    variants = list(ctx.config.finetune.variants)
+    """The adapters this process trains: all of them, or ``adapters[shard.index]`` in an Indexed Job whose
+    completions equal the number of adapters (one pod per variant and seed)."""
+    variants = adapter_names(ctx)
     if ctx.shard.whole:
         return variants
     if ctx.shard.count != len(variants):
         raise StageError(f"finetune shard {ctx.shard}: the shard count must equal the number of variants "
-                         f"({len(variants)}: {', '.join(variants)})")
+                         f"(x seeds: {len(variants)}: {', '.join(variants)})")
     return [variants[ctx.shard.index]]
 
 
@@ -146,8 +153,8 @@ def run(ctx: StageContext) -> None:
                 continue
             base = base or shared_base(ctx, tmp, dist)
             train_variant(ctx, variant, base, Path(tmp), caches)
-    if dist.main and all(variant_done(ctx, v) for v in variants):
-        ctx.complete({v: artifacts.variant_summary(ctx, v) for v in variants})
+    if dist.main and all(variant_done(ctx, v) for v in adapter_names(ctx)):
+        ctx.complete({v: artifacts.variant_summary(ctx, v) for v in adapter_names(ctx)})
 
 
 def shared_base(ctx: StageContext, tmp: str, dist: Any) -> str:
@@ -158,5 +165,5 @@ def shared_base(ctx: StageContext, tmp: str, dist: Any) -> str:
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:
-    variants = ctx.config.finetune.variants
+    variants = adapter_names(ctx)
     return sum(variant_done(ctx, v) for v in variants), len(variants)

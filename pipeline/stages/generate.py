@@ -26,7 +26,7 @@ BASELINE = artifacts.BASELINE
 
 
 def model_names(ctx: StageContext) -> list[str]:
-    return [BASELINE, *ctx.config.finetune.variants]
+    return [BASELINE, *(name for name, _, _ in ctx.config.finetune.units())]  # an adapter per variant (x seed)
 
 
 def max_new_tokens(config) -> int:

@@ -35,7 +35,7 @@ def read_inputs(ctx: StageContext) -> Inputs:
 
 def read_training(ctx: StageContext) -> dict[str, dict[str, Any]]:
     out = {}
-    for variant in ctx.config.finetune.variants:
+    for variant in (name for name, _, _ in ctx.config.finetune.units()):
         rows = artifacts.training_metrics(ctx, variant)
         png = artifacts.loss_png(ctx, variant)
         if rows or png:
