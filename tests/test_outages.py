@@ -204,8 +204,8 @@ def test_an_echoed_key_is_in_no_record_or_error(tmp_path, sample_dir, caplog):
 
 
 def test_credentials_in_urls_are_masked_in_the_stored_config(tmp_path):
+    from pipeline.artifacts import save_run_config
     from pipeline.config import dump_config
-    from pipeline.context import save_run_config
     from pipeline.redact import redact
     from pipeline.store import LocalStore
 

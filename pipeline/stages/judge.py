@@ -123,7 +123,7 @@ class Plan:
 
 
 def make_plan(ctx: StageContext) -> Plan:
-    ctx.require("generate")
+    ctx.require()
     charts = artifacts.charts_by_id(ctx)
     golden = artifacts.golden_essays(ctx)
     essays: dict[str, dict[str, str]] = {}
@@ -136,7 +136,7 @@ def make_plan(ctx: StageContext) -> Plan:
     cfg = ctx.config.judge
     items: list[Any] = []
     rubric: dict[str, list[str]] = {}  # model -> charts to score on the rubric (judge.rubric)
-    for a, b in cfg.comparisons:
+    for a, b, _ in ctx.config.judged_comparisons():  # judge.comparisons, per seed with finetune.seeds
         for model in (a, b):
             if model not in essays:
                 raise StageError(f"judge.comparisons names '{model}' but generate has no essays for it "

@@ -105,7 +105,7 @@ def check(ctx: StageContext) -> None:
     from pipeline.llm import check_endpoint
     from pipeline.prompts import teacher_template
 
-    ctx.require("ingest")
+    ctx.require()
     for chart_type in sorted({c["type"] for c in artifacts.charts(ctx)}):
         teacher_template(chart_type, ctx.config.teacher.templates)
     check_endpoint(ctx.config.teacher, "teacher")
