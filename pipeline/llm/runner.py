@@ -173,7 +173,7 @@ class _Store:
         self.lock = asyncio.Lock()
         self.down: str | None = None
         self.unsaved: dict[str, dict[str, Any]] = {}
-        self.spill = spill_path(records)
+        self.spill, self.spilled = spill_path(records), False
         self.recovered = 0.0  # time.monotonic() of the last probe that succeeded
 
     async def call(self, fn: Callable[..., Any], *args: Any, what: str = "") -> Any:
@@ -203,11 +203,13 @@ class _Store:
                 if iid not in self.unsaved:
                     self._keep(iid, record)
                 await self.retry_or_fail(exc, failed, tries, f"{iid}: ", kept=True)
-        if not self.unsaved and self.spill.exists():
+        if self.spilled and not self.unsaved:
             self.spill.unlink(missing_ok=True)
+            self.spilled = False
 
     def _keep(self, iid: str, record: dict[str, Any]) -> None:
         self.unsaved[iid] = record
+        self.spilled = True
         try:
             self.spill.parent.mkdir(parents=True, exist_ok=True)
             with self.spill.open("a", encoding="utf-8") as fh:
