@@ -3,16 +3,17 @@
 A run lives under ``<run.id>/`` in the store; each stage owns ``<run.id>/<stage>/``::
 
     ingest/    charts.jsonl  rejected.jsonl  images/<chart>.<fmt>
-    teacher/   essays.jsonl  records/<chart>.json
+    teacher/   essays.jsonl  records/<chart>.json  records/_claims/<chart>.claim
     dataset/   splits.json   <variant>/data/<split>-00000-of-00001.parquet  <variant>/README.md
     finetune/  student/ (a built student + _READY)  <variant>/{adapter/,checkpoints/,metrics.jsonl,
                loss.png,summary.json}
     generate/  essays.jsonl  records/<model>/<chart>.json
-    judge/     verdicts.jsonl  records/<comparison>/<chart>.<order>.json
+    judge/     verdicts.jsonl  records/<comparison>%2F<chart>%2F<order>.json
     report/    summary.json  report.md  report.html  <figure>.png
 
-Stages never import each other: a stage writes with ``ctx.key(...)`` using the names here and reads an
-upstream stage with the functions here. Heavy imports (datasets, pyarrow) stay inside functions.
+An item id is one escaped name in every key (``pipeline.records.item_key``: chart ``a/b`` is ``a%2Fb``), so
+ids never collide or leave their folder. Stages never import each other: a stage writes with ``ctx.key(...)``
+using the names here and reads an upstream stage with the functions here. Heavy imports (datasets, pyarrow) stay inside functions.
 """
 
 from __future__ import annotations
@@ -84,8 +85,11 @@ def split_file(split: str) -> str:
 
 
 def image_key(ctx: StageContext, chart_id: str, fmt: str) -> str:
-    """Where ingest stores a chart's image (the key is recorded in the chart row as ``image``)."""
-    return ctx.key(IMAGES, f"{chart_id}.{fmt}")
+    """Where ingest stores a chart's image (the key is recorded in the chart row as ``image``): the chart id
+    escaped into one name (pipeline.records.item_key), so no id reaches another's image or leaves images/."""
+    from pipeline.records import item_key
+
+    return item_key(ctx.key(IMAGES), chart_id, f".{fmt}")
 
 
 # ---------------------------------------------------------------- ingest

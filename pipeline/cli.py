@@ -54,7 +54,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as exc:
-            click.echo(f"error: {exc}", err=True)
+            from pipeline.redact import redact
+
+            click.echo(f"error: {redact(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: finished items are kept; rerun the same command to resume", err=True)

@@ -134,7 +134,19 @@ def _store_path(config: RunConfig) -> str | None:
 # --------------------------------------------------------------------------- objects
 
 
+def refuse_url_credentials(config: RunConfig) -> None:
+    """Rendered objects carry the config (ConfigMap) and endpoints (env): a URL holding credentials
+    (``http://user:secret@host``, ``?api-key=``) is refused with one line pointing to the Secret it belongs in."""
+    from pipeline.redact import credential_fields
+
+    for path, masked in credential_fields(config.model_dump(mode="json")):
+        secret = config.k8s.s3_secret if path.startswith(("store.", "k8s.s3")) else config.k8s.llm_secret
+        raise ConfigError(f"{path} ({masked}) holds credentials in its URL, which would be written into the "
+                          f"Kubernetes objects: remove them and put them in the Secret '{secret}'")
+
+
 def build_configmap(config: RunConfig) -> k.V1ConfigMap:
+    refuse_url_credentials(config)
     return k.V1ConfigMap(
         api_version="v1", kind="ConfigMap",
         metadata=k.V1ObjectMeta(name=configmap_name(config), namespace=config.k8s.namespace, labels=labels(config)),
@@ -253,6 +265,7 @@ def build_job(config: RunConfig, stage: StageSpec | str) -> k.V1Job:
         if stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
         stage = spec(stage)
+    refuse_url_credentials(config)
     kc = config.k8s
     plan = stage.plan(config)  # every per-config answer of the spec, once
     shards = plan.shards
@@ -309,6 +322,7 @@ def build_driver_job(config: RunConfig, run_args: list[str]) -> k.V1Job:
     mounted run config, in-cluster credentials of the ielts-distill-driver account), so no laptop has to
     stay up. It runs the base image (every image holds the package) and may restart: it re-attaches."""
     kc = config.k8s
+    refuse_url_credentials(config)
     quantities = {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": "256Mi"}
     env = [k.V1EnvVar(name="HOME", value="/tmp"), k.V1EnvVar(name="PYTHONUNBUFFERED", value="1")]
     if kc.s3_endpoint:  # the driver reads the store (which stages are complete) like the Jobs do

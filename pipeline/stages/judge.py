@@ -221,7 +221,7 @@ def check(ctx: StageContext) -> Plan:
 
 def run(ctx: StageContext) -> None:
     from pipeline import rubric
-    from pipeline.llm import run_stage_items
+    from pipeline.items import run_stage_items
     from pipeline.rubric import RubricItem
 
     plan = check(ctx)  # before any verdict is moved aside

@@ -112,7 +112,7 @@ def check(ctx: StageContext) -> None:
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.llm import run_stage_items
+    from pipeline.items import run_stage_items
 
     cfg = ctx.config.teacher
     charts = artifacts.charts(ctx)
