@@ -20,7 +20,7 @@ from pipeline import __version__
 from pipeline.config import RunConfig, dump_config
 from pipeline.errors import ConfigError
 from pipeline.k8s.images import stage_image
-from pipeline.stages import CUDA, SPECS, STAGES, StageSpec, spec
+from pipeline.stages import SPECS, STAGES, StagePlan, StageSpec, spec
 
 MIN_KUBERNETES = "1.29"  # podFailurePolicy onPodConditions, podReplacementPolicy, backoffLimitPerIndex (beta)
 CONFIG_DIR = "/etc/ielts-distill"
@@ -81,10 +81,11 @@ def _label_value(text: str) -> str:
 # --------------------------------------------------------------------------- per-stage choices
 
 
-def image(config: RunConfig, stage: StageSpec) -> str:
+def image(config: RunConfig, stage: StageSpec | StagePlan) -> str:
     """``<registry>/<stage>:<tag>``; the CUDA build ``<stage>-cuda`` when the stage needs CUDA under the config;
     ``<registry>/<name>@sha256:...`` instead when k8s.image_digests holds the image's digest."""
-    return image_ref(config, stage_image(stage, cuda=CUDA in stage.image_needs(config)))
+    plan = stage if isinstance(stage, StagePlan) else stage.plan(config)
+    return image_ref(config, stage_image(plan.spec, cuda=plan.cuda))
 
 
 def image_ref(config: RunConfig, name: str) -> str:
@@ -93,11 +94,11 @@ def image_ref(config: RunConfig, name: str) -> str:
     return f"{kc.image_registry.rstrip('/')}/{name}" + (f"@{digest}" if digest else f":{kc.image_tag}")
 
 
-def stage_resources(config: RunConfig, stage: StageSpec) -> dict[str, str]:
+def stage_resources(config: RunConfig, stage: StagePlan) -> dict[str, str]:
     unknown = set(config.k8s.resources) - set(STAGES)
     if unknown:
         raise ConfigError(f"k8s.resources.{sorted(unknown)[0]}: unknown stage (stages: {', '.join(STAGES)})")
-    res = dict(stage.resources[config.k8s.profile])
+    res = dict(stage.spec.resources[config.k8s.profile])
     for key, value in config.k8s.resources.get(stage.name, {}).items():
         if key not in res:
             raise ConfigError(f"k8s.resources.{stage.name}.{key}: unknown resource (use cpu, memory, ephemeral-storage)")
@@ -107,9 +108,9 @@ def stage_resources(config: RunConfig, stage: StageSpec) -> dict[str, str]:
     return res
 
 
-def _api_key_envs(config: RunConfig, stage: StageSpec) -> list[tuple[str, bool]]:
+def _api_key_envs(stage: StagePlan) -> list[tuple[str, bool]]:
     """(env var name, optional) of the LLM key a stage needs; optional when the server is embedded."""
-    llm = config.endpoint(stage.llm) if stage.llm else None
+    llm = stage.llm
     if llm is None or not llm.api_key_env:
         return []
     return [(llm.api_key_env, bool(llm.embedded))]
@@ -152,7 +153,7 @@ def build_configmap(config: RunConfig) -> k.V1ConfigMap:
         data={"config.yaml": dump_config(config)})
 
 
-def _env(config: RunConfig, stage: StageSpec, shards: int | None) -> list[k.V1EnvVar]:
+def _env(config: RunConfig, stage: StagePlan) -> list[k.V1EnvVar]:
     env = [
         k.V1EnvVar(name="IELTS_STAGE", value=stage.name),
         k.V1EnvVar(name="IELTS_CONFIG", value=CONFIG_FILE),
@@ -161,14 +162,14 @@ def _env(config: RunConfig, stage: StageSpec, shards: int | None) -> list[k.V1En
         k.V1EnvVar(name="HF_HOME", value=HF_HOME),
         k.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"),
     ]
-    launcher = stage.launcher(config)
+    launcher = stage.launcher
     if launcher:  # jobs/entrypoint.py runs `<launcher> stage NAME` (torchrun: one process per GPU)
         env.append(k.V1EnvVar(name="IELTS_LAUNCHER", value=shlex.join(launcher)))
-    if shards is not None:  # Kubernetes sets JOB_COMPLETION_INDEX itself; Shard.from_env needs the count
-        env.append(k.V1EnvVar(name="JOB_COMPLETION_COUNT", value=str(shards)))
+    if stage.shards is not None:  # Kubernetes sets JOB_COMPLETION_INDEX itself; Shard.from_env needs the count
+        env.append(k.V1EnvVar(name="JOB_COMPLETION_COUNT", value=str(stage.shards)))
     if config.k8s.s3_endpoint:
         env.append(k.V1EnvVar(name="AWS_ENDPOINT_URL_S3", value=config.k8s.s3_endpoint))
-    for name, optional in _api_key_envs(config, stage):
+    for name, optional in _api_key_envs(stage):
         ref = k.V1SecretKeySelector(name=config.k8s.llm_secret, key=name, optional=optional or None)
         env.append(k.V1EnvVar(name=name, value_from=k.V1EnvVarSource(secret_key_ref=ref)))
     return env
@@ -211,16 +212,16 @@ def _volumes(config: RunConfig, res: dict[str, str], shm: bool, data: bool) -> t
     return volumes, mounts
 
 
-def _container(config: RunConfig, stage: StageSpec, shards: int | None) -> tuple[k.V1Container, list[k.V1Volume]]:
+def _container(config: RunConfig, stage: StagePlan) -> tuple[k.V1Container, list[k.V1Volume]]:
     res = stage_resources(config, stage)
     quantities = dict(res)
-    gpus = stage.gpu_count(config)
+    gpus = stage.gpus
     if gpus:
         quantities[config.k8s.gpu_resource] = str(gpus)
     limits = dict(quantities)
     if config.k8s.cpu_limit:
         limits["cpu"] = config.k8s.cpu_limit
-    volumes, mounts = _volumes(config, res, shm=stage.shm, data=stage.reads_data)
+    volumes, mounts = _volumes(config, res, shm=stage.spec.shm, data=stage.spec.reads_data)
     secrets = ([config.k8s.s3_secret] if _is_s3(config) else []) + list(config.k8s.env_secrets)
     env_from = [k.V1EnvFromSource(secret_ref=k.V1SecretEnvSource(name=name)) for name in secrets] or None
     container = k.V1Container(
@@ -228,7 +229,7 @@ def _container(config: RunConfig, stage: StageSpec, shards: int | None) -> tuple
         image=image(config, stage),
         image_pull_policy=config.k8s.image_pull_policy,
         args=[stage.name],
-        env=_env(config, stage, shards),
+        env=_env(config, stage),
         env_from=env_from,
         resources=k.V1ResourceRequirements(requests=dict(quantities), limits=limits),
         volume_mounts=mounts,
@@ -266,9 +267,10 @@ def build_job(config: RunConfig, stage: StageSpec | str) -> k.V1Job:
         stage = spec(stage)
     refuse_url_credentials(config)
     kc = config.k8s
-    shards = stage.shard_count(config)
-    container, volumes = _container(config, stage, shards)
-    gpu = stage.gpu_count(config) > 0
+    plan = stage.plan(config)  # every per-config answer of the spec, once
+    shards = plan.shards
+    container, volumes = _container(config, plan)
+    gpu = plan.gpus > 0
     pod = k.V1PodSpec(
         restart_policy="Never",
         containers=[container],

@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from pipeline.config import RunConfig
+    from pipeline.config import LLMSection, RunConfig
 
 Resources = dict[str, str]  # cpu, memory, ephemeral-storage (Kubernetes quantities); "cpu" profile: fits kind
 Count = Callable[["RunConfig"], int]
@@ -82,6 +82,11 @@ class StageSpec:
             return 0
         return int(self.gpus(config))
 
+    def plan(self, config: RunConfig) -> StagePlan:
+        """Every per-config answer of this spec, computed once (what a Job or an executor is built from)."""
+        return StagePlan(self, self.shard_count(config), self.gpu_count(config), tuple(self.launcher(config)),
+                         self.image_needs(config), config.endpoint(self.llm) if self.llm else None)
+
     def launcher(self, config: RunConfig, python: str = "python") -> list[str]:
         """The command prefix that starts the stage's processes as ``<prefix> stage NAME ...``: torchrun
         starting ``processes`` copies of the CLI (one per GPU; gloo processes on a CPU), or [] when the
@@ -90,6 +95,27 @@ class StageSpec:
         if n <= 1:
             return []
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "pipeline"]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage under one config (``StageSpec.plan``): its shard count, GPUs, launcher, image needs and LLM
+    endpoint, resolved once."""
+
+    spec: StageSpec
+    shards: int | None
+    gpus: int
+    launcher: tuple[str, ...]
+    image_needs: tuple[str, ...]
+    llm: LLMSection | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def cuda(self) -> bool:
+        return CUDA in self.image_needs
 
 
 # What an image may hold beyond the base (images/base/Dockerfile installs each by name, EXTRAS build arg).
@@ -180,4 +206,4 @@ def last_stage() -> StageSpec:
 
 
 __all__ = ["CUDA", "DATASET", "DIST_ENV", "FINETUNE", "GENERATE", "INGEST", "JUDGE", "LLAMA_CPP", "LLM_SPECS", "NEEDS",
-           "REPORT", "SMOLLM2_GGUF", "SPECS", "STAGES", "TEACHER", "StageSpec", "last_stage", "load_stage", "spec"]
+           "REPORT", "SMOLLM2_GGUF", "SPECS", "STAGES", "TEACHER", "StagePlan", "StageSpec", "last_stage", "load_stage", "spec"]
