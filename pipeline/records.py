@@ -275,8 +275,8 @@ class Claims:
         try:
             info = json.loads(current)
             owner, expires = info["owner"], float(info["expires"])
-        except (ValueError, KeyError, TypeError):  # half-written or foreign: leave it until it is replaced
-            return False
+        except (ValueError, KeyError, TypeError):  # unreadable (a cut write): as good as expired, taken over
+            owner, expires = "", 0.0  # by the conditional replace, which fails if it was only being written
         if owner == self.owner:
             self.held[item_id] = current
             return True
