@@ -144,7 +144,7 @@ def _mentions(sentence: str, words_in: set[str], label: tuple[str, set[str]]) ->
 
 
 def _whole_word_in(text: str, sentence: str) -> bool:
-    """``re.search(rf"(?<!\w){re.escape(text)}(?!\w)", sentence)`` without a regex per label (the labels of many
+    r"""``re.search(rf"(?<!\w){re.escape(text)}(?!\w)", sentence)`` without a regex per label (the labels of many
     charts overflow re's cache: compiling them was ~40 % of the gate's time)."""
     start = sentence.find(text)
     while start != -1:
