@@ -86,6 +86,7 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_KEY_CHARS = 230  # an escaped id: with its suffix a file name stays under 255 bytes, an S3 key under 1024
 
 
@@ -97,7 +98,7 @@ def safe_id(item_id: str) -> str:
     records (``_claims``, ``_stale``, ``_INPUTS``) are the runner's, and no key is hidden or ``.``/``..``.
     Empty ids, control characters and ids longer than MAX_KEY_CHARS escaped cannot be keys (ingest rejects
     such charts)."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in item_id):
+    if _CONTROL.search(item_id):
         raise PipelineError(f"item id {item_id!r} holds control characters and cannot be used as a record key")
     key = _escape(item_id)
     if not key or len(key) > MAX_KEY_CHARS:
@@ -274,8 +275,8 @@ class Claims:
         try:
             info = json.loads(current)
             owner, expires = info["owner"], float(info["expires"])
-        except (ValueError, KeyError, TypeError):  # half-written or foreign: leave it until it is replaced
-            return False
+        except (ValueError, KeyError, TypeError):  # unreadable (a cut write): as good as expired, taken over
+            owner, expires = "", 0.0  # by the conditional replace, which fails if it was only being written
         if owner == self.owner:
             self.held[item_id] = current
             return True

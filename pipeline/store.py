@@ -130,8 +130,11 @@ class ArtifactStore(ABC):
 def _temp_copy(path: Path, data: bytes) -> str:
     """``data`` in a new temp file beside ``path``; removed again when a write fails (a full disk leaves no
     temp file behind)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except FileNotFoundError:  # a new folder (most writes go to an existing one: no mkdir each time)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         view = memoryview(data)
         while view:

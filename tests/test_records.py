@@ -136,6 +136,8 @@ def test_claims_one_owner_expiry_and_takeover(store):
     assert expired.take("c/2")
     contenders = [Claims(rs, lease_s=60, owner=f"host-{i}:1:x") for i in range(4)]
     assert [c.take("c/2") for c in contenders].count(True) == 1  # exactly one takes the expired claim over
+    store.put_bytes(first.key("c/3"), b'{"owner": "host-d:1')  # a cut write: never a claim that holds forever
+    assert [c.take("c/3") for c in contenders].count(True) == 1
 
 
 def test_a_corrupt_record_is_moved_aside_and_redone(store):

@@ -442,7 +442,8 @@ def test_embedded_server_starts_and_stops():
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
 def test_embedded_server_dies_with_a_killed_stage(tmp_path, sig):
     """kill -9 or SIGTERM of a stage using the embedded server: the server is gone within 5 s (it lived on for
-    65-94 s when its parent-death signal was SIGTERM: its web server waited for the dead client's request)."""
+    65-94 s when its parent-death signal was SIGTERM: its web server waited for the dead client's request).
+    Measured 6 s each on 2 busy cores."""
     import urllib.error
     import urllib.request
 
@@ -471,7 +472,7 @@ def test_embedded_server_dies_with_a_killed_stage(tmp_path, sig):
     while server.exists() and server.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # gone, or a zombie
         assert time.monotonic() < deadline, "llama.cpp server outlived the killed stage by 5 s"
         time.sleep(0.1)
-    with pytest.raises(urllib.error.URLError):
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # refused, or reset as it went
         urllib.request.urlopen(f"{url}/models", timeout=1)
 
 

@@ -93,9 +93,10 @@ def run_items(items: Sequence[T], handle: Callable[[T, LLMClient], Awaitable[dic
     - ``handle(item, client) -> record``: an async function making its requests with ``client.chat`` and
       returning the item's final record (a JSON-able dict). It should turn ``LLMError`` (a definite 4xx)
       into a record that says why; it lets ``TransientLLMError`` through: that item stays pending (no
-      record, ``summary.transient``). BudgetExceeded and FatalLLMError stop new items; the ones in flight
-      end; the rest stay pending (401/402/403 and account-level answers are FatalLLMError). Any other exception is a bug in the handler: no new item starts, the ones
-      in flight end and are recorded, and the exception propagates with its traceback.
+      record, ``summary.transient``). BudgetExceeded and FatalLLMError (also 401/402/403 and account-level
+      answers) stop new items; the ones in flight end; the rest stay pending. Any other exception is a bug in
+      the handler: no new item starts, the ones in flight end and are recorded, and the exception propagates
+      with its traceback.
     - The store going away never costs a paid answer: a failed store call pauses new items and is retried
       with back-off for up to ``outage_s`` seconds; answers waiting to be written are kept in memory and in
       a local spill file (``spill_path``) that the next run stores first. If the store stays down the run
@@ -173,7 +174,7 @@ class _Store:
         self.lock = asyncio.Lock()
         self.down: str | None = None
         self.unsaved: dict[str, dict[str, Any]] = {}
-        self.spill = spill_path(records)
+        self.spill, self.spilled = spill_path(records), False
         self.recovered = 0.0  # time.monotonic() of the last probe that succeeded
 
     async def call(self, fn: Callable[..., Any], *args: Any, what: str = "") -> Any:
@@ -203,11 +204,13 @@ class _Store:
                 if iid not in self.unsaved:
                     self._keep(iid, record)
                 await self.retry_or_fail(exc, failed, tries, f"{iid}: ", kept=True)
-        if not self.unsaved and self.spill.exists():
+        if self.spilled and not self.unsaved:
             self.spill.unlink(missing_ok=True)
+            self.spilled = False
 
     def _keep(self, iid: str, record: dict[str, Any]) -> None:
         self.unsaved[iid] = record
+        self.spilled = True
         try:
             self.spill.parent.mkdir(parents=True, exist_ok=True)
             with self.spill.open("a", encoding="utf-8") as fh:
