@@ -205,11 +205,12 @@ def runs(config: RunConfig, as_json: bool) -> None:
     """The runs in the store (store.uri) and the state of each stage, read with each run's own stored config."""
     import tempfile
 
+    from pipeline.artifacts import RUN_CONFIG
     from pipeline.context import store_for
     from pipeline.status import stage_status
 
     store, out = store_for(config), []
-    for key in (k for k in store.list("") if k.count("/") == 1 and k.endswith("/config.yaml")):
+    for key in (k for k in store.list("") if k.count("/") == 1 and k.endswith("/" + RUN_CONFIG)):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
             fh.write(store.get_text(key))
             fh.flush()
