@@ -159,8 +159,8 @@ class RecordSet:
         return [i for i in shard.select(item_ids) if i not in done]
 
     def exists(self, item_id: str) -> bool:
-        legacy = _legacy_key(self.prefix, item_id)
-        return self.store.exists(self.key(item_id)) or (legacy is not None and self.store.exists(legacy))
+        """A record written now (records of the old per-folder layout are found by ``done_ids``/``pending``)."""
+        return self.store.exists(self.key(item_id))
 
     def write(self, item_id: str, record: dict[str, Any]) -> None:
         self.store.put_json(self.key(item_id), record)
