@@ -22,6 +22,7 @@ import yaml
 from click.testing import CliRunner
 from kubernetes import client as k
 
+from pipeline import __version__
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.context import StageContext, store_for
@@ -152,7 +153,7 @@ def _ts(seconds_ago: float = 0) -> str:
 
 def _waiting(reason: str, message: str) -> dict:
     return {"phase": "Pending", "containerStatuses": [
-        {"name": "c", "image": "ghcr.io/x/finetune:0.1.0", "imageID": "", "ready": False, "restartCount": 0,
+        {"name": "c", "image": "ghcr.io/x/finetune:1.2.3", "imageID": "", "ready": False, "restartCount": 0,
          "state": {"waiting": {"reason": reason, "message": message}}}]}
 
 
@@ -314,7 +315,7 @@ class FakeCluster(threading.Thread):
             self.job_status(job, {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
                                                   "message": "Job was active longer than specified deadline"}]})
         elif scenario == "imagepull":
-            self.pod(job, stage, 0, _waiting("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/finetune:0.1.0"'))
+            self.pod(job, stage, 0, _waiting("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/finetune:1.2.3"'))
         elif scenario == "secret":
             self.pod(job, stage, 0, _waiting("CreateContainerConfigError", 'secret "ielts-distill-llm" not found'))
         elif scenario == "unschedulable":
@@ -648,7 +649,7 @@ def test_submit_creates_the_driver_job_and_says_how_to_follow_it(emulator, tmp_p
     (container,) = pod["containers"]
     assert container["command"] == ["ielts-distill", "run", "--executor", "k8s", "--config",
                                     "/etc/ielts-distill/config.yaml", "--from", "teacher"]
-    assert container["image"] == "ghcr.io/ielts-distill/base:0.1.0"
+    assert container["image"] == f"ghcr.io/ielts-distill/base:{__version__}"
     assert {"secretRef": {"name": "ielts-distill-s3"}} in container["envFrom"]
     cm = k.CoreV1Api(emulator.api()).read_namespaced_config_map("ielts-t1-config", NS)
     assert yaml.safe_load(cm.data["config.yaml"])["run"]["id"] == "t1"

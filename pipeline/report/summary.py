@@ -16,11 +16,12 @@ from pipeline.artifacts import ORDERS, SELFTEST_GOLDEN, SELFTEST_PREFIX, VIEWS
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
-MODEL_ORDER = ("teacher", "baseline", "structured", "unstructured")
+GOLDEN = "golden"  # the golden (teacher) essays, as a model of the report
+MODEL_ORDER = (GOLDEN, "baseline", "structured", "unstructured")
 # Which essay form each model is asked to produce (failure_modes checks structure accordingly).
-MODEL_VARIANT = {"teacher": "structured", "structured": "structured", "unstructured": "unstructured"}
+MODEL_VARIANT = {GOLDEN: "structured", "structured": "structured", "unstructured": "unstructured"}
 DETERMINISTIC_MARGIN = 0.01  # closeness scores closer than this are a tie for the deterministic judge
-LABELS = {"teacher": "golden (teacher)", "baseline": "baseline", "structured": "fine-tuned structured",
+LABELS = {GOLDEN: "golden (teacher)", "baseline": "baseline", "structured": "fine-tuned structured",
           "unstructured": "fine-tuned unstructured"}
 
 
@@ -52,7 +53,7 @@ class Inputs:
     """Everything the report reads from the store, keyed for quick lookup."""
 
     charts: dict[str, dict[str, Any]]
-    essays: dict[str, dict[str, str]]  # model ("teacher" = the golden essay) -> chart_id -> essay
+    essays: dict[str, dict[str, str]]  # model (GOLDEN = the golden essay) -> chart_id -> essay
     verdicts: list[dict[str, Any]]
     test_ids: list[str]
     training: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> metrics rows, loss.png
@@ -130,7 +131,7 @@ def essay_scores(inputs: Inputs, min_words: int, max_words: int, variant_of=lamb
     from pipeline.quality import score_essay
 
     finish = {(r["model"], r["chart_id"]): r.get("finish") for r in inputs.generated}
-    golden = inputs.essays.get("teacher", {})
+    golden = inputs.essays.get(GOLDEN, {})
     out: Scores = {}
     for model in inputs.models:
         out[model] = {}
@@ -141,7 +142,7 @@ def essay_scores(inputs: Inputs, min_words: int, max_words: int, variant_of=lamb
             chart = inputs.charts.get(cid, {})
             out[model][cid] = score_essay(
                 text, table_rows=chart.get("table"), title=chart.get("title"), golden=golden.get(cid),
-                variant=MODEL_VARIANT.get(variant_of(model)), finish="stop" if model == "teacher" else finish.get((model, cid)),
+                variant=MODEL_VARIANT.get(variant_of(model)), finish="stop" if model == GOLDEN else finish.get((model, cid)),
                 min_words=min_words, max_words=max_words)
     return out
 
@@ -181,14 +182,14 @@ def model_quality(scores: Scores) -> dict[str, Any]:
             "numeric_precision": _mean(precision), "numeric_precision_n": len(precision),
             "numeric_coverage": _mean(coverage), "numeric_coverage_n": len(coverage),
             "numeric_unverifiable": _mean(untied),
-            "chrf_to_golden": _mean(chrf) if model != "teacher" else None,
+            "chrf_to_golden": _mean(chrf) if model != GOLDEN else None,
         }
     return out
 
 
 def truncation(scores: Scores, limit: float = 0.02) -> dict[str, Any]:
     """Generated essays that hit the token limit (``finish == "length"``), over those whose finish is known."""
-    rows = [r for model, by_chart in scores.items() if model != "teacher" for r in by_chart.values()]
+    rows = [r for model, by_chart in scores.items() if model != GOLDEN for r in by_chart.values()]
     known = [r for r in rows if r["finish"] is not None]
     cut = sum(r["finish"] == "length" for r in known)
     share = cut / len(known) if known else None
@@ -497,7 +498,7 @@ def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
         "run_id": run_id,
         "warnings": warnings,
         "selftest": check,
-        "judge": {"model": judge.model, "template": config.judge.template, "vision": judge.vision,
+        "judging": {"model": judge.model, "template": config.judge.template, "vision": judge.vision,
                   "golden_form": config.judge.golden_form, "as_written": config.judge.as_written,
                   "requests": sum(int(v.get("attempts") or 1) for v in inputs.verdicts),
                   "usage": dict(usage),

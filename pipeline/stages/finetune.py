@@ -67,7 +67,7 @@ def checkpoint_fingerprint(ctx: StageContext, variant: str) -> dict[str, Any]:
     student = ctx.config.student
     return {**training.config_fingerprint(ctx.config.finetune), "dataset.variant": variant,
             "dataset.build": fingerprint(artifacts.dataset_mark(ctx)), "student.model": student.model,
-            "student.tiny": student.tiny, "student.build": student.build, "student.gguf": student.gguf,
+            "student.build": student.build, "student.gguf": student.gguf,
             "student.image_longest_edge": student.image_longest_edge}
 
 
@@ -132,84 +132,38 @@ def shard_variants(ctx: StageContext) -> list[str]:
 
 
 def run(ctx: StageContext) -> None:
-    ctx.require("dataset")
+    ctx.require()
     variants = ctx.config.finetune.variants
     missing = [v for v in variants if v not in ctx.config.dataset.variants]
     if missing:
         raise StageError(f"finetune.variants: {', '.join(missing)} not built by the dataset stage "
                          f"(dataset.variants: {', '.join(ctx.config.dataset.variants)})")
+    from pipeline.models import training
     from pipeline.models.loading import cpu_threads
 
-    processes = max(1, ctx.config.finetune.gpus)
-    with tempfile.TemporaryDirectory(prefix="ielts-finetune-") as tmp, cpu_threads(single=ctx.config.student.tiny):
+    # Under the spec's launcher (finetune.gpus > 1: torchrun) this process is one data-parallel rank; rank 0
+    # builds the student and stores the results, every rank trains its share of each batch.
+    dist = training.init_distributed()
+    with tempfile.TemporaryDirectory(prefix=f"ielts-finetune-rank{dist.rank}-") as tmp, \
+            cpu_threads(single=ctx.config.student.build == "tiny"):
         base, caches = None, {}
         for variant in shard_variants(ctx):
             if variant_done(ctx, variant):
                 ctx.log.info("finetune %s: already trained (%s)", variant, ctx.store.url(ctx.key(variant, artifacts.ADAPTER)))
                 continue
-            base = base or student_base(ctx, tmp)
-            if processes > 1:
-                data_parallel(ctx, variant, base, processes, Path(tmp))
-            else:
-                train_variant(ctx, variant, base, Path(tmp), caches)
-    if all(variant_done(ctx, v) for v in adapter_names(ctx)):
+            base = base or shared_base(ctx, tmp, dist)
+            train_variant(ctx, variant, base, Path(tmp), caches)
+    if dist.main and all(variant_done(ctx, v) for v in adapter_names(ctx)):
         ctx.complete({v: artifacts.variant_summary(ctx, v) for v in adapter_names(ctx)})
 
 
-def data_parallel(ctx: StageContext, variant: str, base: str, processes: int, tmp: Path) -> None:
-    """Train ``variant`` with ``processes`` data-parallel processes on this node: torchrun runs this module's
-    ``worker`` (one process per GPU with ``finetune.gpus: N``; gloo processes on CPU). The Job itself runs the
-    stage as usual; a SIGTERM to this process is passed on, so the workers checkpoint before they stop."""
-    import signal
-    import subprocess
-    import sys
-
-    from pipeline.config import dump_config
-
-    config_file = tmp / f"finetune-{variant}.yaml"
-    config_file.write_text(dump_config(ctx.config), encoding="utf-8")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-           "-m", "pipeline.stages.finetune", str(config_file), variant, base]
-    ctx.log.info("finetune %s: %d data-parallel processes (torchrun)", variant, processes)
-    proc = subprocess.Popen(cmd)
-    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
-    try:
-        code = proc.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if code != 0:
-        raise StageError(f"finetune {variant}: the {processes} data-parallel processes failed (exit {code}); "
-                         "see their log above")
-
-
-def worker(config_file: str, variant: str, base: str) -> None:
-    """One data-parallel process (started by ``data_parallel`` through torchrun)."""
-    import logging
-
-    from pipeline.config import load_config
-    from pipeline.context import StageContext, store_for
-    from pipeline.models import training
-
-    config = load_config(config_file)
-    dist = training.init_distributed()
-    logging.basicConfig(level=logging.INFO if dist.main else logging.WARNING, datefmt="%H:%M:%S",
-                        format=f"%(asctime)s %(levelname)-5s [rank {dist.rank}] %(message)s")
-    ctx = StageContext(config=config, store=store_for(config), stage="finetune")
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"ielts-finetune-rank{dist.rank}-") as tmp:
-            train_variant(ctx, variant, base, Path(tmp), {})
-    finally:
-        import torch.distributed
-
-        torch.distributed.destroy_process_group()
+def shared_base(ctx: StageContext, tmp: str, dist: Any) -> str:
+    """The student base in every rank: rank 0 builds (or fetches) it first, the others fetch it after."""
+    base = student_base(ctx, tmp) if dist.main else None
+    dist.barrier()
+    return base or student_base(ctx, tmp)
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:
     variants = adapter_names(ctx)
     return sum(variant_done(ctx, v) for v in variants), len(variants)
-
-
-if __name__ == "__main__":  # torchrun's entry point: python -m pipeline.stages.finetune CONFIG VARIANT BASE
-    import sys
-
-    worker(*sys.argv[1:4])

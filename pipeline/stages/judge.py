@@ -123,7 +123,7 @@ class Plan:
 
 
 def make_plan(ctx: StageContext) -> Plan:
-    ctx.require("generate")
+    ctx.require()
     charts = artifacts.charts_by_id(ctx)
     golden = artifacts.golden_essays(ctx)
     essays: dict[str, dict[str, str]] = {}
@@ -221,7 +221,7 @@ def check(ctx: StageContext) -> Plan:
 
 def run(ctx: StageContext) -> None:
     from pipeline import rubric
-    from pipeline.llm import run_stage_items
+    from pipeline.items import run_stage_items
     from pipeline.rubric import RubricItem
 
     plan = check(ctx)  # before any verdict is moved aside
