@@ -5,8 +5,8 @@ same findings into human-readable reasons under a TeacherSection's thresholds, s
 never disagree. The essay's structure and word counts come from ``pipeline.essays``.
 
 Numbers: ``numeric_faithfulness`` is the share of the essay's figures found in their cell of the chart's
-data table (the row or column their sentence names, or the previous sentence's subject), tolerant of formatting (``4,751,653``, ``29.8%``, ``$12``), rounding (``about 30`` for 29.6, ``4.75 million``
-for 4,751,653), percent/fraction scales, and differences between two table values (``rose by 5 points``).
+data table (the row their sentence names, or the previous sentence's subject), tolerant of formatting
+(``4,751,653``, ``29.8%``, ``$12``), rounding (``about 30`` for 29.6, ``4.75 million`` for 4,751,653), percent/fraction scales, and differences between two table values (``rose by 5 points``).
 Bare integers up to 12 (``three paragraphs``, ``10 years``) are not treated as data.
 """
 

@@ -142,8 +142,8 @@ def essay_scores(inputs: Inputs, min_words: int, max_words: int, variant_of=lamb
             chart = inputs.charts.get(cid, {})
             out[model][cid] = score_essay(
                 text, table_rows=chart.get("table"), title=chart.get("title"), golden=golden.get(cid),
-                variant=MODEL_VARIANT.get(variant_of(model)), finish="stop" if model == GOLDEN else finish.get((model, cid)),
-                min_words=min_words, max_words=max_words)
+                variant=MODEL_VARIANT.get(variant_of(model)),
+                finish="stop" if model == GOLDEN else finish.get((model, cid)), min_words=min_words, max_words=max_words)
     return out
 
 
