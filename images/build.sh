@@ -3,7 +3,7 @@
 # configs; read through python3 -m pipeline.k8s.images): a base variant per (needs, CPU/CUDA) and one image per
 # stage from images/stage/Dockerfile; CUDA variants <stage>-cuda for the stages a config runs on GPUs.
 #   IMAGE_PLAN (images/plan.txt; `ielts-distill render --format image-plan --config mine.yaml -o FILE` adds yours)
-#   IMAGE_REGISTRY (ghcr.io/ielts-distill)  IMAGE_TAG (0.1.0)  IMAGE_CUDA (1; 0: no CUDA builds)
+#   IMAGE_REGISTRY (ghcr.io/ielts-distill)  IMAGE_TAG (pipeline.__version__)  IMAGE_CUDA (1; 0: no CUDA builds)
 #   IMAGE_STAGES ("": every stage; e.g. "ingest" builds only ingest and the base it needs)
 #   TORCH_CUDA_INDEX (.../whl/cu128); PYTHON_IMAGE, TORCH_VERSION, TORCH_INDEX (CPU wheels): base build args
 #   IMAGE_PIP_FIND_LINKS: extra wheel location for the image build (pip's own PIP_FIND_LINKS is NOT forwarded:
@@ -17,11 +17,11 @@
 set -eu
 cd "$(dirname "$0")/.."
 REGISTRY="${IMAGE_REGISTRY:-ghcr.io/ielts-distill}"
-TAG="${IMAGE_TAG:-0.1.0}"
 CUDA_INDEX="${TORCH_CUDA_INDEX:-https://download.pytorch.org/whl/cu128}"
+PYTHON="${PYTHON:-python3}"
+TAG="${IMAGE_TAG:-$("$PYTHON" -c 'import pipeline; print(pipeline.__version__)')}"
 DIGESTS="${IMAGE_DIGESTS:-build/image-digests-$TAG.txt}"
 if [ "${IMAGE_PUSH:-0}" = 1 ] && [ "${BUILDER:-}" != print ]; then mkdir -p "$(dirname "$DIGESTS")"; : > "$DIGESTS"; fi
-PYTHON="${PYTHON:-python3}"
 BUILDER="${BUILDER:-}"
 if [ -z "$BUILDER" ]; then
   if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then BUILDER=docker

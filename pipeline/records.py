@@ -86,33 +86,51 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
-MAX_KEY_CHARS = 200  # one escaped id segment: file names stay under 255 bytes, S3 keys under 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_KEY_CHARS = 230  # an escaped id: with its suffix a file name stays under 255 bytes, an S3 key under 1024
 
 
 def safe_id(item_id: str) -> str:
-    """The store key of an item id, one-to-one: each ``/``-separated part keeps ``A-Za-z0-9._=+-`` and
-    percent-escapes every other byte (``%`` too), so two ids never share a key and ``unsafe_id`` gives the id
-    back. A leading ``_`` is escaped as well: ``_``-names beside the records (``_claims``, ``_stale``,
-    ``_INPUTS``) are the runner's. Ids with empty, ``.`` or ``..`` parts, control characters or a part
-    longer than MAX_KEY_CHARS escaped cannot be keys (ingest rejects such charts)."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in item_id):
+    """An item id as one store key segment, one-to-one: ``A-Za-z0-9._=+-`` are kept and every other byte is
+    percent-escaped, ``/``, ``\\`` and ``%`` too, so an id is never a folder, never another id's prefix
+    folder and never leaves its namespace (``a``, ``a/b``, ``a\\..\\b``, ``..`` are all plain names);
+    ``unsafe_id`` gives the id back. A leading ``_`` or ``.`` is escaped as well: ``_``-names beside the
+    records (``_claims``, ``_stale``, ``_INPUTS``) are the runner's, and no key is hidden or ``.``/``..``.
+    Empty ids, control characters and ids longer than MAX_KEY_CHARS escaped cannot be keys (ingest rejects
+    such charts)."""
+    if _CONTROL.search(item_id):
         raise PipelineError(f"item id {item_id!r} holds control characters and cannot be used as a record key")
-    parts = [_escape(p) for p in item_id.split("/")]
-    if any(p in ("", ".", "..") or len(p) > MAX_KEY_CHARS for p in parts):
-        raise PipelineError(f"item id {item_id[:80]!r} cannot be used as a record key (an empty, '.' or '..' "
-                            f"part, or one longer than {MAX_KEY_CHARS} characters escaped)")
-    if parts[0].startswith("_"):
-        parts[0] = "%5F" + parts[0][1:]
-    return "/".join(parts)
+    key = _escape(item_id)
+    if not key or len(key) > MAX_KEY_CHARS:
+        raise PipelineError(f"item id {item_id[:80]!r} cannot be used as a record key (empty, or longer than "
+                            f"{MAX_KEY_CHARS} characters escaped)")
+    return f"%{ord(key[0]):02X}{key[1:]}" if key[0] in "_." else key
 
 
 def unsafe_id(key: str) -> str:
-    """The item id of a record key made by ``safe_id``."""
-    return "/".join(unquote(p) for p in key.split("/"))
+    """The item id of a key made by ``safe_id`` (or by its per-folder form before 2026-12-07)."""
+    return unquote(key)
+
+
+def item_key(folder: str, item_id: str, suffix: str) -> str:
+    """The one place an item's key is built: ``<folder>/<safe_id(item_id)><suffix>``. Each kind of key
+    (records, claims, images, ...) has a folder of its own, so kinds never meet and no id reaches another's."""
+    return f"{folder.rstrip('/')}/{safe_id(item_id)}{suffix}"
 
 
 def _escape(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", lambda m: "".join(f"%{b:02X}" for b in m[0].encode()), part)
+
+
+def _legacy_key(folder: str, item_id: str) -> str | None:
+    """Where a record of an id with ``/`` was kept before ids became one segment (one folder per part):
+    still read, so records paid for then are not paid again."""
+    parts = [_escape(p) for p in item_id.split("/")]
+    if len(parts) < 2 or any(p in ("", ".", "..") for p in parts):
+        return None
+    if parts[0].startswith("_"):
+        parts[0] = "%5F" + parts[0][1:]
+    return f"{folder}/{'/'.join(parts)}.json"
 
 
 class RecordSet:
@@ -124,7 +142,7 @@ class RecordSet:
         self.prefix = prefix.rstrip("/")
 
     def key(self, item_id: str) -> str:
-        return f"{self.prefix}/{safe_id(item_id)}.json"
+        return item_key(self.prefix, item_id, ".json")
 
     def _record_keys(self) -> list[str]:
         start = len(self.prefix) + 1
@@ -141,6 +159,7 @@ class RecordSet:
         return [i for i in shard.select(item_ids) if i not in done]
 
     def exists(self, item_id: str) -> bool:
+        """A record written now (records of the old per-folder layout are found by ``done_ids``/``pending``)."""
         return self.store.exists(self.key(item_id))
 
     def write(self, item_id: str, record: dict[str, Any]) -> None:
@@ -150,7 +169,12 @@ class RecordSet:
         """The item's record. A corrupt one (not a JSON object: a cut write, a stray edit) is moved aside to
         ``<prefix>/_corrupt/`` with a warning, and StoreError says to rerun: the rerun redoes that item."""
         key = self.key(item_id)
-        data = self.store.get_bytes(key)
+        try:
+            data = self.store.get_bytes(key)
+        except ArtifactNotFound:
+            if (legacy := _legacy_key(self.prefix, item_id)) is None or not self.store.exists(legacy):
+                raise
+            key, data = legacy, self.store.get_bytes(legacy)
         try:
             record = json.loads(data)
             if isinstance(record, dict):
@@ -158,7 +182,7 @@ class RecordSet:
             why = f"a JSON {type(record).__name__}, not an object"
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             why = f"not valid JSON: {exc.__class__.__name__}"
-        aside = f"{self.prefix}/{CORRUPT}/{safe_id(item_id)}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        aside = item_key(f"{self.prefix}/{CORRUPT}", item_id, time.strftime(".%Y%m%dT%H%M%SZ", time.gmtime()))
         self.store.put_bytes(aside, data)
         self.store.delete(key)
         log.warning("record of %s was corrupt (%s): moved to %s", item_id, why, self.store.url(aside))
@@ -233,7 +257,7 @@ class Claims:
         self.held: dict[str, bytes] = {}  # item id -> our claim's current body
 
     def key(self, item_id: str) -> str:
-        return f"{self.records.prefix}/{CLAIMS}/{safe_id(item_id)}"
+        return item_key(f"{self.records.prefix}/{CLAIMS}", item_id, ".claim")
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "expires": time.time() + self.lease_s}).encode()
@@ -251,8 +275,8 @@ class Claims:
         try:
             info = json.loads(current)
             owner, expires = info["owner"], float(info["expires"])
-        except (ValueError, KeyError, TypeError):  # half-written or foreign: leave it until it is replaced
-            return False
+        except (ValueError, KeyError, TypeError):  # unreadable (a cut write): as good as expired, taken over
+            owner, expires = "", 0.0  # by the conditional replace, which fails if it was only being written
         if owner == self.owner:
             self.held[item_id] = current
             return True
@@ -268,6 +292,24 @@ class Claims:
             body = self._body()
             if store.replace_if(self.key(item_id), body, current) and item_id in self.held:
                 self.held[item_id] = body
+
+    def expires(self, item_id: str) -> float:
+        """When our claim on the item runs out (time.time(); 0 when we hold none), by the body we wrote."""
+        body = self.held.get(item_id)
+        return float(json.loads(body)["expires"]) if body else 0.0
+
+    def confirm(self, item_id: str) -> bool:
+        """Renew this one claim now: False (and no longer held) when it is not ours on the store any more."""
+        current, body = self.held.get(item_id), self._body()
+        if current is not None and self.records.store.replace_if(self.key(item_id), body, current):
+            self.held[item_id] = body
+            return True
+        self.held.pop(item_id, None)
+        return False
+
+    def forget(self, item_id: str) -> None:
+        """Drop a claim another process took over, leaving its key alone."""
+        self.held.pop(item_id, None)
 
     def release(self, item_id: str) -> None:
         if self.held.pop(item_id, None) is not None:

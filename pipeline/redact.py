@@ -15,13 +15,16 @@ from typing import Any
 MASK = "***"
 # env vars whose values are secrets wherever they show up (besides each LLM section's api_key_env)
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "OPENAI_API_KEY", "MINIMAX_API_KEY")
+_URL_PATTERNS = [  # credentials written into a URL
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@:]*:?[^/\s@]*@"), r"\1" + MASK + "@"),
+    (re.compile(r"(?i)([?&](?:api[-_]?key|key|token|access[-_]?token|secret|password|sig|signature)=)[^&\s\"']+"),
+     r"\1" + MASK),
+]
 _PATTERNS = [
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}"), r"\1 " + MASK),
     (re.compile(r"(?i)(authorization|x-api-key|api-key)(\"?\s*[:=]\s*\"?)[^\s\"',;&]+"), r"\1\2" + MASK),
     (re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"), MASK),
-    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@:]*:?[^/\s@]*@"), r"\1" + MASK + "@"),
-    (re.compile(r"(?i)([?&](?:api[-_]?key|key|token|access[-_]?token|secret|password|sig|signature)=)[^&\s\"']+"),
-     r"\1" + MASK),
+    *_URL_PATTERNS,
 ]
 _extra_env: set[str] = set()
 
@@ -57,3 +60,19 @@ def redact_obj(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact_obj(v) for v in value]
     return value
+
+
+def credential_fields(tree: Any, path: str = "") -> list[tuple[str, str]]:
+    """(dotted path, masked value) of every URL in a JSON-able tree (a config) that holds credentials:
+    user and password (``user:pw@host``) or a secret-looking query parameter."""
+    if isinstance(tree, dict):
+        return [f for k, v in tree.items() for f in credential_fields(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(tree, list):
+        return [f for i, v in enumerate(tree) for f in credential_fields(v, f"{path}[{i}]")]
+    if isinstance(tree, str) and "://" in tree:
+        masked = tree
+        for pattern, repl in _URL_PATTERNS:
+            masked = pattern.sub(repl, masked)
+        if masked != tree:
+            return [(path, masked)]
+    return []

@@ -200,3 +200,28 @@ def mean_ci(values: Sequence[float]) -> dict[str, Any]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     return {"n": n, "mean": mean, "ci95": [mean - half, mean + half]}
+
+
+def bootstrap_ci(groups: dict[Any, Sequence[Pair]], reps: int = 2000, seed: int = 0) -> list[float] | None:
+    """95 % percentile interval of the pooled win rate over several training seeds: each replicate resamples
+    the seeds and the charts (both with replacement) and takes the mean score (1, 1/2, 0) of the valid pairs
+    of every resampled (seed, chart), so the interval carries the seeds' variance as well as the charts'.
+    ``groups``: seed -> that seed's pairs (one per chart). None without a valid pair."""
+    import numpy as np
+
+    keys = sorted(groups, key=str)
+    charts = sorted({p.chart_id for ps in groups.values() for p in ps})
+    table = np.full((len(keys), len(charts)), np.nan)
+    for i, k in enumerate(keys):
+        for p in groups[k]:
+            if p.outcome != "invalid":
+                table[i, charts.index(p.chart_id)] = SCORE[p.outcome]
+    if np.isnan(table).all():
+        return None
+    rng = np.random.default_rng(seed)
+    rates = []
+    for _ in range(reps):
+        rows = table[rng.integers(0, len(keys), len(keys))][:, rng.integers(0, len(charts), len(charts))]
+        if not np.isnan(rows).all():
+            rates.append(float(np.nanmean(rows)))
+    return [float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))]

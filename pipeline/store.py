@@ -127,6 +127,26 @@ class ArtifactStore(ABC):
         return root
 
 
+def _temp_copy(path: Path, data: bytes) -> str:
+    """``data`` in a new temp file beside ``path``; removed again when a write fails (a full disk leaves no
+    temp file behind)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except FileNotFoundError:  # a new folder (most writes go to an existing one: no mkdir each time)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
 class LocalStore(ArtifactStore):
     quick = True
 
@@ -140,11 +160,7 @@ class LocalStore(ArtifactStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
+            os.replace(_temp_copy(path, data), path)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror}") from None
 
@@ -165,41 +181,52 @@ class LocalStore(ArtifactStore):
         start = base if base.is_dir() else base.parent
         if not start.is_dir():
             return iter(())
-        keys = (p.relative_to(self.root).as_posix() for p in start.rglob("*")
-                if p.is_file() and not p.name.endswith(".tmp"))
+        try:
+            keys = [p.relative_to(self.root).as_posix() for p in start.rglob("*")
+                    if p.is_file() and not p.name.endswith(".tmp")]
+        except OSError as exc:
+            raise StoreError(f"cannot list {start}: {exc.strerror}") from None
         return iter(sorted(k for k in keys if k.startswith(prefix)))
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot delete {self._path(key)}: {exc.strerror}") from None
 
     def create(self, key: str, data: bytes) -> bool:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            tmp = _temp_copy(path, data)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+        try:
             os.link(tmp, path)  # atomic, fails when the name exists: readers never see a partial file
             return True
         except FileExistsError:
             return False
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from None
         finally:
             os.unlink(tmp)
 
     def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
         import fcntl
 
+        path = self._path(key)
         try:  # in place, under a lock on the file itself: contenders re-read what the winner wrote
-            with self._path(key).open("r+b") as fh:
+            with path.open("r+b") as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX)
                 if fh.read() != expected:
                     return False
                 fh.seek(0)
+                fh.write(data)  # over the blocks the file holds, then cut: a full disk cannot leave it empty
                 fh.truncate()
-                fh.write(data)
                 return True
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from None
 
     def delete_prefix(self, prefix: str) -> int:
         count = super().delete_prefix(prefix)
@@ -237,8 +264,13 @@ class S3Store(ArtifactStore):
         cfg = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"},
                      connect_timeout=10, read_timeout=120, max_pool_connections=self.pool_size)
         # A session of its own: boto3's default session caches the credentials it first saw.
-        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=cfg,
-                                              region_name=self.region)
+        try:
+            return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=cfg,
+                                                  region_name=self.region)
+        except ValueError as exc:  # an endpoint URL botocore cannot use
+            from pipeline.redact import redact
+
+            raise StoreError(f"S3 endpoint {redact(str(self.endpoint_url))}: {redact(str(exc))}") from None
 
     def ensure_pool(self, calls: int) -> None:
         """A larger pool when a stage makes more calls at once than it holds (a new client; call it before
@@ -258,8 +290,10 @@ class S3Store(ArtifactStore):
             NoCredentialsError,
         )
 
+        from pipeline.redact import redact
+
         where = f"{self.uri}/{key}" if key else self.uri
-        at = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        at = f" at {redact(self.endpoint_url)}" if self.endpoint_url else ""
         if isinstance(exc, NoCredentialsError):
             return StoreError(f"{where}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
         if isinstance(exc, EndpointConnectionError):
@@ -282,7 +316,7 @@ class S3Store(ArtifactStore):
                                   "AWS_SECRET_ACCESS_KEY")
             bucket_problem = self._diagnose_bucket() if key else None
             return bucket_problem or StoreError(f"{where}: S3 error {code}{at}")
-        return StoreError(f"{where}: {exc.__class__.__name__}: {' '.join(str(exc).split())}")
+        return StoreError(f"{where}: {exc.__class__.__name__}: {redact(' '.join(str(exc).split()))}")
 
     def _diagnose_bucket(self) -> StoreError | None:
         """Some servers answer an odd code (SeaweedFS: InternalError) for a missing bucket: ask directly."""

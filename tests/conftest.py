@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["student_fixtures"]  # the tiny/trained student fixtures, registered once for every test module
 
 
 def _shared() -> Path:

@@ -13,8 +13,9 @@ In a test::
         assert max(llm.counts.values()) == 1
 
 ``llm.script`` (a deque) forces the next actions in order: ``"429"``, ``"500"``, ``"timeout"``,
-``"garbage"``, ``"drop"``, ``"400"``, ``"401"``, ``"echo400"``/``"echo401"`` (the error quotes the
-request's ``Authorization`` header), ``"ok"`` or ``("reply", "text")``. ``llm.rule`` (a callable
+``"garbage"``, ``"drop"``, ``"400"``, ``"401"``, ``"402"``, ``"403"``, ``"quota429"`` (a 429 saying the
+account is out of quota), ``"echo400"``/``"echo401"`` (the error quotes the request's ``Authorization``
+header), ``"ok"`` or ``("reply", "text")``. ``llm.rule`` (a callable
 ``(key, attempt) -> action | None``) picks the action per prompt key (attempt counts from 1).
 ``llm.reply`` is a callable ``(request_json, key) -> str`` producing the answer text.
 
@@ -239,8 +240,11 @@ def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
             if action == "429":
                 self._json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                            {"Retry-After": f"{llm.retry_after:g}"})
-            elif action in ("500", "400", "401"):
+            elif action in ("500", "400", "401", "402", "403"):
                 self._json(int(action), {"error": {"message": f"fake error {action}"}})
+            elif action == "quota429":
+                self._json(429, {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
+                                           "code": "insufficient_quota"}})
             elif action in ("echo400", "echo401"):  # a server that quotes the request's key back
                 self._json(int(action[4:]), {"error": {"message": f"invalid header: Authorization: "
                                                                   f"{self.headers.get('Authorization')}"}})

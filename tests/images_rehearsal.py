@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from images_check import _buildah, pod_as_buildah_run
 
+from pipeline.artifacts import report_page_key
 from pipeline.config import load_config
 from pipeline.k8s.objects import build_configmap, build_job, to_dict
 from pipeline.stages import STAGES
@@ -77,7 +78,7 @@ def test_the_kind_config_runs_to_report_html_with_every_stage_in_its_own_image(s
         timings[stage] = round(time.monotonic() - started, 1)
         (out / "timings.json").write_text(json.dumps(timings, indent=1))
     store = open_store(s3_bucket)
-    key = f"{config.run.id}/report/report.html"
+    key = report_page_key(config.run.id)
     assert store.exists(key)
     (out / "report.html").write_text(store.get_text(key))
     print(f"report: {out / 'report.html'}; seconds per stage: {timings}; total {sum(timings.values()):.0f}s")

@@ -65,7 +65,7 @@ def write_dataset(store, run_id: str, sample_dir: Path, sizes=(24, 6, 8), essay_
 
 def student_config(store_uri: str, **overrides):
     """A run config for the tiny student on CPU; ``overrides`` are dotted keys (``finetune__max_steps``)."""
-    sets = {"run.id": "t", "store.uri": store_uri, "student.tiny": True, "student.device": "cpu",
+    sets = {"run.id": "t", "store.uri": store_uri, "student.build": "tiny", "student.device": "cpu",
             "finetune.batch_size": 4, "finetune.max_steps": 6, "finetune.eval_every": 3, "finetune.save_every": 3,
             "finetune.log_every": 1, "finetune.learning_rate": 0.01, "finetune.max_length": 512,
             "finetune.target_modules": "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",

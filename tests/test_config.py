@@ -36,13 +36,14 @@ def test_override_beats_file(tmp_path):
     (["nosuch.key=1"], "nosuch: unknown key"),
     (["run.id=Has Spaces"], "run.id"),
     (["dataset.train=0.9"], "dataset"),
-    (["teacher.api_key_env=sk-live-abc123"], "api_key_env must name an environment variable"),
+    (["teacher.api_key_env=sk-live-abc123"], "teacher.api_key_env: must name an environment variable"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     msg = str(err.value)
     assert key in msg and "\n" not in msg
+    assert "sk-live" not in msg  # a key put where its variable's name belongs is never echoed
 
 
 def test_malformed_override_and_files(tmp_path):

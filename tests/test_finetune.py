@@ -8,17 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
-from student_fixtures import (  # noqa: F401
-    sample_charts,
-    stage_ctx,
-    student_config,
-    tiny_student,
-    trained_run,
-    write_dataset,
-)
+from student_fixtures import stage_ctx, student_config, write_dataset
 
 from pipeline.errors import StageError
 from pipeline.models import training
@@ -80,7 +74,7 @@ def test_unknown_variant_is_one_line_error(tmp_path, sample_dir):
 
 def _run_config(tmp_path, run_id: str, **extra) -> dict:
     return {"run": {"id": run_id}, "store": {"uri": str(tmp_path / "store")},
-            "student": {"tiny": True, "device": "cpu"},
+            "student": {"build": "tiny", "device": "cpu"},
             "finetune": {"variants": ["unstructured"], "batch_size": 4, "max_steps": 40, "save_every": 2,
                          "eval_every": 100, "log_every": 1, "learning_rate": 0.003, "max_length": 512,
                          "grad_accum": 2, "lora_dropout": 0.1, **extra}}
@@ -178,9 +172,13 @@ def test_resume_with_changed_settings_stops_naming_them(tmp_path, sample_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_the_one_process_loss_curve(tmp_path, sample_dir):
+def test_two_processes_match_the_one_process_loss_curve(tmp_path, sample_dir, capfd):
     """``finetune.gpus: 2`` trains with two data-parallel processes (torchrun, gloo on CPU), each on its half
-    of every batch: same global batch, same loss curve and weights as one process."""
+    of every batch: same global batch, same loss curve and weights as one process. The processes are started
+    by the executor through the stage spec's launcher; the stage only trains as the rank it is."""
+    from pipeline.executors.local import run_stage
+
+    assert "subprocess" not in Path(finetune.__file__).read_text()  # the stage starts no process itself
     store = open_store(str(tmp_path / "store"))
     curves, weights = {}, {}
     for run_id, gpus in (("one", 1), ("two", 2)):
@@ -188,7 +186,8 @@ def test_two_processes_match_the_one_process_loss_curve(tmp_path, sample_dir):
         config = student_config(str(tmp_path / "store"), run__id=run_id, finetune__variants="[unstructured]",
                                 finetune__max_steps=6, finetune__eval_every=3, finetune__save_every=100,
                                 finetune__lora_dropout=0.0, finetune__gpus=gpus)
-        finetune.run(stage_ctx(config, "finetune"))
+        assert run_stage(config, store, "finetune")
+        assert ("over 2 processes" in capfd.readouterr().err) == (gpus == 2)  # the launcher's two ranks trained
         rows = store.get_jsonl(f"{run_id}/finetune/unstructured/metrics.jsonl")
         curves[gpus] = [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows]
         from safetensors.torch import load

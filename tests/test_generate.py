@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from student_fixtures import stage_ctx, trained_run  # noqa: F401 (fixture)
+from student_fixtures import stage_ctx
 
 from pipeline.errors import StageError
 from pipeline.records import Shard

@@ -158,8 +158,8 @@ def test_stride_spans_the_source_in_stable_order(sample_dir, tmp_path):
 
 def test_hostile_rows_rejected_one_by_one_and_colliding_ids_kept_apart(sample_dir, tmp_path, monkeypatch):
     """Bad ids, titles and paths are rejected per row with a reason (the stage never stops); ids that an
-    older key scheme mapped to one key (``coll x``/``coll_x``/``coll:x``) each keep their own teacher
-    essay, each paid once."""
+    older key scheme mapped to one key (``coll x``/``coll_x``/``coll:x``) or one folder (``a``, ``a/b``),
+    or that look like paths (``..``, ``a\\..\\b``), each keep their own image and teacher essay, each paid once."""
     from fake_llm import FakeLLM
 
     good = next(r for r in sample_rows(sample_dir) if r["chart_type_ielts"] == "bar")
@@ -174,31 +174,54 @@ def test_hostile_rows_rejected_one_by_one_and_colliding_ids_kept_apart(sample_di
     def row(chart_id, title="A chart of things", **extra):
         return {**good, "id": chart_id, "title": title, **extra}
 
-    rows = [row("coll x", "Coll space"), row("coll_x", "Coll underscore"), row("coll:x", "Coll colon"),
-            row(""), row("."), row(".."), row("../up"), row("/abs"), row("nul\x00id"), row("x" * 300),
-            row("t-number", 42), row("t-list", ["a"]), row(["list-id"]), row("p-abs", image=str(outside)),
-            row("p-up", image="../secret.png"), row("p-data", data="../../etc/passwd")]
+    kept = ["coll x", "coll_x", "coll:x", ".", "..", "../up", "/abs", "a", "a/b", "a\\..\\b"]
+    rows = [row(i, f"Chart {n}") for n, i in enumerate(kept)] + [
+        row(""), row("nul\x00id"), row("x" * 300), row("t-number", 42), row("t-list", ["a"]), row(["list-id"]),
+        row("p-abs", image=str(outside)), row("p-up", image="../secret.png"), row("p-data", data="../../etc/passwd")]
     (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     store, charts, rejected, summary = ingest(str(tmp_path / "s"), root)
-    assert [c["id"] for c in charts] == ["coll x", "coll_x", "coll:x"]
+    assert [c["id"] for c in charts] == kept
     assert summary["read"] == len(rows) == len(charts) + len(rejected)
     reasons = {r["id"]: r["reason"] for r in rejected}
     assert reasons[""] == "chart id is empty"
-    for bad in (".", "..", "../up", "/abs", "nul\x00id", "x" * 300):
+    for bad in ("nul\x00id", "x" * 300):
         assert "is not usable as a key" in reasons[bad], bad
     assert reasons["t-number"] == "title is not a string (int)" and reasons["t-list"] == "title is not a string (list)"
-    assert reasons["manifest-line-13"] == "manifest.jsonl line 13 has an 'id' that is not a string (list)"
+    assert reasons[None] == "manifest.jsonl line 16 has an 'id' that is not a string (list)"
+    assert next(r for r in rejected if r["id"] is None)["line"] == 16
     assert reasons["p-abs"].startswith("image path") and "leaves data.source" in reasons["p-abs"]
     assert "leaves data.source" in reasons["p-up"] and "leaves data.source" in reasons["p-data"]
-    assert len(list(store.list("demo/ingest/images/"))) == 3  # nothing from outside data.source copied
+    images = list(store.list("demo/ingest/images/"))
+    assert len(images) == len(kept) and all(k.count("/") == 3 for k in images)  # one name each, inside images/
 
     monkeypatch.setenv("MINIMAX_API_KEY", "k")
     with FakeLLM() as llm:
         config = load_config(None, [f"store.uri={tmp_path / 's'}", f"data.source={root}",
-                                    f"teacher.base_url={llm.base_url}", "teacher.vision=false"])
+                                    f"teacher.base_url={llm.base_url}", "teacher.vision=true"])
         assert run_stage(config, store, "teacher")
     essays = store.get_jsonl("demo/teacher/essays.jsonl")
-    assert [e["chart_id"] for e in essays] == ["coll x", "coll_x", "coll:x"]
-    assert all(n == 1 for n in llm.counts.values()) and len(llm.counts) == 3
-    assert [k.rsplit("/", 1)[1] for k in store.list("demo/teacher/records/")] == \
-        ["coll%20x.json", "coll%3Ax.json", "coll_x.json"]  # one key each, escaped (not replaced)
+    assert [e["chart_id"] for e in essays] == kept
+    assert all(n == 1 for n in llm.counts.values()) and len(llm.counts) == len(kept)
+    names = [k.rsplit("/", 1)[1] for k in store.list("demo/teacher/records/")]
+    assert {"coll%20x.json", "coll%3Ax.json", "coll_x.json", "a.json", "a%2Fb.json"} <= set(names)  # escaped
+
+
+def test_undecodable_and_broken_lines_are_rejected_by_line_number(sample_dir, tmp_path):
+    """A non-UTF-8 byte or a non-JSON line is one rejected row each, named by its line number and outside the
+    id space (a real chart called ``manifest-line-2`` is kept); every other chart is read."""
+    rows = [r for r in sample_rows(sample_dir) if r["chart_type_ielts"] == "bar"][:3]
+    root = tmp_path / "src"
+    root.mkdir()
+    for sub in ("images", "data"):
+        (root / sub).symlink_to(sample_dir / sub, target_is_directory=True)
+    rows[2] = {**rows[2], "id": "manifest-line-2"}
+    lines = [json.dumps(rows[0]).encode(), b'{"id": "caf\xe9", "title": "latin-1"}', b"not json",
+             json.dumps(rows[1]).encode(), json.dumps(rows[2]).encode()]
+    (root / "manifest.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    store, charts, rejected, summary = ingest(str(tmp_path / "s"), root)
+    assert [c["id"] for c in charts] == [rows[0]["id"], rows[1]["id"], "manifest-line-2"]
+    assert [(r["id"], r["line"]) for r in rejected] == [(None, 2), (None, 3)]
+    assert rejected[0]["reason"] == "manifest.jsonl line 2 is not UTF-8 (byte 0xe9 at column 12)"
+    assert rejected[1]["reason"] == "manifest.jsonl line 3 is not a JSON object with an 'id'"
+    assert summary["read"] == 5 and summary["rejected_by_reason"] == {
+        "manifest.jsonl is not UTF-8": 1, "manifest.jsonl is not a JSON object with an 'id'": 1}

@@ -86,7 +86,9 @@ def test_fair_judge_both_orders_with_image(store_uri, sample_dir, tmp_path):
         assert "<Describe a graph>" not in text.split("<FIRST>")[0]
         image = next(p for p in request["messages"][0]["content"] if p["type"] == "image_url")["image_url"]["url"]
         assert base64.b64decode(image.split(",", 1)[1]) == store.get_bytes(charts[cid]["image"])
-    record = store.get_json(f"{config.run.id}/judge/records/structured-vs-baseline/{next(iter(charts))}/ba.json")
+    from pipeline.records import RecordSet
+
+    record = RecordSet(store, f"{config.run.id}/judge/records").read(f"structured-vs-baseline/{next(iter(charts))}/ba")
     assert set(record) >= {"comparison", "a", "b", "chart_id", "order", "verdict", "raw_answer", "attempts", "usage",
                            "cost_usd"}
     assert (record["raw_answer"], record["verdict"]) == ("<SECOND>", "a")  # ba: a's essay was shown second

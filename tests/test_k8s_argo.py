@@ -100,4 +100,8 @@ def test_queue_name_and_pull_secrets_reach_the_workflow(tmp_path):
     _validate(wf)
     assert wf["spec"]["podMetadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "team-a"}  # Kueue's pod integration
     assert "kueue.x-k8s.io/queue-name" not in wf["metadata"]["labels"]  # (Kueue ignores a Workflow's labels)
+    from pipeline.k8s.objects import build_job  # the driver's Jobs with a queue name: created suspended
+
+    queued = [build_job(load_config(path), s).spec.suspend for s in ("ingest", "finetune")]
+    assert queued == [True, True] and build_job(load_config(CONFIGS["local"]), "ingest").spec.suspend is None
     assert wf["spec"]["imagePullSecrets"] == [{"name": "regcred"}]

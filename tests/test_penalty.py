@@ -5,7 +5,7 @@ item 7), on the tiny student's real tokenizer and model. The before/after effect
 from __future__ import annotations
 
 import torch
-from student_fixtures import sample_charts, tiny_loaded, tiny_student  # noqa: F401 (fixtures)
+from student_fixtures import sample_charts
 
 from pipeline.config import GenerateSection
 from pipeline.models.generation import SparingRepetitionPenalty, generate_essays, marker_token_ids

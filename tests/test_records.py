@@ -48,15 +48,48 @@ def test_records_resume(store):
 
 
 def test_safe_id_is_one_to_one():
-    assert safe_id("pew two:col/ab") == "pew%20two%3Acol/ab" and safe_id("pew-14_x.y") == "pew-14_x.y"
-    ids = ["coll x", "coll_x", "coll%20x", "chart:a", "chart_a", "_claims", "%5Fclaims", "ünï/cödé", "a b/c"]
+    assert safe_id("pew two:col/ab") == "pew%20two%3Acol%2Fab" and safe_id("pew-14_x.y") == "pew-14_x.y"
+    ids = ["coll x", "coll_x", "coll%20x", "chart:a", "chart_a", "_claims", "%5Fclaims", "ünï/cödé", "a b/c",
+           "a", "a/b", "a/b/c", "a\\..\\b", "a/../b", "..", ".", ".hidden", "a//b", "/abs"]
     keys = [safe_id(i) for i in ids]
     assert len(set(keys)) == len(ids)  # injective
     assert [unsafe_id(k) for k in keys] == ids  # and back
-    assert not any(k.startswith("_") for k in keys)  # "_" names beside the records are the runner's
-    for bad in ("a/../b", "", "..", ".", "a//b", "x\x00y", "tab\there", "x" * 300):
+    assert not any(k.startswith(("_", ".")) for k in keys)  # "_" names are the runner's; nothing hidden
+    assert not any(set(k) & set("/\\") for k in keys)  # one name: never a folder, never outside it
+    for bad in ("", "x\x00y", "tab\there", "x" * 300):
         with pytest.raises(PipelineError, match="cannot be used as a record key"):
             safe_id(bad)
+
+
+def test_ids_never_share_a_folder_or_leave_theirs(store):
+    """``a`` and ``a/b`` (and ``a\\..\\b``, ``..``) are one escaped name each in every namespace: records,
+    claims and images never meet, on a local directory and on S3 (each id's claim was another id's folder)."""
+    from pipeline.records import item_key
+
+    ids = ["a", "a/b", "a/b/c", "a\\..\\b", "..", "a.json/b", "_claims", "x/../../../escape"]
+    rs = RecordSet(store, "run/teacher/records")
+    claims = Claims(rs, lease_s=60, owner="host-a:1:a")
+    for i in ids:
+        rs.write(i, {"id": i})
+        assert claims.take(i)
+        store.put_bytes(item_key("run/ingest/images", i, ".png"), i.encode())
+    assert rs.done_ids() == set(ids) and [rs.read(i)["id"] for i in ids] == ids
+    for folder, suffix in (("run/teacher/records", ".json"), ("run/teacher/records/_claims", ".claim"),
+                           ("run/ingest/images", ".png")):
+        keys = [k for k in store.list(folder + "/") if k.count("/") == folder.count("/") + 1]
+        assert len(keys) == len(ids) and all(k.endswith(suffix) for k in keys), keys
+    assert len(list(store.list("run/"))) == 3 * len(ids)  # nothing anywhere else
+    assert [store.get_text(item_key("run/ingest/images", i, ".png")) for i in ids] == ids
+
+
+def test_records_of_the_old_per_folder_layout_are_still_read(store):
+    """A judge record written before ids became one name (``cmp/c1/ab`` in folders) counts as done and is
+    read: it is never paid for again."""
+    rs = RecordSet(store, "run/judge/records")
+    store.put_json("run/judge/records/cmp/c%201/ab.json", {"verdict": "a"})
+    assert rs.done_ids() == {"cmp/c 1/ab"} and rs.pending(["cmp/c 1/ab", "cmp/c 1/ba"]) == ["cmp/c 1/ba"]
+    assert rs.read("cmp/c 1/ab") == {"verdict": "a"}
+    assert [r["verdict"] for r in rs.read_all()] == ["a"]
 
 
 def test_colliding_ids_keep_their_own_records(store):
@@ -81,7 +114,7 @@ def test_records_of_changed_inputs_are_dropped(store):
     assert rs.keep_if_inputs(fingerprint({"adapter": "v2"}, 48)) == 2  # new adapter: both stale
     assert rs.done_ids() == set() and rs.pending(["baseline/a"]) == ["baseline/a"]
     aside = [k for k in store.list("run/generate/records/_stale/")]  # moved aside, never deleted
-    assert [k.split("/", 5)[-1] for k in aside] == ["_INPUTS", "baseline/a.json", "baseline/b.json"]
+    assert [k.split("/", 5)[-1] for k in aside] == ["_INPUTS", "baseline%2Fa.json", "baseline%2Fb.json"]
     assert store.get_json(aside[1]) == {"essay": "x"}
     assert rs.restore_stale() == 2  # the run failed before writing a new record: they come back
     assert rs.done_ids() == {"baseline/a", "baseline/b"} and not list(store.list("run/generate/records/_stale/"))
@@ -103,6 +136,8 @@ def test_claims_one_owner_expiry_and_takeover(store):
     assert expired.take("c/2")
     contenders = [Claims(rs, lease_s=60, owner=f"host-{i}:1:x") for i in range(4)]
     assert [c.take("c/2") for c in contenders].count(True) == 1  # exactly one takes the expired claim over
+    store.put_bytes(first.key("c/3"), b'{"owner": "host-d:1')  # a cut write: never a claim that holds forever
+    assert [c.take("c/3") for c in contenders].count(True) == 1
 
 
 def test_a_corrupt_record_is_moved_aside_and_redone(store):

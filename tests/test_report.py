@@ -103,19 +103,19 @@ def test_win_rates_match_hand_computation(report):
             assert sum(bt[field] for bt in c["by_type"].values()) == c[field]
         assert set(c["by_type"]) == {ch["type"] for ch in report["charts"]}
         assert "win_rate" in c["length_controlled"]
-    assert report["summary"]["judge"]["cost_usd"] == pytest.approx(0.001 * 6 * n)  # self-test rows cost 0 here
-    assert report["summary"]["judge"]["requests"] == 6 * n + 30
+    assert report["summary"]["judging"]["cost_usd"] == pytest.approx(0.001 * 6 * n)  # self-test rows cost 0 here
+    assert report["summary"]["judging"]["requests"] == 6 * n + 30
 
 
 def test_quality_per_model(report):
     models = report["summary"]["models"]
     charts = report["charts"]
-    assert list(models) == ["teacher", "baseline", "structured", "unstructured"]
+    assert list(models) == ["golden", "baseline", "structured", "unstructured"]
     base = models["baseline"]
     assert base["n"] == 7 and base["failure_modes"]["too_short"] == 7  # the title alone (min_words=60)
     assert base["mean_words"] == pytest.approx(sum(word_count(c["title"]) for c in charts) / 7)
     assert base["failure_shares"]["too_short"] == 1.0 and base["three_step_share"] == 0.0
-    assert models["structured"]["three_step_share"] == models["teacher"]["three_step_share"] == 1.0
+    assert models["structured"]["three_step_share"] == models["golden"]["three_step_share"] == 1.0
     assert models["unstructured"]["three_step_share"] == 0.0
     with_table = sum(1 for c in charts if c["table"])
     assert models["unstructured"]["failure_modes"].get("invented_numbers") == with_table  # "12345" everywhere
@@ -150,7 +150,7 @@ def test_judge_selftest_comes_first_and_flags_the_win_rates(report):
     assert all(c["trustworthy"] is False and c["evidence"] is False and c["view"] == "layout-neutral"
                for c in report["summary"]["comparisons"])
     assert report["summary"]["comparisons_as_written"] == []  # these verdicts were all layout-neutral
-    assert report["summary"]["judge"]["golden_form"] == "prose"
+    assert report["summary"]["judging"]["golden_form"] == "prose"
     md = (report["dir"] / "report.md").read_text()
     assert md.index("## Judge self-test") < md.index("## Win rates (not evidence: the judge failed its self-test)")
     assert "| truncated | 5 | 3 | 60.0 % |" in md and "Layout: prose (`judge.golden_form`). **Layout-neutral** (the headline)" in md
@@ -273,7 +273,7 @@ def test_dataset_card_from_the_hub_template():
     by_split = {"train": rows[:3], "validation": rows[3:4], "test": rows[4:]}
     counts = {"teacher_records": 7, "rejected_by_teacher": 2, "rejected_reasons": Counter({"too_short": 2}),
               "excluded_unparseable": 0, "excluded_reasons": Counter(), "structure_inferred": 0,
-              "teacher": Counter({("MiniMax-M1", "bar.txt", "v1"): 5})}
+              "teacher_models": Counter({("MiniMax-M1", "bar.txt", "v1"): 5})}
     text = dataset_card("structured", by_split, counts, DatasetSection(), "run-1", {"read": 9, "accepted": 7},
                         {"chart_id": "string", "essay": "string"})
     card = DatasetCard(text)

@@ -113,7 +113,8 @@ def test_oracle_passes_and_the_report_leads_with_the_selftest(tmp_path, sample_d
     assert all(reference_shown(r).strip() not in shown(r) for r in planted_requests)
     assert all(c["evidence"] and c["evidence_note"] is None for c in summary["comparisons"])
     assert "not evidence" not in md and "not evidence" not in html
-    assert md.index("## Judge self-test") < md.index("## Win rates") and "| figures |" in md
+    assert md.index("## Judge self-test") < md.index("## Win rates") < md.index("## Deterministic judge")
+    assert "| figures |" in md
     assert html.index("<h2>Judge self-test</h2>") < html.index("<h2>Win rates")
     logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("report: ")]
     assert logs[0].startswith("report: judge self-test passed: ") and "NOT EVIDENCE" not in " ".join(logs)
@@ -135,6 +136,10 @@ def test_cheating_judges_fail_and_their_win_rates_are_not_evidence(tmp_path, sam
                for c in summary["comparisons"] + summary["comparisons_as_written"])
     assert summary["warnings"][0].startswith("Judge self-test:") and "not evidence" in summary["warnings"][0]
     assert "## Win rates (not evidence: the judge failed its self-test)" in md
+    # a judge that failed: the report leads with the self-test, then the deterministic measures
+    assert md.index("## Judge self-test") < md.index("## Deterministic judge") < md.index("## Win rates")
+    assert html.index("<h2>Judge self-test</h2>") < html.index("<h2>Deterministic judge</h2>") < html.index(
+        "<h2>Win rates")
     assert "(layout-neutral) (not evidence: the judge failed its self-test) |" in md
     assert "(not evidence: the judge failed its self-test)</span></h2>" in html
     logs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("report: ")]

@@ -129,3 +129,19 @@ def test_per_type_breakdown_adds_up():
     assert c["by_type"]["bar"]["win_rate"] == pytest.approx(3.5 / 4)
     assert c["by_type"]["pie"]["win_rate"] == 0.0
     assert c["win_rate"] == pytest.approx(4.5 / 7)
+
+
+def test_bootstrap_over_seeds_carries_the_seed_variance():
+    """Two seeds that disagree (one wins every chart, the other ties every chart): the pooled pairs' Wilson
+    interval pretends 20 independent charts; the bootstrap over charts and seeds spans both seeds' rates."""
+    from pipeline.stats import bootstrap_ci
+
+    wins = [Pair(f"c{i}", "bar", ("a", "a")) for i in range(10)]
+    ties = [Pair(f"c{i}", "bar", ("a", "b")) for i in range(10)]
+    pooled = summarize(wins + ties)
+    assert pooled["win_rate"] == 0.75 and pooled["ci95"][0] > 0.5  # Wilson on 20 pairs: "a is better"
+    ci = bootstrap_ci({1: wins, 2: ties})
+    assert ci[0] <= 0.55 and ci[1] == 1.0  # a draw of seed 2 twice gives 0.5, of seed 1 twice 1.0
+    same = bootstrap_ci({1: wins, 2: wins})
+    assert same == [1.0, 1.0]  # no variance anywhere: a point
+    assert bootstrap_ci({1: [Pair("c0", "bar", ("invalid", "a"))]}) is None

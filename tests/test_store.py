@@ -93,3 +93,19 @@ def test_s3_prefix_isolation(s3_bucket):
     a.put_text("k.txt", "a")
     b.put_text("k.txt", "b")
     assert list(a.list("")) == ["k.txt"] and a.get_text("k.txt") == "a"
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path):
+    """ENOSPC in the middle of a write: StoreError naming the file, the old content intact, no temp file."""
+    from faults import full_disk
+
+    store = LocalStore(tmp_path)
+    store.put_bytes("r/f.bin", b"old")
+    with full_disk(tmp_path, free=1000):
+        with pytest.raises(StoreError, match=r"cannot write .*/r/f.bin: No space left on device") as err:
+            store.put_bytes("r/f.bin", b"1" * 5000)  # cut after 1000 bytes
+        with pytest.raises(StoreError, match="No space left on device"):
+            store.create("r/other", b"x")
+    assert "\n" not in str(err.value) and store.get_bytes("r/f.bin") == b"old"
+    assert not store.exists("r/other")
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["f.bin"]  # no temp file left

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from student_fixtures import sample_charts, tiny_loaded, tiny_student  # noqa: F401 (fixtures)
+from student_fixtures import sample_charts
 from test_dataset import RUN, run_dataset, write_upstream
 
 from pipeline import artifacts

@@ -439,28 +439,41 @@ def test_embedded_server_starts_and_stops():
 
 
 @pytest.mark.llm
-def test_embedded_server_dies_with_a_killed_stage(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_embedded_server_dies_with_a_killed_stage(tmp_path, sig):
+    """kill -9 or SIGTERM of a stage using the embedded server: the server is gone within 5 s (it lived on for
+    65-94 s when its parent-death signal was SIGTERM: its web server waited for the dead client's request).
+    Measured 6 s each on 2 busy cores."""
     import urllib.error
     import urllib.request
 
     import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
 
-    script = ("import sys, time; from pipeline.config import load_config; from pipeline.llm import embedded_server\n"
+    # the stage dies with a long request in flight (the server's web server waits for it on SIGTERM)
+    script = ("import json, threading, time, urllib.request\n"
+              "from pipeline.config import load_config; from pipeline.llm import embedded_server\n"
+              "def ask(url):\n"
+              "    body = json.dumps({'model': 'm', 'messages': [{'role': 'user', 'content': 'A long story.'}],\n"
+              "                       'max_tokens': 3000, 'min_tokens': 3000}).encode()\n"
+              "    urllib.request.urlopen(urllib.request.Request(f'{url}/chat/completions', body,\n"
+              "                           {'Content-Type': 'application/json'}), timeout=300)\n"
               "with embedded_server(load_config('configs/local.yaml').teacher) as live:\n"
+              "    threading.Thread(target=ask, args=(live.base_url,), daemon=True).start(); time.sleep(1)\n"
               "    print(live.base_url, flush=True); time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
     url = proc.stdout.readline().strip()
     assert url.startswith("http://127.0.0.1:")
-    proc.kill()  # kill -9: no finally block runs in the stage
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) == 1
+    server = Path(f"/proc/{children[0]}/stat")
+    proc.send_signal(getattr(signal, sig))  # no finally block of the stage runs
     proc.wait(10)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/models", timeout=1)
-        except urllib.error.URLError:
-            break  # the server went with its parent
-        assert time.monotonic() < deadline, "llama.cpp server outlived the killed stage"
-        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while server.exists() and server.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # gone, or a zombie
+        assert time.monotonic() < deadline, "llama.cpp server outlived the killed stage by 5 s"
+        time.sleep(0.1)
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # refused, or reset as it went
+        urllib.request.urlopen(f"{url}/models", timeout=1)
 
 
 def test_progress_counts_records(tmp_path, llm, sample_dir):

@@ -12,8 +12,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from pipeline.artifacts import save_run_config
 from pipeline.config import RunConfig
-from pipeline.context import StageContext, save_run_config, store_for
+from pipeline.context import StageContext, store_for
 from pipeline.errors import ConfigError, StageError
 from pipeline.stages import StageSpec, load_stage, spec
 from pipeline.store import SUCCESS, ArtifactStore

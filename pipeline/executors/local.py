@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, dump_config
 from pipeline.context import StageContext
 from pipeline.executors import base
 from pipeline.executors.base import Executor, Outcome, run_one
 from pipeline.records import Shard
-from pipeline.stages import StageSpec, load_stage
+from pipeline.stages import DIST_ENV, StageSpec, load_stage
 from pipeline.store import SUCCESS, ArtifactStore
 
 
 class LocalExecutor(Executor):
     def run_stage(self, spec: StageSpec, ctx: StageContext) -> Outcome:
         """Returns ``complete``, or ``shard done`` when other shards of the stage are still to finish."""
-        module = load_stage(spec.name)
         started = time.monotonic()
         self.echo(f"[{spec.name}] started" + ("" if ctx.shard.whole else f" (shard {ctx.shard})"))
-        module.run(ctx)
+        launcher = spec.launcher(ctx.config, python=sys.executable)
+        if launcher and DIST_ENV not in os.environ:  # not yet one of the launcher's processes: start them
+            code = launch(launcher, spec, ctx)
+            if code != 0:
+                return Outcome(spec.name, False, "failed", f"stage '{spec.name}': its processes ({shlex.join(launcher[:5])} "
+                               f"...) failed (exit {code}); see their log above")
+        else:
+            load_stage(spec.name).run(ctx)
         done = ctx.is_complete()
         if not done and ctx.shard.whole:
             return Outcome(spec.name, False, "failed",
@@ -37,6 +50,21 @@ class LocalExecutor(Executor):
 
     def cancel(self, spec: StageSpec, ctx: StageContext) -> bool:
         return False  # Ctrl-C in the process that runs it; finished records stay
+
+
+def launch(launcher: list[str], spec: StageSpec, ctx: StageContext) -> int:
+    """Run ``<launcher> stage NAME`` on the resolved config (e.g. torchrun starting one CLI per GPU) and wait;
+    a SIGTERM to this process is passed on, so the processes checkpoint before they stop."""
+    with tempfile.TemporaryDirectory(prefix=f"ielts-{spec.name}-") as tmp:
+        config_file = Path(tmp) / "config.yaml"
+        config_file.write_text(dump_config(ctx.config), encoding="utf-8")
+        shard = [] if ctx.shard.whole else ["--shard", str(ctx.shard)]
+        proc = subprocess.Popen([*launcher, "stage", spec.name, "--config", str(config_file), *shard])
+        previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+        try:
+            return proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_stage(config: RunConfig, store: ArtifactStore, name: str, shard: Shard | None = None,

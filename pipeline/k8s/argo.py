@@ -26,7 +26,7 @@ def workflow_name(config: RunConfig) -> str:
 
 
 def _template(config: RunConfig, spec: StageSpec) -> m.Template:
-    job = to_dict(build_job(config, spec.name))
+    job = to_dict(build_job(config, spec))
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
     inputs = None

@@ -69,7 +69,9 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
         return k.ApiClient(cfg)
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         kconfig.load_incluster_config(client_configuration=cfg)
-        return k.ApiClient(cfg)
+        api = k.ApiClient(cfg)
+        api.in_cluster = True  # no wrong context to fail fast on: a restarted driver pod rides out an outage at once
+        return api
     raise PipelineError("no Kubernetes configuration: set KUBECONFIG (or ~/.kube/config, or --kubeconfig), "
                         "or run inside a cluster")
 
@@ -87,7 +89,8 @@ class KubeBackend:
         self.core = k.CoreV1Api(self.api)
         self.batch = k.BatchV1Api(self.api)
         self.timeout_s, self.outage_s, self.notify = timeout_s, outage_s, notify
-        self.reached = False  # an answer came once: later transport errors are an outage, not a wrong context
+        # an answer came once (or the API is the cluster's own): transport errors are an outage, not a wrong context
+        self.reached = bool(getattr(self.api, "in_cluster", False))
 
     @property
     def host(self) -> str:

@@ -9,6 +9,7 @@ here ever holds a secret value.
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -19,7 +20,7 @@ from pipeline import __version__
 from pipeline.config import RunConfig, dump_config
 from pipeline.errors import ConfigError
 from pipeline.k8s.images import stage_image
-from pipeline.stages import CUDA, STAGES, StageSpec, spec
+from pipeline.stages import SPECS, STAGES, StagePlan, StageSpec, spec
 
 MIN_KUBERNETES = "1.29"  # podFailurePolicy onPodConditions, podReplacementPolicy, backoffLimitPerIndex (beta)
 CONFIG_DIR = "/etc/ielts-distill"
@@ -80,10 +81,11 @@ def _label_value(text: str) -> str:
 # --------------------------------------------------------------------------- per-stage choices
 
 
-def image(config: RunConfig, stage: str) -> str:
+def image(config: RunConfig, stage: StageSpec | StagePlan) -> str:
     """``<registry>/<stage>:<tag>``; the CUDA build ``<stage>-cuda`` when the stage needs CUDA under the config;
     ``<registry>/<name>@sha256:...`` instead when k8s.image_digests holds the image's digest."""
-    return image_ref(config, stage_image(spec(stage), cuda=CUDA in spec(stage).image_needs(config)))
+    plan = stage if isinstance(stage, StagePlan) else stage.plan(config)
+    return image_ref(config, stage_image(plan.spec, cuda=plan.cuda))
 
 
 def image_ref(config: RunConfig, name: str) -> str:
@@ -92,23 +94,23 @@ def image_ref(config: RunConfig, name: str) -> str:
     return f"{kc.image_registry.rstrip('/')}/{name}" + (f"@{digest}" if digest else f":{kc.image_tag}")
 
 
-def stage_resources(config: RunConfig, stage: str) -> dict[str, str]:
+def stage_resources(config: RunConfig, stage: StagePlan) -> dict[str, str]:
     unknown = set(config.k8s.resources) - set(STAGES)
     if unknown:
         raise ConfigError(f"k8s.resources.{sorted(unknown)[0]}: unknown stage (stages: {', '.join(STAGES)})")
-    res = dict(spec(stage).resources[config.k8s.profile])
-    for key, value in config.k8s.resources.get(stage, {}).items():
+    res = dict(stage.spec.resources[config.k8s.profile])
+    for key, value in config.k8s.resources.get(stage.name, {}).items():
         if key not in res:
-            raise ConfigError(f"k8s.resources.{stage}.{key}: unknown resource (use cpu, memory, ephemeral-storage)")
+            raise ConfigError(f"k8s.resources.{stage.name}.{key}: unknown resource (use cpu, memory, ephemeral-storage)")
         if not _QUANTITY.match(str(value)):
-            raise ConfigError(f"k8s.resources.{stage}.{key}: {value!r} is not a Kubernetes quantity")
+            raise ConfigError(f"k8s.resources.{stage.name}.{key}: {value!r} is not a Kubernetes quantity")
         res[key] = str(value)
     return res
 
 
-def _api_key_envs(config: RunConfig, stage: str) -> list[tuple[str, bool]]:
+def _api_key_envs(stage: StagePlan) -> list[tuple[str, bool]]:
     """(env var name, optional) of the LLM key a stage needs; optional when the server is embedded."""
-    llm = {"teacher": config.teacher, "judge": config.judge_llm()}.get(stage)
+    llm = stage.llm
     if llm is None or not llm.api_key_env:
         return []
     return [(llm.api_key_env, bool(llm.embedded))]
@@ -132,33 +134,50 @@ def _store_path(config: RunConfig) -> str | None:
 # --------------------------------------------------------------------------- objects
 
 
+def refuse_url_credentials(config: RunConfig) -> None:
+    """Rendered objects carry the config (ConfigMap) and endpoints (env): a URL holding credentials
+    (``http://user:secret@host``, ``?api-key=``) is refused with one line pointing to the Secret it belongs in."""
+    from pipeline.redact import credential_fields
+
+    for path, masked in credential_fields(config.model_dump(mode="json")):
+        secret = config.k8s.s3_secret if path.startswith(("store.", "k8s.s3")) else config.k8s.llm_secret
+        raise ConfigError(f"{path} ({masked}) holds credentials in its URL, which would be written into the "
+                          f"Kubernetes objects: remove them and put them in the Secret '{secret}'")
+
+
 def build_configmap(config: RunConfig) -> k.V1ConfigMap:
+    refuse_url_credentials(config)
     return k.V1ConfigMap(
         api_version="v1", kind="ConfigMap",
         metadata=k.V1ObjectMeta(name=configmap_name(config), namespace=config.k8s.namespace, labels=labels(config)),
         data={"config.yaml": dump_config(config)})
 
 
-def _env(config: RunConfig, stage: str, shards: int | None) -> list[k.V1EnvVar]:
+def _env(config: RunConfig, stage: StagePlan) -> list[k.V1EnvVar]:
     env = [
-        k.V1EnvVar(name="IELTS_STAGE", value=stage),
+        k.V1EnvVar(name="IELTS_STAGE", value=stage.name),
         k.V1EnvVar(name="IELTS_CONFIG", value=CONFIG_FILE),
         k.V1EnvVar(name="HOME", value="/tmp"),
         k.V1EnvVar(name="XDG_CACHE_HOME", value=CACHE_DIR),
         k.V1EnvVar(name="HF_HOME", value=HF_HOME),
         k.V1EnvVar(name="MPLCONFIGDIR", value="/tmp/matplotlib"),
     ]
-    if shards is not None:  # Kubernetes sets JOB_COMPLETION_INDEX itself; Shard.from_env needs the count
-        env.append(k.V1EnvVar(name="JOB_COMPLETION_COUNT", value=str(shards)))
+    launcher = stage.launcher
+    if launcher:  # jobs/entrypoint.py runs `<launcher> stage NAME` (torchrun: one process per GPU)
+        env.append(k.V1EnvVar(name="IELTS_LAUNCHER", value=shlex.join(launcher)))
+    if stage.shards is not None:  # Kubernetes sets JOB_COMPLETION_INDEX itself; Shard.from_env needs the count
+        env.append(k.V1EnvVar(name="JOB_COMPLETION_COUNT", value=str(stage.shards)))
     if config.k8s.s3_endpoint:
         env.append(k.V1EnvVar(name="AWS_ENDPOINT_URL_S3", value=config.k8s.s3_endpoint))
-    for name, optional in _api_key_envs(config, stage):
+    for name, optional in _api_key_envs(stage):
         ref = k.V1SecretKeySelector(name=config.k8s.llm_secret, key=name, optional=optional or None)
         env.append(k.V1EnvVar(name=name, value_from=k.V1EnvVarSource(secret_key_ref=ref)))
     return env
 
 
-def _volumes(config: RunConfig, stage: StageSpec, res: dict[str, str]) -> tuple[list[k.V1Volume], list[k.V1VolumeMount]]:
+def _volumes(config: RunConfig, res: dict[str, str], shm: bool, data: bool) -> tuple[list[k.V1Volume], list[k.V1VolumeMount]]:
+    """config, /tmp and cache; /dev/shm when ``shm``; the store PVC (directory store); the data PVC when ``data``
+    (the stage reads data.source); the model cache PVC."""
     cache_limit = res["ephemeral-storage"]
     volumes = [
         k.V1Volume(name="config", config_map=k.V1ConfigMapVolumeSource(name=configmap_name(config))),
@@ -170,7 +189,7 @@ def _volumes(config: RunConfig, stage: StageSpec, res: dict[str, str]) -> tuple[
         k.V1VolumeMount(name="tmp", mount_path="/tmp"),
         k.V1VolumeMount(name="cache", mount_path=CACHE_DIR),
     ]
-    if stage.shm:  # torch data loaders and NCCL use shared memory
+    if shm:  # torch data loaders and NCCL use shared memory
         volumes.append(k.V1Volume(name="dshm", empty_dir=k.V1EmptyDirVolumeSource(medium="Memory", size_limit="2Gi")))
         mounts.append(k.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
     store_path = _store_path(config)
@@ -178,7 +197,7 @@ def _volumes(config: RunConfig, stage: StageSpec, res: dict[str, str]) -> tuple[
         claim = k.V1PersistentVolumeClaimVolumeSource(claim_name=config.k8s.store_claim)
         volumes.append(k.V1Volume(name="store", persistent_volume_claim=claim))
         mounts.append(k.V1VolumeMount(name="store", mount_path=store_path))
-    if stage.name == "ingest" and config.k8s.data_claim:
+    if data and config.k8s.data_claim:
         mount = PurePosixPath(config.k8s.data_mount)
         if not mount.is_absolute() or not PurePosixPath(config.data.source).is_relative_to(mount):
             raise ConfigError(f"data.source {config.data.source!r}: must be a path under k8s.data_mount "
@@ -193,24 +212,24 @@ def _volumes(config: RunConfig, stage: StageSpec, res: dict[str, str]) -> tuple[
     return volumes, mounts
 
 
-def _container(config: RunConfig, stage: str, shards: int | None) -> tuple[k.V1Container, list[k.V1Volume]]:
+def _container(config: RunConfig, stage: StagePlan) -> tuple[k.V1Container, list[k.V1Volume]]:
     res = stage_resources(config, stage)
     quantities = dict(res)
-    gpus = spec(stage).gpu_count(config)
+    gpus = stage.gpus
     if gpus:
         quantities[config.k8s.gpu_resource] = str(gpus)
     limits = dict(quantities)
     if config.k8s.cpu_limit:
         limits["cpu"] = config.k8s.cpu_limit
-    volumes, mounts = _volumes(config, spec(stage), res)
+    volumes, mounts = _volumes(config, res, shm=stage.spec.shm, data=stage.spec.reads_data)
     secrets = ([config.k8s.s3_secret] if _is_s3(config) else []) + list(config.k8s.env_secrets)
     env_from = [k.V1EnvFromSource(secret_ref=k.V1SecretEnvSource(name=name)) for name in secrets] or None
     container = k.V1Container(
-        name=stage,
+        name=stage.name,
         image=image(config, stage),
         image_pull_policy=config.k8s.image_pull_policy,
-        args=[stage],
-        env=_env(config, stage, shards),
+        args=[stage.name],
+        env=_env(config, stage),
         env_from=env_from,
         resources=k.V1ResourceRequirements(requests=dict(quantities), limits=limits),
         volume_mounts=mounts,
@@ -241,13 +260,17 @@ def _scheduling(config: RunConfig, stage: str, gpu: bool) -> dict[str, Any]:
     return {}
 
 
-def build_job(config: RunConfig, stage: str) -> k.V1Job:
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+def build_job(config: RunConfig, stage: StageSpec | str) -> k.V1Job:
+    if not isinstance(stage, StageSpec):
+        if stage not in STAGES:
+            raise ConfigError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+        stage = spec(stage)
+    refuse_url_credentials(config)
     kc = config.k8s
-    shards = spec(stage).shard_count(config)
-    container, volumes = _container(config, stage, shards)
-    gpu = spec(stage).gpu_count(config) > 0
+    plan = stage.plan(config)  # every per-config answer of the spec, once
+    shards = plan.shards
+    container, volumes = _container(config, plan)
+    gpu = plan.gpus > 0
     pod = k.V1PodSpec(
         restart_policy="Never",
         containers=[container],
@@ -260,11 +283,11 @@ def build_job(config: RunConfig, stage: str) -> k.V1Job:
             seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
         priority_class_name=kc.priority_class,
         image_pull_secrets=[k.V1LocalObjectReference(name=n) for n in kc.image_pull_secrets] or None,
-        **_scheduling(config, stage, gpu),
+        **_scheduling(config, stage.name, gpu),
     )
     failure_policy = k.V1PodFailurePolicy(rules=[
         k.V1PodFailurePolicyRule(action="FailJob", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
-            container_name=stage, operator="In", values=[EXIT_CONFIG_ERROR])),
+            container_name=stage.name, operator="In", values=[EXIT_CONFIG_ERROR])),
         k.V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[
             k.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
     ])
@@ -275,14 +298,14 @@ def build_job(config: RunConfig, stage: str) -> k.V1Job:
         ttl_seconds_after_finished=kc.ttl_after_finished_s,
         pod_failure_policy=failure_policy,
         pod_replacement_policy="Failed",  # a replacement starts only once the old pod is gone (no two writers)
-        template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=labels(config, stage)), spec=pod),
+        template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=labels(config, stage.name)), spec=pod),
     )
     if shards is not None:  # each shard retries on its own: one bad shard never kills the healthy ones
         job_spec.completion_mode, job_spec.completions, job_spec.parallelism = "Indexed", shards, shards
         job_spec.backoff_limit, job_spec.backoff_limit_per_index, job_spec.max_failed_indexes = None, kc.backoff_limit, shards
     return k.V1Job(
         api_version="batch/v1", kind="Job",
-        metadata=k.V1ObjectMeta(name=job_name(config, stage), namespace=kc.namespace, labels=job_labels(config, stage),
+        metadata=k.V1ObjectMeta(name=job_name(config, stage.name), namespace=kc.namespace, labels=job_labels(config, stage.name),
                                 annotations={"ielts-distill/version": __version__}),
         spec=job_spec)
 
@@ -299,11 +322,12 @@ def build_driver_job(config: RunConfig, run_args: list[str]) -> k.V1Job:
     mounted run config, in-cluster credentials of the ielts-distill-driver account), so no laptop has to
     stay up. It runs the base image (every image holds the package) and may restart: it re-attaches."""
     kc = config.k8s
+    refuse_url_credentials(config)
     quantities = {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": "256Mi"}
     env = [k.V1EnvVar(name="HOME", value="/tmp"), k.V1EnvVar(name="PYTHONUNBUFFERED", value="1")]
     if kc.s3_endpoint:  # the driver reads the store (which stages are complete) like the Jobs do
         env.append(k.V1EnvVar(name="AWS_ENDPOINT_URL_S3", value=kc.s3_endpoint))
-    volumes, mounts = _volumes(config, spec("report"), quantities)  # config, /tmp, cache (+ store PVC)
+    volumes, mounts = _volumes(config, quantities, shm=False, data=False)  # config, /tmp, cache (+ store PVC)
     container = k.V1Container(
         name="driver",
         image=image_ref(config, "base"),
@@ -346,7 +370,7 @@ def build_driver_job(config: RunConfig, run_args: list[str]) -> k.V1Job:
 
 def build_run(config: RunConfig, stages: list[str] | tuple[str, ...] = STAGES) -> list[Any]:
     """The ConfigMap, then one Job per stage, in pipeline order."""
-    return [build_configmap(config), *(build_job(config, s) for s in STAGES if s in stages)]
+    return [build_configmap(config), *(build_job(config, s) for s in SPECS if s.name in stages)]
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

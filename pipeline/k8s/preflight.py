@@ -9,6 +9,7 @@ the Jobs request, and this identity's own rights (SelfSubjectAccessReview). Each
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -60,6 +61,13 @@ def _refs(jobs: Iterable[dict[str, Any]], gpu_resource: str) -> dict[str, Any]:
     return refs
 
 
+def _message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or "")
+    except (ValueError, AttributeError):
+        return str(exc.body or "")
+
+
 def _missing(found: dict[str, Any] | ApiException) -> bool:
     return isinstance(found, ApiException) and found.status == 404
 
@@ -107,11 +115,11 @@ def preflight(backend: KubeBackend, jobs: list[dict[str, Any]], gpu_resource: st
     for queue, job in refs["queues"].items():
         found = backend.get(f"read localqueue {queue}", custom.get_namespaced_custom_object, *KUEUE[:2], ns,
                             KUEUE[2], queue)
-        if _missing(found) and "could not find the requested resource" in str(found.body or ""):
-            problems.append(f"Kueue is not installed (no localqueues.kueue.x-k8s.io) but job {job} names queue "
-                            f"{queue} (k8s.queue_name)")
-        elif _missing(found):
+        if _missing(found) and f'"{queue}" not found' in _message(found):  # the object, not the kind
             problems.append(f"LocalQueue {queue} not found in {ns} (k8s.queue_name; job {job})")
+        elif _missing(found):
+            problems.append(f"Kueue is not installed (the API serves no localqueues.kueue.x-k8s.io) but job {job} "
+                            f"names queue {queue} (k8s.queue_name)")
         elif _forbidden(found):
             notes.append(f"cannot check LocalQueue {queue}: forbidden")
     if refs["gpus"]:

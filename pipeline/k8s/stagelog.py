@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+from pipeline.errors import StoreError
 from pipeline.records import Shard
 from pipeline.store import ArtifactStore
 
@@ -23,6 +24,7 @@ def log_key(run_id: str, stage: str, shard: Shard) -> str:
 def kept_in_store(store: ArtifactStore, key: str) -> Iterator[None]:
     """Copy what the ``ielts_distill`` loggers say meanwhile into ``key`` at the end (a failed stage too)."""
     lines: list[str] = []
+    store_down = False
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -36,13 +38,15 @@ def kept_in_store(store: ArtifactStore, key: str) -> Iterator[None]:
         yield
     except BaseException as exc:  # what the CLI prints on its way out belongs to the log too
         lines.append(f"error: {exc}" if str(exc) else f"error: {exc.__class__.__name__}")
+        store_down = isinstance(exc, StoreError)  # no second wait on a store that just failed
         raise
     finally:
         logger.removeHandler(handler)
         try:
-            store.put_text(key, "".join(line + "\n" for line in lines))
+            if not store_down:
+                store.put_text(key, "".join(line + "\n" for line in lines))
         except Exception as exc:  # noqa: BLE001 - a log copy must never hide the stage's own outcome
-            logger.warning("could not keep the stage log at %s: %s", store.url(key), exc)
+            logger.debug("could not keep the stage log at %s: %s", store.url(key), exc)
 
 
 def stored_logs(store: ArtifactStore, run_id: str, stage: str, index: int | None = None) -> Iterator[str]:

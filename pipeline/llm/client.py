@@ -22,9 +22,10 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 from pipeline.config import LLMSection, is_reasoning, token_limit
@@ -38,6 +39,13 @@ _THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
 # OpenAI's reasoning models take max_completion_tokens and reject max_tokens
 _COMPLETION_TOKENS_MODELS = re.compile(r"^(o[134]|gpt-5)", re.I)
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+# Called (awaited) right before each request is sent, in the sending task's context: the item runner checks
+# there that the item's claim is still its own (pipeline.llm.runner); raising stops the request.
+BEFORE_SEND: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar("before_send", default=None)
+# Error codes in a 4xx body that are about the account, not the request (OpenAI, Azure, OpenRouter, MiniMax)
+_ACCOUNT_CODES = re.compile(r"insufficient[_ ](quota|balance|credits?|funds)|billing|quota[_ ]exceeded|"
+                            r"account[_ ](deactivated|suspended|disabled)|payment[_ ]required|credit[_ ]balance",
+                            re.I)
 IMAGE_MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
 
 
@@ -160,6 +168,20 @@ def _describe(exc: BaseException) -> str:
     return f"HTTP {status} {name}: {msg}" if status else f"{name}: {msg}"
 
 
+def _account_level(exc: BaseException) -> bool:
+    """An answer about the account, not this request: 401, 402, 403, or an error code such as
+    ``insufficient_quota`` (OpenAI sends it with a 429). Retrying or recording it as the item's failure is
+    wrong: the stage stops and every item stays pending."""
+    status = getattr(exc, "status_code", None)
+    if status in (401, 402, 403):
+        return True
+    body = getattr(exc, "body", None)
+    error = body.get("error", body) if isinstance(body, dict) else None
+    fields = [error.get(k) for k in ("code", "type")] if isinstance(error, dict) else []
+    return status is not None and 400 <= status < 500 and any(
+        isinstance(f, str) and _ACCOUNT_CODES.search(f) for f in fields)
+
+
 @functools.cache
 def _api_errors() -> tuple[type[BaseException], ...]:
     """What a request can fail with that is the endpoint's doing (openai's errors, the HTTP library's, a
@@ -262,7 +284,7 @@ class LLMClient:
                             json.JSONDecodeError)):
             return True  # APITimeoutError is an APIConnectionError; JSONDecodeError: a garbage body
         if isinstance(exc, openai.APIStatusError):
-            return exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500
+            return (exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500) and not _account_level(exc)
         return False
 
     def _wait(self, state) -> float:
@@ -298,6 +320,8 @@ class LLMClient:
                 await self._limiter.acquire()
                 await self._hold()
             self.check_budget()  # again: the spend may have grown while this request waited for a slot
+            if (before_send := BEFORE_SEND.get()) is not None:
+                await before_send()
             self.usage.requests += 1
             try:
                 resp = await self._client.chat.completions.create(messages=messages, **params)
@@ -345,6 +369,14 @@ class LLMClient:
         done.seconds = time.monotonic() - started
         return done
 
+    def _failed(self, retrying: Any, exc: BaseException) -> NoReturn:
+        """Raise what a request that failed after its retries is: LLMError (final) or TransientLLMError."""
+        self.usage.failed += 1
+        self._consecutive_failures += 1
+        attempts = retrying.statistics.get("attempt_number", 1)
+        why = f"{_describe(exc)} (after {attempts} attempt{'s' * (attempts > 1)})"
+        raise (TransientLLMError if self._retryable(exc) else LLMError)(why) from None
+
     async def _request(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion:
         """One request with retries (chat's errors), as a Completion."""
         import openai
@@ -358,15 +390,17 @@ class LLMClient:
             resp = await retrying(self._attempt, messages, params)
         except BudgetExceeded:
             raise
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
+        except openai.NotFoundError as exc:
             raise FatalLLMError(f"{self.name}: {redact(self.cfg.base_url)} refused the request ({_describe(exc)}); "
                                 f"check {self.cfg.api_key_env} and model={self.cfg.model!r}") from None
+        except openai.APIStatusError as exc:
+            if not _account_level(exc):
+                self._failed(retrying, exc)
+            raise FatalLLMError(f"{self.name}: {redact(self.cfg.base_url)} refused the request ({_describe(exc)}): "
+                                f"billing/authorisation: fix and rerun (check {self.cfg.api_key_env} and the "
+                                "account; no item was recorded as failed)") from None
         except api_errors as exc:  # every other API failure ends this item with its reason; a bug propagates
-            self.usage.failed += 1
-            self._consecutive_failures += 1
-            attempts = retrying.statistics.get("attempt_number", 1)
-            why = f"{_describe(exc)} (after {attempts} attempt{'s' * (attempts > 1)})"
-            raise (TransientLLMError if self._retryable(exc) else LLMError)(why) from None
+            self._failed(retrying, exc)
         self._consecutive_failures = 0
         message = resp.choices[0].message
         raw = message.content or ""

@@ -1,7 +1,8 @@
 """The item runner: "pending items" in, "one final record per item" out (teacher and judge).
 
-``run_items`` drives an async handler over the items without a record; ``run_stage_items`` is the same for
-one stage invocation (shard, budget share, embedded server) and turns an early stop into a StageError.
+``run_items`` drives an async handler over the items without a record (``_ItemRun``: claim, answer, save);
+``pipeline.items.run_stage_items`` is the same for one stage invocation. A library: it knows records, a
+store and an LLM client, no stage machinery.
 """
 
 from __future__ import annotations
@@ -20,17 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.config import LLMSection
-from pipeline.context import StageContext
-from pipeline.errors import ArtifactNotFound, PipelineError, StageError, StoreError
+from pipeline.errors import ArtifactNotFound, PipelineError, StoreError
 from pipeline.llm.client import (
+    BEFORE_SEND,
     BudgetExceeded,
     FatalLLMError,
     LLMClient,
     TransientLLMError,
     Usage,
 )
-from pipeline.llm.server import embedded_server
 from pipeline.records import Claims, RecordSet, Shard
 from pipeline.redact import redact_obj
 from pipeline.store import blocking, pool_size_for
@@ -94,13 +93,17 @@ def run_items(items: Sequence[T], handle: Callable[[T, LLMClient], Awaitable[dic
     - ``handle(item, client) -> record``: an async function making its requests with ``client.chat`` and
       returning the item's final record (a JSON-able dict). It should turn ``LLMError`` (a definite 4xx)
       into a record that says why; it lets ``TransientLLMError`` through: that item stays pending (no
-      record, ``summary.transient``). BudgetExceeded and FatalLLMError stop new items; the ones in flight
-      end; the rest stay pending. Any other exception is a bug in the handler: no new item starts, the ones
-      in flight end and are recorded, and the exception propagates with its traceback.
+      record, ``summary.transient``). BudgetExceeded and FatalLLMError (also 401/402/403 and account-level
+      answers) stop new items; the ones in flight end; the rest stay pending. Any other exception is a bug in
+      the handler: no new item starts, the ones in flight end and are recorded, and the exception propagates
+      with its traceback.
     - The store going away never costs a paid answer: a failed store call pauses new items and is retried
       with back-off for up to ``outage_s`` seconds; answers waiting to be written are kept in memory and in
       a local spill file (``spill_path``) that the next run stores first. If the store stays down the run
-      stops (``summary.stopped``).
+      stops (``summary.stopped``). A store call that keeps failing while the store answers its probe (a
+      full disk, a refused key) fails after ``_Store.TRIES`` tries: the item stays pending, the run stops.
+    - The claim is checked right before each request is sent (``client.BEFORE_SEND``): an item whose lease
+      ran out while this process was frozen, and that another process took, is never paid for here.
     - Records are stored with the environment's secret values masked (pipeline.redact).
     - Concurrency: at most ``client.cfg.concurrency`` requests in flight (the client's semaphore); up to
       twice as many items are in progress so that gating and writing never leave a request slot idle.
@@ -109,12 +112,22 @@ def run_items(items: Sequence[T], handle: Callable[[T, LLMClient], Awaitable[dic
     - Progress: a tqdm bar (rate, ETA) with outcome counts; at the end one summary line is logged.
     - Returns a RunSummary. Runs its own event loop and closes ``client`` at the end: one client per call.
     """
-    return asyncio.run(_run_items(items, handle, records, client, item_id, shard, desc, outcome, reason, pending,
-                                  outage_s, lease_s))
+    run = _ItemRun({item_id(i): i for i in items}, handle, records, client, shard, desc, outcome, reason,
+                   outage_s, lease_s)
+    return asyncio.run(run.run(pending))
 
 
 class StoreDown(PipelineError):
     """The store stayed unreachable for ``outage_s``: stop before paying for more."""
+
+
+class StoreFailing(PipelineError):
+    """A store call kept failing while the store answered its probe (a full disk, a key it refuses): the item
+    stays pending and the run stops, instead of retrying it forever."""
+
+
+class ClaimLost(PipelineError):
+    """Another process holds the item now (this one was frozen past its lease): no request is sent for it."""
 
 
 def spill_path(records: RecordSet, pid: int | str | None = None) -> Path:
@@ -145,9 +158,14 @@ def store_spilled(records: RecordSet) -> int:
 
 
 class _Store:
-    """The runner's store calls: a failure pauses new items (``ok``) and retries with back-off until the
-    store answers again, or ``outage_s`` passed (then StoreDown). Records not yet written wait in ``unsaved``
-    and in the spill file."""
+    """The runner's store calls. A failed call is retried at most TRIES times: between tries the store is
+    probed; while the probe fails too (an outage) new items pause (``ok``) and the probe is retried with
+    back-off until the store answers, or ``outage_s`` passed (then StoreDown). A call that fails while the
+    probe succeeds fails after TRIES tries (StoreFailing). Answers not yet written wait in ``unsaved`` and in
+    the spill file."""
+
+    TRIES = 3
+    PAUSE_S = 0.2  # before the first probe: a blip passes
 
     def __init__(self, records: RecordSet, outage_s: float):
         self.records, self.outage_s = records, outage_s
@@ -156,199 +174,255 @@ class _Store:
         self.lock = asyncio.Lock()
         self.down: str | None = None
         self.unsaved: dict[str, dict[str, Any]] = {}
-        self.spill = spill_path(records)
-        self.recovered = 0.0  # time.monotonic() of the last recovery
+        self.spill, self.spilled = spill_path(records), False
+        self.recovered = 0.0  # time.monotonic() of the last probe that succeeded
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        while True:
+    async def call(self, fn: Callable[..., Any], *args: Any, what: str = "") -> Any:
+        for tries in range(1, self.TRIES + 1):
             failed = time.monotonic()
             try:
                 return await blocking(self.records.store, fn, *args)
             except ArtifactNotFound:
                 raise
             except StoreError as exc:
-                await self.wait(exc, failed)
+                await self.retry_or_fail(exc, failed, tries, what)
 
-    async def save(self, iid: str, record: dict[str, Any], release: Callable[[], None] | None = None) -> None:
-        """Write the record; then ``release`` (the item's claim) in the same thread hop."""
-        failed = time.monotonic()
-
+    async def save(self, iid: str, record: dict[str, Any], release: Callable[[], None]) -> None:
+        """Write the record, then ``release`` (the item's claim) in the same thread hop. A failed write keeps
+        the paid answer in the spill file first."""
         def write() -> None:
             self.records.write(iid, record)
-            if release is not None:
-                release()
+            self.unsaved.pop(iid, None)
+            release()
 
+        for tries in range(1, self.TRIES + 1):
+            failed = time.monotonic()
+            try:
+                await blocking(self.records.store, write)
+                break
+            except StoreError as exc:
+                if iid not in self.unsaved:
+                    self._keep(iid, record)
+                await self.retry_or_fail(exc, failed, tries, f"{iid}: ", kept=True)
+        if self.spilled and not self.unsaved:
+            self.spill.unlink(missing_ok=True)
+            self.spilled = False
+
+    def _keep(self, iid: str, record: dict[str, Any]) -> None:
+        self.unsaved[iid] = record
+        self.spilled = True
         try:
-            await blocking(self.records.store, write)
-            return
-        except StoreError as exc:
-            self.unsaved[iid] = record
             self.spill.parent.mkdir(parents=True, exist_ok=True)
             with self.spill.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"id": iid, "record": record}, ensure_ascii=False) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-            await self.wait(exc, failed)
-            if release is not None:
-                await blocking(self.records.store, release)
+        except OSError as exc:  # the spill's disk is full too: the answer lives only in memory now
+            log.warning("%s: cannot keep the paid answer in %s (%s)", iid, self.spill, exc.strerror)
+
+    async def retry_or_fail(self, exc: StoreError, failed: float, tries: int, what: str, kept: bool = False) -> None:
+        if tries >= self.TRIES:
+            where = f"; the paid answer is kept in {self.spill} (the next run stores it)" if kept else ""
+            raise StoreFailing(f"{what}the store keeps failing while it answers ({tries} tries): {exc}{where}")
+        await self.wait(exc, failed)
 
     async def wait(self, exc: StoreError, failed: float) -> None:
-        """Return once the store works again (every unsaved record written); StoreDown when it stays down."""
+        """Return once the store answers its probe (at once when it did since ``failed``); StoreDown when
+        it stays down for ``outage_s``."""
         async with self.lock:
             if self.down:
                 raise StoreDown(self.down)
-            if self.recovered > failed and not self.unsaved:
-                return  # another worker saw it recover meanwhile
-            self.ok.clear()
-            log.warning("store unreachable (%s): no new requests until it answers (up to %.0f s)", exc,
-                        self.outage_s)
-            deadline, delay = time.monotonic() + self.outage_s, 0.2
-            while True:
-                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                try:
-                    await asyncio.to_thread(self._flush)
-                    break
-                except StoreError as again:
-                    exc = again
-                if time.monotonic() >= deadline:
-                    kept = f"; {len(self.unsaved)} paid answers kept in {self.spill} (the next run stores " \
-                           "them)" if self.unsaved else ""
-                    self.down = f"store unreachable for {self.outage_s:.0f} s ({exc}){kept}"
-                    self.ok.set()  # wake the paused workers: they see the stop
-                    raise StoreDown(self.down)
-                delay = min(delay * 2, 5.0)
-            self.recovered = time.monotonic()
-            log.warning("store reachable again: continuing")
-            self.ok.set()
+            if self.recovered > failed:
+                return
+            await asyncio.sleep(self.PAUSE_S)
+            if await self._probe():
+                return
+            await self._outage(exc)
 
-    def _flush(self) -> None:
-        self.records.store.exists(self.records.key("_probe"))  # raises StoreError while down
-        for iid, record in list(self.unsaved.items()):
-            self.records.write(iid, record)
-            del self.unsaved[iid]
-        self.spill.unlink(missing_ok=True)
+    async def _outage(self, exc: StoreError) -> None:
+        self.ok.clear()
+        log.warning("store unreachable (%s): no new requests until it answers (up to %.0f s)", exc, self.outage_s)
+        deadline, delay = time.monotonic() + self.outage_s, self.PAUSE_S
+        while True:
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            if await self._probe():
+                break
+            if time.monotonic() >= deadline:
+                kept = f"; {len(self.unsaved)} paid answers kept in {self.spill} (the next run stores " \
+                       "them)" if self.unsaved else ""
+                self.down = f"store unreachable for {self.outage_s:.0f} s ({exc}){kept}"
+                self.ok.set()  # wake the paused workers: they see the stop
+                raise StoreDown(self.down)
+            delay = min(delay * 2, 5.0)
+        log.warning("store reachable again: continuing")
+        self.ok.set()
 
-
-async def _run_items(items, handle, records, client, item_id, shard, desc, outcome, reason, pending,
-                     outage_s, lease_s) -> RunSummary:
-    from tqdm import tqdm
-
-    ids = [item_id(i) for i in items]
-    by_id = dict(zip(ids, items))
-    records.store.ensure_pool(pool_size_for(client.cfg.concurrency))  # before any store call in a thread
-    if pending is None:
-        pending = await asyncio.to_thread(records.pending, ids, shard)
-    summary = RunSummary(total=len(shard.select(ids)), skipped=0, usage=client.usage)
-    summary.skipped = summary.total - len(pending)
-    started = time.monotonic()
-    queue: deque[tuple[str, float]] = deque((i, 0.0) for i in pending)  # (id, not before: monotonic time)
-    store, claims = _Store(records, outage_s), Claims(records, lease_s)
-    bugs: list[BaseException] = []
-    bar = tqdm(total=len(pending), desc=desc, unit="item", dynamic_ncols=True, file=sys.stderr,
-               mininterval=0.5 if sys.stderr.isatty() else 10.0, disable=not pending)
-
-    def finished(record: dict[str, Any] | None) -> None:
-        if record is None:
-            summary.skipped += 1  # another process recorded it
-        else:
-            summary.outcomes[outcome(record)] += 1
-            why = reason(record)
-            if why:
-                summary.reasons[str(why)] += 1
-        bar.update(1)
-        bar.set_postfix({k: v for k, v in summary.outcomes.most_common(3)}, refresh=False)
-
-    def take(iid: str) -> bool | None:
-        """True: ours to pay for; None: already recorded (by another process); False: held by another.
-        One thread hop for the claim and the record check (store calls are file or HTTP I/O)."""
-        if not claims.take(iid):
-            return None if records.exists(iid) else False
-        if records.exists(iid):  # recorded between our listing and our claim
-            claims.release(iid)
-            return None
+    async def _probe(self) -> bool:
+        try:
+            await asyncio.to_thread(self.records.store.exists, f"{self.records.prefix}/_probe")
+        except StoreError:
+            return False
+        self.recovered = time.monotonic()
         return True
 
-    async def claim(iid: str) -> bool | None:
-        return await store.call(take, iid)
 
-    async def one(iid: str) -> None:
-        got = await claim(iid)
-        if not got:
-            if got is None:
-                finished(None)
-            else:  # look again later: its record appears, or its claim expires and we take it over
-                queue.append((iid, time.monotonic() + min(lease_s / 4, 5.0)))
-            return
+class _ItemRun:
+    """One ``run_items`` call: workers take pending items from a queue and for each claim it, get its record
+    from the handler and save it; a heartbeat renews the claims; ``summary`` counts what happened."""
+
+    def __init__(self, by_id: dict[str, Any], handle: Callable[[Any, LLMClient], Awaitable[dict[str, Any]]],
+                 records: RecordSet, client: LLMClient, shard: Shard, desc: str, outcome: Callable[[dict], str],
+                 reason: Callable[[dict], str | None], outage_s: float, lease_s: float):
+        self.by_id, self.handle, self.records, self.client, self.shard = by_id, handle, records, client, shard
+        self.desc, self.outcome, self.reason, self.outage_s, self.lease_s = desc, outcome, reason, outage_s, lease_s
+        self.claims = Claims(records, lease_s)
+        self.queue: deque[tuple[str, float]] = deque()  # (id, not before: monotonic time)
+        self.bugs: list[BaseException] = []
+
+    async def run(self, pending: list[str] | None) -> RunSummary:
+        from tqdm import tqdm
+
+        concurrency = self.client.cfg.concurrency
+        self.records.store.ensure_pool(pool_size_for(concurrency))  # before any store call in a thread
+        if pending is None:
+            pending = await asyncio.to_thread(self.records.pending, list(self.by_id), self.shard)
+        total = len(self.shard.select(list(self.by_id)))
+        self.summary = RunSummary(total=total, skipped=total - len(pending), usage=self.client.usage)
+        self.queue.extend((i, 0.0) for i in pending)
+        self.store = _Store(self.records, self.outage_s)
+        self.bar = tqdm(total=len(pending), desc=self.desc, unit="item", dynamic_ncols=True, file=sys.stderr,
+                        mininterval=0.5 if sys.stderr.isatty() else 10.0, disable=not pending)
+        # store calls run in threads: one per worker (the default pool has cpu + 4, which an S3 store's
+        # round trips would make the bottleneck of a pod with few cores); the store's pool has as many connections
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
+            max_workers=pool_size_for(concurrency), thread_name_prefix="store"))
+        started, beat = time.monotonic(), asyncio.create_task(self.heartbeat())
         try:
-            while True:
-                failed = time.monotonic()
-                try:
-                    record = await handle(by_id[iid], client)
-                    break
-                except StoreError as exc:  # the handler read the store (an image) while it was down
-                    if isinstance(exc, ArtifactNotFound):
-                        raise
-                    await store.wait(exc, failed)
-        except TransientLLMError as exc:
-            summary.transient[iid] = str(exc)
-            await _quietly(store.call(claims.release, iid))
-            return
-        except BaseException:
-            await _quietly(store.call(claims.release, iid))
-            raise
-        await store.save(iid, redact_obj(record), release=lambda: _release_quietly(claims, iid))
-        finished(record)
+            # twice as many workers as request slots: while one item is gated or written, another one's
+            # request already holds the slot (the client's semaphore is what bounds requests in flight)
+            await asyncio.gather(*(self.worker() for _ in range(min(2 * concurrency, max(1, len(pending))))))
+        finally:
+            beat.cancel()
+            self.bar.close()
+            await self.client.aclose()
+        return self.finish(time.monotonic() - started)
 
-    async def worker() -> None:
-        while summary.stopped is None and queue:
-            await store.ok.wait()
-            if summary.stopped is not None or not queue:
+    def finish(self, seconds: float) -> RunSummary:
+        summary = self.summary
+        summary.seconds = seconds
+        log.info("%s", summary.line(self.desc))
+        if self.bugs:
+            raise self.bugs[0]
+        if summary.stopped:
+            log.warning("%s: stopped early: %s (%d items left without a record; rerun to continue)",
+                        self.desc, summary.stopped, summary.left)
+        return summary
+
+    async def worker(self) -> None:
+        summary = self.summary
+        while summary.stopped is None and self.queue:
+            await self.store.ok.wait()
+            if summary.stopped is not None or not self.queue:
                 return
-            iid, not_before = queue.popleft()
+            iid, not_before = self.queue.popleft()
             if not_before > time.monotonic():
                 await asyncio.sleep(min(not_before - time.monotonic(), 1.0))
                 if not_before > time.monotonic():
-                    queue.append((iid, not_before))
+                    self.queue.append((iid, not_before))
                     continue
-            if not client.budget_left():
-                summary.stopped = _budget_message(client)
+            if not self.client.budget_left():
+                summary.stopped = _budget_message(self.client)
                 return
             try:
-                await one(iid)
-            except (BudgetExceeded, FatalLLMError, StoreDown) as exc:
+                await self.one(iid)
+            except (BudgetExceeded, FatalLLMError, StoreDown, StoreFailing) as exc:
                 summary.stopped = summary.stopped or str(exc)
                 return
             except Exception as exc:
                 summary.stopped = summary.stopped or f"{iid}: {exc.__class__.__name__}: {exc}"
-                bugs.append(exc)
+                self.bugs.append(exc)
                 return
 
-    async def heartbeat() -> None:
-        while True:
-            await asyncio.sleep(lease_s / 3)
-            await _quietly(asyncio.to_thread(claims.renew))
+    async def one(self, iid: str) -> None:
+        """Claim the item, get its record, save it; or leave it to the process that holds it."""
+        got = await self.store.call(self.take, iid, what=f"{iid}: ")
+        if not got:
+            if got is None:
+                self.finished(None)
+            else:
+                self.look_again(iid)
+            return
+        try:
+            record = await self.answer(iid)
+        except ClaimLost:
+            self.claims.forget(iid)  # not ours any more: its record appears, or its claim expires again
+            self.look_again(iid)
+            return
+        except TransientLLMError as exc:
+            self.summary.transient[iid] = str(exc)
+            await _quietly(self.store.call(self.claims.release, iid))
+            return
+        except BaseException:
+            await _quietly(self.store.call(self.claims.release, iid))
+            raise
+        await self.store.save(iid, redact_obj(record), release=lambda: _release_quietly(self.claims, iid))
+        self.finished(record)
 
-    # store calls run in threads: one per worker (the default pool has cpu + 4, which an S3 store's
-    # round trips would make the bottleneck of a pod with few cores); the store's pool has as many connections
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
-        max_workers=pool_size_for(client.cfg.concurrency), thread_name_prefix="store"))
-    beat = asyncio.create_task(heartbeat())
-    try:
-        # twice as many workers as request slots: while one item is gated or written, another one's request
-        # already holds the slot (the client's semaphore is what bounds requests in flight)
-        await asyncio.gather(*(worker() for _ in range(min(2 * client.cfg.concurrency, max(1, len(pending))))))
-    finally:
-        beat.cancel()
-        bar.close()
-        await client.aclose()
-    summary.seconds = time.monotonic() - started
-    log.info("%s", summary.line(desc))
-    if bugs:
-        raise bugs[0]
-    if summary.stopped:
-        log.warning("%s: stopped early: %s (%d items left without a record; rerun to continue)",
-                    desc, summary.stopped, summary.left)
-    return summary
+    def take(self, iid: str) -> bool | None:
+        """True: ours to pay for; None: already recorded (by another process); False: held by another.
+        One thread hop for the claim and the record check (store calls are file or HTTP I/O)."""
+        if not self.claims.take(iid):
+            return None if self.records.exists(iid) else False
+        if self.records.exists(iid):  # recorded between our listing and our claim
+            self.claims.release(iid)
+            return None
+        return True
+
+    def look_again(self, iid: str) -> None:
+        """Later: its record appears, or its claim expires and we take it over."""
+        self.queue.append((iid, time.monotonic() + min(self.lease_s / 4, 5.0)))
+
+    async def answer(self, iid: str) -> dict[str, Any]:
+        """The handler's record; every request it sends first checks that the claim is still ours. A store
+        read of the handler (an image) that fails is retried like any store call."""
+        BEFORE_SEND.set(lambda: self.check_claim(iid))
+        tries = 0
+        try:
+            while True:
+                failed, tries = time.monotonic(), tries + 1
+                try:
+                    return await self.handle(self.by_id[iid], self.client)
+                except StoreError as exc:
+                    if isinstance(exc, ArtifactNotFound):
+                        raise
+                    await self.store.retry_or_fail(exc, failed, tries, f"{iid}: ")
+        finally:
+            BEFORE_SEND.set(None)
+
+    async def check_claim(self, iid: str) -> None:
+        """ClaimLost unless the claim is ours: with time to spare by our own clock (renewed every third of the
+        lease), else confirmed on the store by renewing it (after a freeze: it fails once another took it)."""
+        if self.claims.expires(iid) - time.time() > self.lease_s / 3:
+            return
+        if not await self.store.call(self.claims.confirm, iid, what=f"{iid}: "):
+            raise ClaimLost(f"{iid}: its claim expired and another process holds it now")
+
+    def finished(self, record: dict[str, Any] | None) -> None:
+        summary = self.summary
+        if record is None:
+            summary.skipped += 1  # another process recorded it
+        else:
+            summary.outcomes[self.outcome(record)] += 1
+            why = self.reason(record)
+            if why:
+                summary.reasons[str(why)] += 1
+        self.bar.update(1)
+        self.bar.set_postfix({k: v for k, v in summary.outcomes.most_common(3)}, refresh=False)
+
+    async def heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            await _quietly(asyncio.to_thread(self.claims.renew))
 
 
 def _release_quietly(claims: Claims, iid: str) -> None:
@@ -362,62 +436,8 @@ async def _quietly(awaitable: Awaitable[Any]) -> None:
     """Best effort (releasing a claim, renewing leases): a claim left behind only expires."""
     try:
         await awaitable
-    except (StoreError, StoreDown):
+    except (StoreError, StoreDown, StoreFailing):
         pass
-
-
-def run_stage_items(ctx: StageContext, llm_cfg: LLMSection, items: Sequence[T],
-                    handle: Callable[[T, LLMClient], Awaitable[dict[str, Any]]], *, item_id: Callable[[T], str],
-                    noun: str = "items", inputs: str | None = None, **kwargs: Any) -> RunSummary:
-    """A sharded stage's LLM work in one call: store what an earlier run spilled, set aside records made from
-    other ``inputs`` (a fingerprint, see RecordSet.keep_if_inputs; they come back if this run fails before
-    writing a new record), list this shard's pending items (none: return at once, without starting
-    anything), start the embedded server if configured, give this shard its share of ``budget_usd`` and of
-    ``requests_per_minute`` (shards run at once and split both evenly), ``run_items`` over ``ctx.records()``
-    and ``ctx.shard``, and raise StageError when the run stopped early or items stay pending after transient errors ("N items pending: rerun").
-    ``kwargs`` go to run_items (``outcome``, ``reason``)."""
-    records = ctx.records()
-    store_spilled(records)
-    stale = records.keep_if_inputs(inputs) if inputs is not None else 0
-    if stale:
-        log.warning("%s: inputs changed since the last run: %d stale %s moved to %s", ctx.stage, stale, noun,
-                    ctx.store.url(records.aside or ""))
-    try:
-        return _run_stage_items(ctx, llm_cfg, items, handle, records, item_id, noun, **kwargs)
-    except BaseException:
-        try:
-            if stale and records.restore_stale():
-                log.warning("%s: no new record written: the %d set-aside %s are back", ctx.stage, stale, noun)
-        except StoreError:
-            pass  # the store is down: they stay under _stale/
-        raise
-
-
-def _run_stage_items(ctx: StageContext, llm_cfg: LLMSection, items: Sequence[T], handle, records: RecordSet,
-                     item_id: Callable[[T], str], noun: str, **kwargs: Any) -> RunSummary:
-    name = ctx.stage
-    ids = [item_id(i) for i in items]
-    pending = records.pending(ids, ctx.shard)
-    if not pending:
-        total = len(ctx.shard.select(ids))
-        return RunSummary(total=total, skipped=total)
-    # the shards of a stage run at once (an Indexed Job's parallelism is its shard count): each gets its
-    # share of the budget and of the rate limit, so that N pods together keep to the configured figures
-    budget = llm_cfg.budget_usd / ctx.shard.count if llm_cfg.budget_usd else None
-    rpm = llm_cfg.requests_per_minute / ctx.shard.count if llm_cfg.requests_per_minute else None
-    with embedded_server(llm_cfg) as live:
-        client = LLMClient(live, name=name, budget_usd=budget, requests_per_minute=rpm)
-        summary = run_items(items, handle, records=records, client=client, item_id=item_id, shard=ctx.shard,
-                            desc=name if ctx.shard.whole else f"{name} {ctx.shard}", pending=pending,
-                            outage_s=ctx.config.store.outage_s, lease_s=ctx.config.store.claim_lease_s, **kwargs)
-    if summary.stopped:
-        raise StageError(f"{name}: {summary.stopped}; {summary.left} {noun} left without a record "
-                         "(finished ones are kept; rerun to continue)")
-    if summary.transient:
-        first = next(iter(summary.transient.items()))
-        raise StageError(f"{name}: {len(summary.transient)} {noun} pending: rerun (transient errors, e.g. "
-                         f"{first[0]}: {first[1]}; {summary.written} recorded now)")
-    return summary
 
 
 def _budget_message(client: LLMClient) -> str:

@@ -7,8 +7,9 @@ tile state (e.g. Firecracker) the first matrix multiply dies with a general prot
 ``ldtilecfg``). Loading the model without llama.cpp's "extra" buffer types avoids that path; it only
 costs some speed, which a 135M demo model does not need. ``IELTS_LLAMA_EXTRA_BUFTS=1`` keeps them.
 
-The server also dies with the process that started it (``IELTS_LLAMA_PARENT``): a stage killed by SIGTERM
-or kill -9 never leaves an orphaned server behind.
+The server also dies with the process that started it (``IELTS_LLAMA_PARENT``): the kernel sends it SIGKILL
+when its parent ends (PR_SET_PDEATHSIG), so a stage killed by SIGTERM or kill -9 never leaves a server behind
+(SIGTERM was not enough: its web server waits for the dead client's request to finish).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _die_with_parent() -> None:
         return
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(0)
 

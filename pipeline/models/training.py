@@ -90,6 +90,12 @@ class Dist:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
 
 def init_distributed() -> Dist:
     """Join the process group torchrun describes in the environment (NCCL on GPUs, else gloo)."""
@@ -252,6 +258,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 RESUME_NEUTRAL = {"variants", "save_every", "log_every", "gpus", "gradient_checkpointing", "num_workers", "cpu_bf16"}
 
 
+MIGRATED_KEYS = ("student.tiny",)  # student.tiny: build: tiny said the same (student.build is compared)
+
+
 def config_fingerprint(cfg) -> dict[str, Any]:
     """The ``finetune.*`` part of a checkpoint's fingerprint (the caller adds the data and the base model)."""
     return {f"finetune.{k}": v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_NEUTRAL}
@@ -262,6 +271,8 @@ def fingerprint_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -
     import json
 
     saved = json.loads(json.dumps(saved or {}))  # tuples and lists compare alike
+    for old in MIGRATED_KEYS:  # checkpoints of older versions carry keys that are gone (same meaning)
+        saved.pop(old, None)
     current = json.loads(json.dumps(current))
     return [f"{k} {saved.get(k, '(unset)')} -> {current.get(k, '(unset)')}" for k in sorted(saved.keys() | current.keys())
             if saved.get(k) != current.get(k)]
@@ -480,142 +491,192 @@ def train(model, processor, train_rows, val_rows, cfg, *, cache, checkpoints: Ch
     base model) holds the charts' prompts and vision features. ``on_checkpoint(metrics)`` runs after each
     checkpoint. Returns with the final (or, after early stopping, the best) weights in ``model``. Under
     torch.distributed every process calls this; only rank 0 writes."""
-    import torch
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
-    from transformers import get_scheduler
 
-    from pipeline.models.chat import pad_token_id
+    t = Trainer(model, processor, train_rows, val_rows, cfg, cache=cache, checkpoints=checkpoints, tmp=tmp,
+                name=name, log=log, on_checkpoint=on_checkpoint)
+    state, stopped_early = t.state, False
+    batches = iter(t.loader)
+    bar = tqdm(total=t.total, initial=state.step, desc=f"finetune {name}", unit="step",
+               disable=None if t.dist.main else True)
+    with Preemption() as preemption:
+        while state.step < t.total and not stopped_early:
+            step_loss, lr, stop = t.step(batches, preemption)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
+            if stop:
+                t.save()
+                raise StageError(f"finetune {name}: stopped by SIGTERM at step {state.step} of {t.total}; "
+                                 "the checkpoint is saved and a rerun resumes from it")
+            if state.step % cfg.eval_every == 0 and state.step < t.total:
+                stopped_early = t.run_eval(t.val_during)
+            if state.step % cfg.save_every == 0 and state.step < t.total and not stopped_early:
+                t.save()
+    bar.close()
+    del batches
+    return t.finish(stopped_early)
 
-    dist = Dist.current()
-    device, dtype = next(model.parameters()).device, model.dtype
-    autocast = cpu_bf16_autocast(device, cfg.cpu_bf16)
-    if cfg.cpu_bf16 and device.type == "cpu" and not autocast and dist.main:
-        log.warning("finetune.cpu_bf16: this CPU has neither AMX nor AVX512-BF16; training in float32")
-    collate = Collate(pad_token_id(processor))
-    train_set = Samples(train_rows, processor, cache, model, cfg.max_length)
-    val = Samples(val_rows, processor, cache, model, cfg.max_length)
-    if not len(train_set):
-        raise StageError(f"finetune {name}: the train split is empty")
-    per_epoch = len(plan_batches(train_set.lengths, cfg.batch_size, cfg.seed, 0))
-    steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    val_during = val_subset(len(val), cfg.val_subset, cfg.seed)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
-                              num_warmup_steps=round(cfg.warmup_ratio * total), num_training_steps=total)
-    state = TrainState()
-    if checkpoints.latest() is not None:
-        state = checkpoints.load(model, optimizer, scheduler, name)
-        log.info("finetune %s: resuming from checkpoint step %d of %d", name, state.step, total)
-    plan = BatchPlan(train_set.lengths, cfg.batch_size, cfg.seed, state.step * cfg.grad_accum,
-                     total * cfg.grad_accum, dist)
-    efficiency = padding_efficiency(plan.plans[0], train_set.lengths)
-    workers = cfg.num_workers if cfg.num_workers is not None else (min(4, os.cpu_count() or 1)
-                                                                   if device.type == "cuda" else 0)
-    loader = DataLoader(train_set, batch_sampler=plan, collate_fn=collate, num_workers=workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-                        generator=torch.Generator().manual_seed(cfg.seed))  # the global RNG (dropout) stays untouched
-    trainable = sum(p.numel() for p in params)
-    if dist.main:
-        log.info("finetune %s: %d train / %d validation samples (%d evaluated during training), %d steps (%d per "
-                 "epoch, batch %d x accum %d%s), padding efficiency %.3f, %s trainable LoRA parameters on %s (%s), "
-                 "%d data workers", name, len(train_set), len(val), len(val_during), total, steps_per_epoch,
-                 cfg.batch_size, cfg.grad_accum, f" over {dist.world} processes" if dist.world > 1 else "",
-                 efficiency, f"{trainable:,}", device,
-                 str(dtype).removeprefix("torch.") + (", bf16 autocast" if autocast else ""), workers)
+class Trainer:
+    """One variant's training: setup (data, optimizer, scheduler, resume) here, then ``step`` per optimizer
+    step (its metrics window logged every ``log_every``), ``run_eval``, ``save`` and ``finish``; ``train``
+    holds the loop."""
 
-    def run_eval(indices: list[int], track: bool = True) -> bool:
+    def __init__(self, model, processor, train_rows, val_rows, cfg, *, cache, checkpoints: Checkpoints, tmp: Path,
+                 name: str, log: logging.Logger, on_checkpoint: Callable[[list[dict[str, Any]]], None] | None):
+        import torch
+        from transformers import get_scheduler
+
+        from pipeline.models.chat import pad_token_id
+
+        self.model, self.cfg, self.checkpoints, self.tmp, self.name, self.log = model, cfg, checkpoints, tmp, name, log
+        self.on_checkpoint = on_checkpoint
+        self.dist = Dist.current()
+        self.device, self.dtype = next(model.parameters()).device, model.dtype
+        self.autocast = cpu_bf16_autocast(self.device, cfg.cpu_bf16)
+        if cfg.cpu_bf16 and self.device.type == "cpu" and not self.autocast and self.dist.main:
+            log.warning("finetune.cpu_bf16: this CPU has neither AMX nor AVX512-BF16; training in float32")
+        self.collate = Collate(pad_token_id(processor))
+        self.train_set = Samples(train_rows, processor, cache, model, cfg.max_length)
+        self.val = Samples(val_rows, processor, cache, model, cfg.max_length)
+        if not len(self.train_set):
+            raise StageError(f"finetune {name}: the train split is empty")
+        per_epoch = len(plan_batches(self.train_set.lengths, cfg.batch_size, cfg.seed, 0))
+        self.steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
+        self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.val_during = val_subset(len(self.val), cfg.val_subset, cfg.seed)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
+                                       self.optimizer, num_warmup_steps=round(cfg.warmup_ratio * self.total),
+                                       num_training_steps=self.total)
+        self.state = TrainState()
+        if checkpoints.latest() is not None:
+            self.state = checkpoints.load(model, self.optimizer, self.scheduler, name)
+            log.info("finetune %s: resuming from checkpoint step %d of %d", name, self.state.step, self.total)
+        self.loader, self.efficiency = self._loader(torch)
+        self.trainable = sum(p.numel() for p in self.params)
+        self._log_setup()
+        self.window = self._new_window()
+
+    def _loader(self, torch):
+        from torch.utils.data import DataLoader
+
+        cfg, device = self.cfg, self.device
+        plan = BatchPlan(self.train_set.lengths, cfg.batch_size, cfg.seed, self.state.step * cfg.grad_accum,
+                         self.total * cfg.grad_accum, self.dist)
+        workers = cfg.num_workers if cfg.num_workers is not None else (min(4, os.cpu_count() or 1)
+                                                                       if device.type == "cuda" else 0)
+        loader = DataLoader(self.train_set, batch_sampler=plan, collate_fn=self.collate, num_workers=workers,
+                            pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                            generator=torch.Generator().manual_seed(cfg.seed))  # global RNG (dropout) untouched
+        return loader, padding_efficiency(plan.plans[0], self.train_set.lengths)
+
+    def _log_setup(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        if dist.main:
+            self.log.info(
+                "finetune %s: %d train / %d validation samples (%d evaluated during training), %d steps (%d per "
+                "epoch, batch %d x accum %d%s), padding efficiency %.3f, %s trainable LoRA parameters on %s (%s), "
+                "%d data workers", self.name, len(self.train_set), len(self.val), len(self.val_during), self.total,
+                self.steps_per_epoch, cfg.batch_size, cfg.grad_accum,
+                f" over {dist.world} processes" if dist.world > 1 else "", self.efficiency, f"{self.trainable:,}",
+                self.device, str(self.dtype).removeprefix("torch.") + (", bf16 autocast" if self.autocast else ""),
+                self.loader.num_workers)
+
+    @staticmethod
+    def _new_window() -> dict[str, float]:
+        return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "wait": 0.0, "started": time.perf_counter()}
+
+    def step(self, batches, preemption) -> tuple[float, float, bool]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, learning rate, stop requested
+        by any process)."""
+        import torch
+
+        cfg, dist, state = self.cfg, self.dist, self.state
+        started = time.perf_counter()
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        waited = time.perf_counter() - started
+        mine = [b for b in micro if b is not None]
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mine)
+        n_tokens, n_real, n_samples = dist.sum([local_tokens, sum(int(b["attention_mask"].sum()) for b in mine),
+                                                sum(len(b["input_ids"]) for b in mine)])
+        step_loss = 0.0
+        for batch in mine:  # token-weighted: summed over the global batch's answer tokens, then divided
+            loss, _ = answer_loss(self.model, batch, self.device, self.dtype, self.autocast)
+            (loss / n_tokens).backward()
+            step_loss += float(loss.detach()) / n_tokens
+        dist.sum_grads(self.params)
+        step_loss, stop = dist.sum([step_loss, float(preemption.requested)])
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, 1.0))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.seconds += time.perf_counter() - started
+        w = self.window
+        w["loss"], w["steps"], w["tokens"] = w["loss"] + step_loss, w["steps"] + 1, w["tokens"] + n_real
+        w["samples"], w["wait"] = w["samples"] + n_samples, w["wait"] + waited
+        if state.step % cfg.log_every == 0 or state.step == self.total:
+            self._log_window(lr, grad_norm)
+        return step_loss, lr, bool(stop)
+
+    def _log_window(self, lr: float, grad_norm: float) -> None:
+        w, state = self.window, self.state
+        elapsed = max(time.perf_counter() - w["started"], 1e-9)
+        row = {"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4),
+               "train_loss": w["loss"] / w["steps"], "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_s": w["tokens"] / elapsed, "samples_per_s": w["samples"] / elapsed,
+               "data_wait_share": round(w["wait"] / elapsed, 4)}
+        state.metrics.append(row)
+        if self.dist.main:
+            self.log.info("%s", _fmt({"loss": row["train_loss"], "grad_norm": grad_norm, "learning_rate": lr,
+                                      "epoch": round(row["epoch"], 2)}))
+        self.window = self._new_window()
+
+    def run_eval(self, indices: list[int], track: bool = True) -> bool:
         """Validation loss; returns True when early stopping says stop. ``track``: the loss takes part in
         choosing the best weights (only losses on the same charts are compared)."""
-        loss = evaluate(model, val, indices, cfg.batch_size, collate, device, dtype, autocast) \
-            if indices else float("nan")
-        row = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "val_loss": loss}
-        if len(indices) < len(val):
+        from peft import get_peft_model_state_dict
+
+        state, cfg = self.state, self.cfg
+        loss = evaluate(self.model, self.val, indices, cfg.batch_size, self.collate, self.device, self.dtype,
+                        self.autocast) if indices else float("nan")
+        row = {"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4), "val_loss": loss}
+        if len(indices) < len(self.val):
             row["val_charts"] = len(indices)
         state.metrics.append(row)
-        if dist.main:
-            log.info("%s", _fmt({"eval_loss": loss, "epoch": round(state.step / steps_per_epoch, 2)}))
+        if self.dist.main:
+            self.log.info("%s", _fmt({"eval_loss": loss, "epoch": round(state.step / self.steps_per_epoch, 2)}))
         if not track:
             return False
         if state.best_val is None or loss < state.best_val:
             state.best_val, state.best_step, state.bad_evals = loss, state.step, 0
             if cfg.early_stopping_patience:
-                state.best_lora = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+                state.best_lora = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
         else:
             state.bad_evals += 1
         return bool(cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience)
 
-    def save() -> None:
-        if dist.main:
-            checkpoints.save(model, optimizer, scheduler, state, tmp)
-            if on_checkpoint is not None:
-                on_checkpoint(state.metrics)
+    def save(self) -> None:
+        if self.dist.main:
+            self.checkpoints.save(self.model, self.optimizer, self.scheduler, self.state, self.tmp)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.state.metrics)
 
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "wait": 0.0, "started": time.perf_counter()}
-    stopped_early = False
-    batches = iter(loader)
-    bar = tqdm(total=total, initial=state.step, desc=f"finetune {name}", unit="step", disable=None if dist.main else True)
-    with Preemption() as preemption:
-        while state.step < total and not stopped_early:
-            started = time.perf_counter()
-            micro = [next(batches) for _ in range(cfg.grad_accum)]
-            waited = time.perf_counter() - started
-            mine = [b for b in micro if b is not None]
-            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mine)
-            n_tokens, n_real, n_samples = dist.sum([local_tokens, sum(int(b["attention_mask"].sum()) for b in mine),
-                                                    sum(len(b["input_ids"]) for b in mine)])
-            step_loss = 0.0
-            for batch in mine:  # token-weighted: summed over the global batch's answer tokens, then divided
-                loss, _ = answer_loss(model, batch, device, dtype, autocast)
-                (loss / n_tokens).backward()
-                step_loss += float(loss.detach()) / n_tokens
-            dist.sum_grads(params)
-            step_loss, stop = dist.sum([step_loss, float(preemption.requested)])
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.seconds += time.perf_counter() - started
-            window["loss"] += step_loss
-            window["steps"] += 1
-            window["tokens"] += n_real
-            window["samples"] += n_samples
-            window["wait"] += waited
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
-            if state.step % cfg.log_every == 0 or state.step == total:
-                elapsed = max(time.perf_counter() - window["started"], 1e-9)
-                row = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
-                       "train_loss": window["loss"] / window["steps"], "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": window["tokens"] / elapsed, "samples_per_s": window["samples"] / elapsed,
-                       "data_wait_share": round(window["wait"] / elapsed, 4)}
-                state.metrics.append(row)
-                if dist.main:
-                    log.info("%s", _fmt({"loss": row["train_loss"], "grad_norm": grad_norm, "learning_rate": lr,
-                                         "epoch": round(row["epoch"], 2)}))
-                window.update(loss=0.0, steps=0, tokens=0, samples=0, wait=0.0, started=time.perf_counter())
-            if stop:
-                save()
-                raise StageError(f"finetune {name}: stopped by SIGTERM at step {state.step} of {total}; "
-                                 "the checkpoint is saved and a rerun resumes from it")
-            if state.step % cfg.eval_every == 0 and state.step < total:
-                stopped_early = run_eval(val_during)
-            if state.step % cfg.save_every == 0 and state.step < total and not stopped_early:
-                save()
-    bar.close()
-    del batches
-    last = state.metrics[-1] if state.metrics else {}
-    if not stopped_early and ("val_loss" not in last or last["step"] != state.step or "val_charts" in last):
-        run_eval(list(range(len(val))), track=len(val_during) == len(val))  # the full validation set at the end
-    if state.best_lora is not None and (stopped_early or state.best_step != state.step):
-        set_peft_model_state_dict(model, state.best_lora)
-        if dist.main:
-            log.info("finetune %s: keeping the best weights (step %d, validation loss %.4f)", name,
-                     state.best_step, state.best_val)
-    return TrainResult(state, total, len(train_set), len(val), efficiency, trainable, stopped_early)
+    def finish(self, stopped_early: bool) -> TrainResult:
+        """The full validation set at the end, then the best weights when they are not the last ones."""
+        from peft import set_peft_model_state_dict
+
+        state = self.state
+        last = state.metrics[-1] if state.metrics else {}
+        if not stopped_early and ("val_loss" not in last or last["step"] != state.step or "val_charts" in last):
+            self.run_eval(list(range(len(self.val))), track=len(self.val_during) == len(self.val))
+        if state.best_lora is not None and (stopped_early or state.best_step != state.step):
+            set_peft_model_state_dict(self.model, state.best_lora)
+            if self.dist.main:
+                self.log.info("finetune %s: keeping the best weights (step %d, validation loss %.4f)", self.name,
+                              state.best_step, state.best_val)
+        return TrainResult(state, self.total, len(self.train_set), len(self.val), self.efficiency, self.trainable,
+                           stopped_early)

@@ -57,8 +57,8 @@ def dataset_card(variant: str, by_split: dict[str, list[dict[str, Any]]], counts
     card = DatasetCard.from_template(
         card_data(variant, by_split, columns), template_str=template,
         variant=variant, other=next(v for v in VARIANTS if v != variant), run_id=run_id,
-        teacher=", ".join(sorted({str(m) for m, _, _ in counts["teacher"]})) or "none",
-        templates=", ".join(sorted({f"{t} ({v})" for _, t, v in counts["teacher"]})) or "none",
+        teacher=", ".join(sorted({str(m) for m, _, _ in counts["teacher_models"]})) or "none",
+        templates=", ".join(sorted({f"{t} ({v})" for _, t, v in counts["teacher_models"]})) or "none",
         variant_text=VARIANT_TEXT[variant], structure_inferred=counts["structure_inferred"],
         table_in_prompt=counts.get("table_in_prompt", False),
         n_read=ingest.get("read", "?"), n_charts=ingest.get("accepted", "?"),

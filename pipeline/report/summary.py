@@ -16,11 +16,12 @@ from pipeline.artifacts import ORDERS, SELFTEST_GOLDEN, SELFTEST_PREFIX, VIEWS
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
-MODEL_ORDER = ("teacher", "baseline", "structured", "unstructured")
+GOLDEN = "golden"  # the golden (teacher) essays, as a model of the report
+MODEL_ORDER = (GOLDEN, "baseline", "structured", "unstructured")
 # Which essay form each model is asked to produce (failure_modes checks structure accordingly).
-MODEL_VARIANT = {"teacher": "structured", "structured": "structured", "unstructured": "unstructured"}
+MODEL_VARIANT = {GOLDEN: "structured", "structured": "structured", "unstructured": "unstructured"}
 DETERMINISTIC_MARGIN = 0.01  # closeness scores closer than this are a tie for the deterministic judge
-LABELS = {"teacher": "golden (teacher)", "baseline": "baseline", "structured": "fine-tuned structured",
+LABELS = {GOLDEN: "golden (teacher)", "baseline": "baseline", "structured": "fine-tuned structured",
           "unstructured": "fine-tuned unstructured"}
 
 
@@ -52,7 +53,7 @@ class Inputs:
     """Everything the report reads from the store, keyed for quick lookup."""
 
     charts: dict[str, dict[str, Any]]
-    essays: dict[str, dict[str, str]]  # model ("teacher" = the golden essay) -> chart_id -> essay
+    essays: dict[str, dict[str, str]]  # model (GOLDEN = the golden essay) -> chart_id -> essay
     verdicts: list[dict[str, Any]]
     test_ids: list[str]
     training: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> metrics rows, loss.png
@@ -124,12 +125,13 @@ def training_summary(series: dict[str, dict[str, list[tuple[float, float]]]],
 Scores = dict[str, dict[str, dict[str, Any]]]  # model -> chart_id -> pipeline.quality.score_essay(...)
 
 
-def essay_scores(inputs: Inputs, min_words: int, max_words: int) -> Scores:
-    """Every measure of every test essay (the same code as ``ielts-distill score``), computed once."""
+def essay_scores(inputs: Inputs, min_words: int, max_words: int, variant_of=lambda model: model) -> Scores:
+    """Every measure of every test essay (the same code as ``ielts-distill score``), computed once;
+    ``variant_of`` maps a model name to the variant it writes (an adapter of one seed to its variant)."""
     from pipeline.quality import score_essay
 
     finish = {(r["model"], r["chart_id"]): r.get("finish") for r in inputs.generated}
-    golden = inputs.essays.get("teacher", {})
+    golden = inputs.essays.get(GOLDEN, {})
     out: Scores = {}
     for model in inputs.models:
         out[model] = {}
@@ -140,8 +142,8 @@ def essay_scores(inputs: Inputs, min_words: int, max_words: int) -> Scores:
             chart = inputs.charts.get(cid, {})
             out[model][cid] = score_essay(
                 text, table_rows=chart.get("table"), title=chart.get("title"), golden=golden.get(cid),
-                variant=MODEL_VARIANT.get(model), finish="stop" if model == "teacher" else finish.get((model, cid)),
-                min_words=min_words, max_words=max_words)
+                variant=MODEL_VARIANT.get(variant_of(model)),
+                finish="stop" if model == GOLDEN else finish.get((model, cid)), min_words=min_words, max_words=max_words)
     return out
 
 
@@ -180,14 +182,14 @@ def model_quality(scores: Scores) -> dict[str, Any]:
             "numeric_precision": _mean(precision), "numeric_precision_n": len(precision),
             "numeric_coverage": _mean(coverage), "numeric_coverage_n": len(coverage),
             "numeric_unverifiable": _mean(untied),
-            "chrf_to_golden": _mean(chrf) if model != "teacher" else None,
+            "chrf_to_golden": _mean(chrf) if model != GOLDEN else None,
         }
     return out
 
 
 def truncation(scores: Scores, limit: float = 0.02) -> dict[str, Any]:
     """Generated essays that hit the token limit (``finish == "length"``), over those whose finish is known."""
-    rows = [r for model, by_chart in scores.items() if model != "teacher" for r in by_chart.values()]
+    rows = [r for model, by_chart in scores.items() if model != GOLDEN for r in by_chart.values()]
     known = [r for r in rows if r["finish"] is not None]
     cut = sum(r["finish"] == "length" for r in known)
     share = cut / len(known) if known else None
@@ -256,19 +258,6 @@ def caveats(c: dict[str, Any]) -> list[str]:
     return out
 
 
-def lengths(models: tuple[str, ...], chart_ids: list[str], scores: Scores, min_words: int) -> dict[str, Any]:
-    """Per model, over the pairs' charts: the share of essays cut at the token limit (over those whose finish
-    is known) and under the word floor, so a win rate is read beside what may have decided it."""
-    out = {}
-    for model in models:
-        rows = [scores.get(model, {}).get(cid) for cid in chart_ids]
-        rows = [r for r in rows if r is not None]
-        known = [r for r in rows if r["finish"] is not None]
-        out[model] = {"n": len(rows), "cut": _share(sum(r["finish"] == "length" for r in known), len(known)),
-                      "finish_known": len(known), "short": _share(sum(r["words"] < min_words for r in rows), len(rows))}
-    return out
-
-
 def evidence_note(check: dict[str, Any] | None) -> str | None:
     """Why the LLM judge's win rates are not evidence (None when its self-test passed)."""
     if check is None:
@@ -279,22 +268,54 @@ def evidence_note(check: dict[str, Any] | None) -> str | None:
 def comparisons(config: RunConfig, pairs: dict[tuple[str, str], list], scores: Scores | None = None,
                 check: dict[str, Any] | None = None, view: str = NEUTRAL) -> list[dict[str, Any]]:
     """The LLM judge's comparisons of one view, in the configured order, each with its sentence, caveats,
-    the two models' cut / short shares and whether it is evidence (the self-test passed)."""
-    from pipeline.stats import compare
+    the two models' cut / short shares and whether it is evidence (the self-test passed). With several
+    training seeds (``finetune.seeds``): one entry per configured comparison, its seeds' pairs pooled with a
+    bootstrap interval over charts and seeds, and each seed's own result in ``per_seed``."""
+    from pipeline.stats import bootstrap_ci, compare
 
-    wanted = [tuple(c) for c in config.judge.comparisons]
-    ordered = [c for c in wanted if c in pairs] + sorted(set(pairs) - set(wanted))
     note = evidence_note(check)
-    out = []
-    for a, b in ordered:
-        c = compare(a, b, pairs[(a, b)])
+    min_words = config.teacher.min_words
+
+    def entry(a: str, b: str, ps: list, names: tuple[list[str], list[str]], **extra: Any) -> dict[str, Any]:
+        c = {**compare(a, b, ps), **extra}
+        if "ci95_method" in extra:
+            c["ci_includes_half"] = c["ci95"] is not None and c["ci95"][0] <= 0.5 <= c["ci95"][1]
         sentence = verdict_sentence(c) + ("" if note is None else f" ({note})")
-        out.append({**c, "view": VIEW_LABELS[view], "sentence": sentence, "caveats": caveats(c),
-                    "lengths": lengths((a, b), [p.chart_id for p in pairs[(a, b)]], scores or {},
-                                       config.teacher.min_words),
-                    "trustworthy": None if check is None else check["trustworthy"],
-                    "evidence": note is None, "evidence_note": note})
+        charts = [p.chart_id for p in ps]
+        return {**c, "view": VIEW_LABELS[view], "sentence": sentence, "caveats": caveats(c),
+                "lengths": {m: lengths(ns, charts, scores or {}, min_words) for m, ns in zip((a, b), names)},
+                "trustworthy": None if check is None else check["trustworthy"],
+                "evidence": note is None, "evidence_note": note}
+
+    judged = [(a, b, s) for a, b, s in config.judged_comparisons() if (a, b) in pairs]
+    if all(s is None for *_, s in judged):
+        wanted = [(a, b) for a, b, _ in judged]
+        return [{**entry(a, b, pairs[(a, b)], ([a], [b])), "seeds": 1, "per_seed": []}
+                for a, b in wanted + sorted(set(pairs) - set(wanted))]
+    out = []
+    for base_a, base_b in (tuple(c) for c in config.judge.comparisons):
+        mine = [(a, b, s) for a, b, s in judged
+                if (config.finetune.unit_of(a)[0], config.finetune.unit_of(b)[0]) == (base_a, base_b)]
+        if not mine:
+            continue
+        per_seed = [{**entry(a, b, pairs[(a, b)], ([a], [b])), "seed": s} for a, b, s in mine]
+        pooled = [p for a, b, _ in mine for p in pairs[(a, b)]]
+        ci = bootstrap_ci({s: pairs[(a, b)] for a, b, s in mine})
+        out.append({**entry(base_a, base_b, pooled, ([a for a, *_ in mine], [b for _, b, _ in mine]), ci95=ci,
+                            ci95_method="bootstrap over charts and seeds"),
+                    "seeds": len(mine), "per_seed": per_seed})
     return out
+
+
+def lengths(models: list[str], chart_ids: list[str], scores: Scores, min_words: int) -> dict[str, Any]:
+    """Over one side of a comparison — a model, or a variant's adapters of every seed — and the pairs' charts:
+    the share of essays cut at the token limit (over those whose finish is known) and under the word floor,
+    so a win rate is read beside what may have decided it."""
+    rows = [scores.get(m, {}).get(cid) for m in dict.fromkeys(models) for cid in dict.fromkeys(chart_ids)]
+    rows = [r for r in rows if r is not None]
+    known = [r for r in rows if r["finish"] is not None]
+    return {"n": len(rows), "cut": _share(sum(r["finish"] == "length" for r in known), len(known)),
+            "finish_known": len(known), "short": _share(sum(r["words"] < min_words for r in rows), len(rows))}
 
 
 def deterministic(config: RunConfig, inputs: Inputs, scores: Scores,
@@ -305,7 +326,7 @@ def deterministic(config: RunConfig, inputs: Inputs, scores: Scores,
     from pipeline.stats import Pair, agreement, compare
 
     out = []
-    for a, b in (tuple(c) for c in config.judge.comparisons):
+    for a, b, seed in config.judged_comparisons():
         pairs = []
         for cid in inputs.test_ids:
             sa, sb = scores.get(a, {}).get(cid), scores.get(b, {}).get(cid)
@@ -322,7 +343,8 @@ def deterministic(config: RunConfig, inputs: Inputs, scores: Scores,
         llm = {p.chart_id: p.outcome for p in llm_pairs.get((a, b), [])}
         both = [(llm[p.chart_id], p.outcome) for p in pairs if p.chart_id in llm]
         out.append({**c, "sentence": verdict_sentence(c), "caveats": caveats(c),
-                    "lengths": lengths((a, b), [p.chart_id for p in pairs], scores, config.teacher.min_words),
+                    "seed": seed, "lengths": {m: lengths([m], [p.chart_id for p in pairs], scores,
+                                                                 config.teacher.min_words) for m in (a, b)},
                     "agreement_with_llm": agreement([x for x, _ in both], [y for _, y in both])})
     return {"method": f"chrF++ (sacrebleu) of the prose to the golden essay's prose, averaged with numeric "
                       f"precision where the chart has a table; a difference under {DETERMINISTIC_MARGIN} is a tie",
@@ -453,7 +475,7 @@ def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
         usage.update({k: int(n) for k, n in (v.get("usage") or {}).items() if isinstance(n, (int, float))})
     series = {v: loss_series(d["rows"]) for v, d in inputs.training.items()}
     pngs = {v: d["loss_png"] for v, d in inputs.training.items() if d.get("loss_png")}
-    scores = essay_scores(inputs, teacher.min_words, teacher.max_words)
+    scores = essay_scores(inputs, teacher.min_words, teacher.max_words, lambda m: config.finetune.unit_of(m)[0])
     models = model_quality(scores)
     pairs = comparison_pairs(inputs, NEUTRAL)
     cut = truncation(scores)
@@ -476,12 +498,13 @@ def build_view(config: RunConfig, run_id: str, inputs: Inputs) -> ReportView:
         "run_id": run_id,
         "warnings": warnings,
         "selftest": check,
-        "judge": {"model": judge.model, "template": config.judge.template, "vision": judge.vision,
+        "judging": {"model": judge.model, "template": config.judge.template, "vision": judge.vision,
                   "golden_form": config.judge.golden_form, "as_written": config.judge.as_written,
                   "requests": sum(int(v.get("attempts") or 1) for v in inputs.verdicts),
                   "usage": dict(usage),
                   "cost_usd": round(sum(float(v.get("cost_usd") or 0) for v in inputs.verdicts), 6)},
         "test_charts": len(inputs.test_ids),
+        "seeds": sorted({s for *_, s in config.finetune.units()}),
         "student": {"table_in_prompt": config.student.table_in_prompt},
         "comparisons": comparisons(config, pairs, scores, check, NEUTRAL),
         "comparisons_as_written": comparisons(config, comparison_pairs(inputs, AS_WRITTEN), scores, check,

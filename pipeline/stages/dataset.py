@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts
-from pipeline.config import DatasetSection
+from pipeline.config import DatasetSection, RunConfig
 from pipeline.context import StageContext
 from pipeline.errors import StageError
 from pipeline.essays import (
@@ -30,6 +30,8 @@ from pipeline.essays import (
     structure_of,
 )
 from pipeline.records import stable_hash
+from pipeline.stages import DATASET
+from pipeline.store import ArtifactStore
 
 SPLITS = artifacts.SPLIT_NAMES
 VARIANTS = artifacts.VARIANTS
@@ -64,7 +66,7 @@ def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg:
     by_id = {c["id"]: c for c in charts}
     rows, counts = [], {"teacher_records": len(records), "rejected_by_teacher": 0, "rejected_reasons": Counter(),
                         "excluded_unparseable": 0, "excluded_reasons": Counter(), "structure_inferred": 0,
-                        "teacher": Counter(), "table_in_prompt": table_in_prompt}
+                        "teacher_models": Counter(), "table_in_prompt": table_in_prompt}
     for rec in records:
         chart = by_id.get(rec.get("chart_id"))
         if chart is None:
@@ -80,7 +82,7 @@ def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg:
             counts["excluded_reasons"][str(why).split(" (")[0]] += 1
             continue
         counts["structure_inferred"] += inferred
-        counts["teacher"][(rec.get("model"), rec.get("template"), rec.get("template_version"))] += 1
+        counts["teacher_models"][(rec.get("model"), rec.get("template"), rec.get("template_version"))] += 1
         rows.append({"chart_id": chart["id"], "type": chart["type"], "title": chart["title"],
                      "data": chart_data(chart, STUDENT_TABLE_ROWS, STUDENT_OCR_CHARS) if table_in_prompt else "",
                      "image_key": chart["image"], "image_format": chart.get("image_format", "png"),
@@ -151,11 +153,12 @@ def run(ctx: StageContext) -> None:
 # --------------------------------------------------------------------------- publishing
 
 
-def push_to_hub(ctx: StageContext, variant: str, repo: str, *, private: bool = False) -> str:
+def push_to_hub(config: RunConfig, store: ArtifactStore, variant: str, repo: str, *, private: bool = False) -> str:
     """Upload one variant's folder (Parquet + card) to a Hub dataset repo; the token comes from $HF_TOKEN."""
     from huggingface_hub import HfApi
 
-    ctx.require("dataset")
+    ctx = StageContext(config, store, DATASET)
+    ctx.require(DATASET)
     with tempfile.TemporaryDirectory(prefix="ielts-push-") as tmp:
         ctx.store.download_dir(artifacts.dataset_folder(ctx, variant), tmp)
         try:

@@ -67,41 +67,43 @@ def checkpoint_fingerprint(ctx: StageContext, variant: str) -> dict[str, Any]:
     student = ctx.config.student
     return {**training.config_fingerprint(ctx.config.finetune), "dataset.variant": variant,
             "dataset.build": fingerprint(artifacts.dataset_mark(ctx)), "student.model": student.model,
-            "student.tiny": student.tiny, "student.build": student.build, "student.gguf": student.gguf,
+            "student.build": student.build, "student.gguf": student.gguf,
             "student.image_longest_edge": student.image_longest_edge}
 
 
-def train_variant(ctx: StageContext, variant: str, base: str, tmp: Path, caches: dict[str, Any]) -> dict[str, Any]:
-    """Train one variant with ``pipeline.models.training`` and store its adapter, metrics, loss plot and
-    summary (last: the variant is done)."""
+def train_variant(ctx: StageContext, name: str, base: str, tmp: Path, caches: dict[str, Any]) -> dict[str, Any]:
+    """Train one adapter (``name``: a variant, or ``<variant>-seed<N>`` with ``finetune.seeds``) with
+    ``pipeline.models.training`` on its variant's data and seed, and store its adapter, metrics, loss plot and
+    summary (last: it is done)."""
     from pipeline.models import training
     from pipeline.models.features import shared_cache
 
-    cfg = ctx.config.finetune
+    variant, seed = ctx.config.finetune.unit_of(name)
+    cfg = ctx.config.finetune.model_copy(update={"seed": seed})
     model, processor = training.prepare_model(base, ctx.config.student, cfg)
     # the variants share the charts' prompts and vision features
     cache = shared_cache(caches, base, processor, model.dtype, tmp / "charts", cfg.train_connector)
-    checkpoints = training.Checkpoints(ctx.store, ctx.key(variant, artifacts.CHECKPOINTS),
-                                       checkpoint_fingerprint(ctx, variant))
+    checkpoints = training.Checkpoints(ctx.store, ctx.key(name, artifacts.CHECKPOINTS),
+                                       {**checkpoint_fingerprint(ctx, variant), "seed": seed})
 
     def put_metrics(metrics: list[dict[str, Any]]) -> None:
-        ctx.store.put_jsonl(ctx.key(variant, artifacts.METRICS), metrics)
+        ctx.store.put_jsonl(ctx.key(name, artifacts.METRICS), metrics)
 
     result = training.train(model, processor, artifacts.load_split(ctx, variant, "train"),
                             artifacts.load_split(ctx, variant, "validation"), cfg, cache=cache, checkpoints=checkpoints,
-                            tmp=tmp / variant, name=variant, log=ctx.log, on_checkpoint=put_metrics)
+                            tmp=tmp / name, name=name, log=ctx.log, on_checkpoint=put_metrics)
     # the adapter names a base that outlives this run's temp folder: the Hub id, or the built student's store URL
     base_ref = ctx.store.url(artifacts.student_prefix(ctx)) if ctx.config.student.build else base
     if not training.Dist.current().main:
         return {}  # another data-parallel process: rank 0 stores the results
     model.peft_config["default"].base_model_name_or_path = base_ref
-    model.save_pretrained(tmp / variant / "adapter")
-    ctx.store.upload_dir(tmp / variant / "adapter", ctx.key(variant, artifacts.ADAPTER))
+    model.save_pretrained(tmp / name / "adapter")
+    ctx.store.upload_dir(tmp / name / "adapter", ctx.key(name, artifacts.ADAPTER))
     put_metrics(result.state.metrics)
-    ctx.store.put_bytes(ctx.key(variant, artifacts.LOSS_PNG),
-                        training.plot_losses(result.state.metrics, f"LoRA fine-tuning: {variant}"))
-    summary = {"variant": variant, **result.summary(), "base_model": base_ref}
-    ctx.store.put_json(ctx.key(variant, artifacts.VARIANT_SUMMARY), summary)  # last: this variant is done
+    ctx.store.put_bytes(ctx.key(name, artifacts.LOSS_PNG),
+                        training.plot_losses(result.state.metrics, f"LoRA fine-tuning: {name}"))
+    summary = {"variant": variant, "seed": seed, **result.summary(), "base_model": base_ref}
+    ctx.store.put_json(ctx.key(name, artifacts.VARIANT_SUMMARY), summary)  # last: this adapter is done
     return summary
 
 
@@ -112,97 +114,56 @@ def variant_done(ctx: StageContext, variant: str) -> bool:
     return artifacts.variant_trained(ctx, variant)
 
 
+def adapter_names(ctx: StageContext) -> list[str]:
+    """Every adapter to train: one per variant, or one per variant and seed (``finetune.seeds``)."""
+    return [name for name, _, _ in ctx.config.finetune.units()]
+
+
 def shard_variants(ctx: StageContext) -> list[str]:
-    """The variants this process trains: all of them, or ``variants[shard.index]`` in an Indexed Job whose
-    completions equal the number of variants (one pod per variant)."""
-    variants = list(ctx.config.finetune.variants)
+    """The adapters this process trains: all of them, or ``adapters[shard.index]`` in an Indexed Job whose
+    completions equal the number of adapters (one pod per variant and seed)."""
+    variants = adapter_names(ctx)
     if ctx.shard.whole:
         return variants
     if ctx.shard.count != len(variants):
         raise StageError(f"finetune shard {ctx.shard}: the shard count must equal the number of variants "
-                         f"({len(variants)}: {', '.join(variants)})")
+                         f"(x seeds: {len(variants)}: {', '.join(variants)})")
     return [variants[ctx.shard.index]]
 
 
 def run(ctx: StageContext) -> None:
-    ctx.require("dataset")
+    ctx.require()
     variants = ctx.config.finetune.variants
     missing = [v for v in variants if v not in ctx.config.dataset.variants]
     if missing:
         raise StageError(f"finetune.variants: {', '.join(missing)} not built by the dataset stage "
                          f"(dataset.variants: {', '.join(ctx.config.dataset.variants)})")
+    from pipeline.models import training
     from pipeline.models.loading import cpu_threads
 
-    processes = max(1, ctx.config.finetune.gpus)
-    with tempfile.TemporaryDirectory(prefix="ielts-finetune-") as tmp, cpu_threads(single=ctx.config.student.tiny):
+    # Under the spec's launcher (finetune.gpus > 1: torchrun) this process is one data-parallel rank; rank 0
+    # builds the student and stores the results, every rank trains its share of each batch.
+    dist = training.init_distributed()
+    with tempfile.TemporaryDirectory(prefix=f"ielts-finetune-rank{dist.rank}-") as tmp, \
+            cpu_threads(single=ctx.config.student.build == "tiny"):
         base, caches = None, {}
         for variant in shard_variants(ctx):
             if variant_done(ctx, variant):
                 ctx.log.info("finetune %s: already trained (%s)", variant, ctx.store.url(ctx.key(variant, artifacts.ADAPTER)))
                 continue
-            base = base or student_base(ctx, tmp)
-            if processes > 1:
-                data_parallel(ctx, variant, base, processes, Path(tmp))
-            else:
-                train_variant(ctx, variant, base, Path(tmp), caches)
-    if all(variant_done(ctx, v) for v in variants):
-        ctx.complete({v: artifacts.variant_summary(ctx, v) for v in variants})
+            base = base or shared_base(ctx, tmp, dist)
+            train_variant(ctx, variant, base, Path(tmp), caches)
+    if dist.main and all(variant_done(ctx, v) for v in adapter_names(ctx)):
+        ctx.complete({v: artifacts.variant_summary(ctx, v) for v in adapter_names(ctx)})
 
 
-def data_parallel(ctx: StageContext, variant: str, base: str, processes: int, tmp: Path) -> None:
-    """Train ``variant`` with ``processes`` data-parallel processes on this node: torchrun runs this module's
-    ``worker`` (one process per GPU with ``finetune.gpus: N``; gloo processes on CPU). The Job itself runs the
-    stage as usual; a SIGTERM to this process is passed on, so the workers checkpoint before they stop."""
-    import signal
-    import subprocess
-    import sys
-
-    from pipeline.config import dump_config
-
-    config_file = tmp / f"finetune-{variant}.yaml"
-    config_file.write_text(dump_config(ctx.config), encoding="utf-8")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-           "-m", "pipeline.stages.finetune", str(config_file), variant, base]
-    ctx.log.info("finetune %s: %d data-parallel processes (torchrun)", variant, processes)
-    proc = subprocess.Popen(cmd)
-    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
-    try:
-        code = proc.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if code != 0:
-        raise StageError(f"finetune {variant}: the {processes} data-parallel processes failed (exit {code}); "
-                         "see their log above")
-
-
-def worker(config_file: str, variant: str, base: str) -> None:
-    """One data-parallel process (started by ``data_parallel`` through torchrun)."""
-    import logging
-
-    from pipeline.config import load_config
-    from pipeline.context import StageContext, store_for
-    from pipeline.models import training
-
-    config = load_config(config_file)
-    dist = training.init_distributed()
-    logging.basicConfig(level=logging.INFO if dist.main else logging.WARNING, datefmt="%H:%M:%S",
-                        format=f"%(asctime)s %(levelname)-5s [rank {dist.rank}] %(message)s")
-    ctx = StageContext(config=config, store=store_for(config), stage="finetune")
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"ielts-finetune-rank{dist.rank}-") as tmp:
-            train_variant(ctx, variant, base, Path(tmp), {})
-    finally:
-        import torch.distributed
-
-        torch.distributed.destroy_process_group()
+def shared_base(ctx: StageContext, tmp: str, dist: Any) -> str:
+    """The student base in every rank: rank 0 builds (or fetches) it first, the others fetch it after."""
+    base = student_base(ctx, tmp) if dist.main else None
+    dist.barrier()
+    return base or student_base(ctx, tmp)
 
 
 def progress(ctx: StageContext) -> tuple[int, int]:
-    variants = ctx.config.finetune.variants
+    variants = adapter_names(ctx)
     return sum(variant_done(ctx, v) for v in variants), len(variants)
-
-
-if __name__ == "__main__":  # torchrun's entry point: python -m pipeline.stages.finetune CONFIG VARIANT BASE
-    import sys
-
-    worker(*sys.argv[1:4])

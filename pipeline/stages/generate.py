@@ -26,7 +26,7 @@ BASELINE = artifacts.BASELINE
 
 
 def model_names(ctx: StageContext) -> list[str]:
-    return [BASELINE, *ctx.config.finetune.variants]
+    return [BASELINE, *(name for name, _, _ in ctx.config.finetune.units())]  # an adapter per variant (x seed)
 
 
 def max_new_tokens(config) -> int:
@@ -109,7 +109,7 @@ def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[
 def run(ctx: StageContext) -> None:
     from pipeline.models.loading import cpu_threads, trains_connector
 
-    ctx.require("dataset", "finetune")
+    ctx.require()
     ids = test_ids(ctx)
     if not ids:
         raise StageError("generate: the test split is empty")
@@ -122,7 +122,7 @@ def run(ctx: StageContext) -> None:
     todo = sorted({i for ids_ in pending.values() for i in ids_})
     if todo:
         charts = load_test_charts(ctx, todo)
-        single = ctx.config.student.tiny
+        single = ctx.config.student.build == "tiny"
         with tempfile.TemporaryDirectory(prefix="ielts-generate-") as tmp, cpu_threads(single=single):
             base, caches = artifacts.student_base(ctx, tmp), {}
             # the adapters say whether they trained a connector (the config may have changed since finetune)

@@ -34,7 +34,7 @@ KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}  # other formats (GIF, WEBP, ...) a
 class Candidate:
     """One chart as found in the source, before any check."""
 
-    id: str
+    id: str | None  # None: a manifest line that is not a chart (see line)
     source: str
     source_type: str
     title: str | None
@@ -42,6 +42,7 @@ class Candidate:
     data: Path | None
     data_format: str | None  # "csv_table" | "ocr_text" | None
     extra: dict[str, Any]
+    line: int | None = None  # its manifest.jsonl line; a line that is not a chart has no id (id None)
 
 
 class Rejected(Exception):
@@ -52,10 +53,16 @@ class Rejected(Exception):
 
 
 def read_manifest(root: Path) -> list[Candidate]:
-    """One Candidate per manifest line; a line that cannot be one becomes a Candidate carrying the reason
-    (``extra["error"]``), so it is rejected with it and never stops the stage."""
+    """One Candidate per manifest line; a line that cannot be one (not UTF-8, not a JSON object with an id)
+    becomes a Candidate without an id carrying the reason (``extra["error"]``), so it is rejected with it,
+    by its line number, and never stops the stage or takes a real chart's id."""
     out = []
-    for n, line in enumerate((root / "manifest.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate((root / "manifest.jsonl").read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out.append(_bad_line(root, n, f"is not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})"))
+            continue
         if not line.strip():
             continue
         try:
@@ -78,13 +85,13 @@ def read_manifest(root: Path) -> list[Candidate]:
         out.append(Candidate(
             id=str(raw_id), source=str(row.get("source", "")), source_type=str(row.get("chart_type", "")).lower(),
             title=title if isinstance(title, str) else None, image=root / str(row.get("image", "")),
-            data=root / str(data) if data else None, data_format=row.get("data_format"), extra=extra))
+            data=root / str(data) if data else None, data_format=row.get("data_format"), extra=extra, line=n))
     return out
 
 
 def _bad_line(root: Path, n: int, why: str) -> Candidate:
-    return Candidate(f"manifest-line-{n}", "?", "?", None, root / "?", None, None,
-                     {"error": f"manifest.jsonl line {n} {why}"})
+    return Candidate(None, "?", "?", None, root / "?", None, None,
+                     {"error": f"manifest.jsonl line {n} {why}"}, line=n)
 
 
 def _inside(root: Path, relative: str) -> bool:
@@ -95,19 +102,24 @@ def _inside(root: Path, relative: str) -> bool:
         path.startswith(os.path.normpath(root) + os.sep)
 
 
+MAX_ID_CHARS = 150  # escaped: the judge's item ids add a comparison and an order (pipeline.records.MAX_KEY_CHARS)
+
+
 def check_id(chart_id: str) -> None:
-    """A chart id must map to one store key and back: not empty, no ``.``/``..`` part, no control
-    characters, not too long (pipeline.records.safe_id)."""
+    """A chart id must map to one store key and back (pipeline.records.safe_id: any text, escaped into one
+    name): not empty, no control characters, at most MAX_ID_CHARS escaped."""
     from pipeline.errors import PipelineError
     from pipeline.records import safe_id
 
     if not chart_id.strip():
         raise Rejected("chart id is empty")
     try:
-        safe_id(chart_id)
+        too_long = len(safe_id(chart_id)) > MAX_ID_CHARS
     except PipelineError:
-        raise Rejected(f"chart id {chart_id[:60]!r} is not usable as a key (an empty, '.' or '..' part, a "
-                       "control character, or too long)") from None
+        too_long = True
+    if too_long:
+        raise Rejected(f"chart id {chart_id[:60]!r} is not usable as a key (a control character, or longer than "
+                       f"{MAX_ID_CHARS} characters escaped)")
 
 
 def _metadata(folder: Path) -> dict[str, dict[str, str]]:
@@ -224,6 +236,8 @@ def load_table(path: Path, fmt: str | None) -> tuple[list[list[str]] | None, str
 
 
 def check(c: Candidate, max_pixels: int, min_side: int) -> tuple[dict[str, Any], bytes]:
+    if c.id is None:
+        raise Rejected(c.extra["error"])
     check_id(c.id)
     if "error" in c.extra:
         raise Rejected(c.extra["error"])
@@ -252,9 +266,9 @@ def run(ctx: StageContext) -> None:
     candidates = read_source(cfg.source)[:: cfg.stride]
     if cfg.limit:
         candidates = candidates[: cfg.limit]
-    counts = Counter(c.id for c in candidates)
+    counts = Counter(c.id for c in candidates if c.id is not None)
     first = {c.id: i for i, c in reversed(list(enumerate(candidates)))}
-    dupes = {i for i, c in enumerate(candidates) if counts[c.id] > 1 and first[c.id] != i}
+    dupes = {i for i, c in enumerate(candidates) if c.id is not None and counts[c.id] > 1 and first[c.id] != i}
 
     def one(item: tuple[int, Candidate]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         i, c = item
@@ -266,7 +280,8 @@ def run(ctx: StageContext) -> None:
             ctx.store.put_bytes(chart["image"], data)
             return chart, None
         except Rejected as why:
-            return None, {"id": c.id, "source": c.source, "source_type": c.source_type, "reason": str(why)}
+            where = {} if c.line is None else {"line": c.line}
+            return None, {"id": c.id, **where, "source": c.source, "source_type": c.source_type, "reason": str(why)}
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(tqdm(pool.map(one, enumerate(candidates)), total=len(candidates), desc="ingest", unit="chart",
@@ -276,7 +291,7 @@ def run(ctx: StageContext) -> None:
     assert len(accepted) + len(rejected) == len(candidates)
     ctx.store.put_jsonl(ctx.key(artifacts.CHARTS), accepted)
     ctx.store.put_jsonl(ctx.key(artifacts.REJECTED), rejected)
-    reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejected)
+    reasons = Counter(re.sub(r" line \d+", "", r["reason"]).split(":")[0].split(" (")[0] for r in rejected)
     summary = {"read": len(candidates), "accepted": len(accepted), "rejected": len(rejected),
                "by_type": dict(Counter(a["type"] for a in accepted)), "rejected_by_reason": dict(reasons)}
     ctx.log.info("ingest: %d read, %d accepted (%s), %d rejected (%s)", len(candidates), len(accepted),

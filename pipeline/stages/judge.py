@@ -6,12 +6,14 @@ the golden standard, then ``<FIRST>`` and ``<SECOND>``), with the chart image at
 vision. Order ``ab`` shows a's essay first, ``ba`` shows b's first, so position bias shows up as a flip
 (counted as a tie by :mod:`pipeline.stats`). View ``neutral`` (the headline) shows the golden essay and both
 candidates in one layout (``judge.golden_form``, :func:`pipeline.essays.pair_form`), so layout cannot decide
-a verdict; view ``as_written`` (``judge.as_written``) shows the candidates as their models wrote them. An answer naming neither or both tags is asked once more
-with a reminder; if it still names neither or both, the verdict is ``invalid`` and the raw text is kept.
+a verdict; view ``as_written`` (``judge.as_written``) shows the candidates as their models wrote them. An
+answer naming neither or both tags is asked once more with a reminder; if it still names neither or both, the
+verdict is ``invalid`` and the raw text is kept.
 
 Records: ``<run>/judge/records/<a>-vs-<b>/<chart_id>/<ab|ba>.json`` (as written: ``as-written-<ab|ba>.json``)
-= ``{comparison, a, b, chart_id, order, view, verdict: a|b|invalid, raw_answer, attempts, usage, cost_usd}``, written as each answer arrives (resume,
-shards, budget: :func:`pipeline.llm.runner.run_items`). When every record exists: ``verdicts.jsonl``, ``_SUCCESS``.
+= ``{comparison, a, b, chart_id, order, view, verdict: a|b|invalid, raw_answer, attempts, usage, cost_usd}``,
+written as each answer arrives (resume, shards, budget: :func:`pipeline.llm.runner.run_items`). When every
+record exists: ``verdicts.jsonl``, ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class Plan:
 
 
 def make_plan(ctx: StageContext) -> Plan:
-    ctx.require("generate")
+    ctx.require()
     charts = artifacts.charts_by_id(ctx)
     golden = artifacts.golden_essays(ctx)
     essays: dict[str, dict[str, str]] = {}
@@ -136,7 +138,7 @@ def make_plan(ctx: StageContext) -> Plan:
     cfg = ctx.config.judge
     items: list[Any] = []
     rubric: dict[str, list[str]] = {}  # model -> charts to score on the rubric (judge.rubric)
-    for a, b in cfg.comparisons:
+    for a, b, _ in ctx.config.judged_comparisons():  # judge.comparisons, per seed with finetune.seeds
         for model in (a, b):
             if model not in essays:
                 raise StageError(f"judge.comparisons names '{model}' but generate has no essays for it "
@@ -221,7 +223,7 @@ def check(ctx: StageContext) -> Plan:
 
 def run(ctx: StageContext) -> None:
     from pipeline import rubric
-    from pipeline.llm import run_stage_items
+    from pipeline.items import run_stage_items
     from pipeline.rubric import RubricItem
 
     plan = check(ctx)  # before any verdict is moved aside

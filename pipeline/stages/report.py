@@ -15,14 +15,14 @@ from typing import Any
 from pipeline import artifacts
 from pipeline.context import StageContext
 from pipeline.errors import ArtifactNotFound
-from pipeline.report.summary import Inputs
+from pipeline.report.summary import GOLDEN, Inputs
 
 
 def read_inputs(ctx: StageContext) -> Inputs:
     charts = artifacts.charts_by_id(ctx)
     verdicts = artifacts.verdicts(ctx)
     essays: dict[str, dict[str, str]] = defaultdict(dict)
-    essays["teacher"] = artifacts.golden_essays(ctx)
+    essays[GOLDEN] = artifacts.golden_essays(ctx)
     generated = artifacts.jsonl_or_empty(ctx, "generate", artifacts.GENERATED_ESSAYS)
     for row in generated:
         essays[row["model"]][row["chart_id"]] = row.get("essay") or ""
@@ -35,7 +35,7 @@ def read_inputs(ctx: StageContext) -> Inputs:
 
 def read_training(ctx: StageContext) -> dict[str, dict[str, Any]]:
     out = {}
-    for variant in ctx.config.finetune.variants:
+    for variant in (name for name, _, _ in ctx.config.finetune.units()):
         rows = artifacts.training_metrics(ctx, variant)
         png = artifacts.loss_png(ctx, variant)
         if rows or png:

@@ -105,14 +105,15 @@ def check(ctx: StageContext) -> None:
     from pipeline.llm import check_endpoint
     from pipeline.prompts import teacher_template
 
-    ctx.require("ingest")
+    ctx.require()
     for chart_type in sorted({c["type"] for c in artifacts.charts(ctx)}):
         teacher_template(chart_type, ctx.config.teacher.templates)
     check_endpoint(ctx.config.teacher, "teacher")
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.llm import embedded_server, run_stage_items
+    from pipeline.items import run_stage_items
+    from pipeline.llm import embedded_server
 
     cfg = ctx.config.teacher
     charts = artifacts.charts(ctx)
