@@ -126,3 +126,26 @@ def test_untied_figures_are_unverifiable_and_a_subject_carries_over():
 def test_derived_quantities_need_tied_cells(sentence, correct):
     rows = [["Country", "2018", "2019"], ["Russia", "88", "86"], ["South Africa", "80", "79"], ["Canada", "20", "21"]]
     assert numeric_scores(sentence, rows)["correct"] == correct
+
+
+def test_score_cli_reports_unverifiable_figures(sample_dir, tmp_path):
+    """``ielts-distill score`` prints the entity-aware numbers: a figure its sentence ties to no row is
+    unverifiable (not correct), one tied to the wrong row is wrong."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    csv_path = sample_dir / "data" / "statista-multi_col-284.csv"  # palladium production by country
+    rows = list(csv.reader(csv_path.open(encoding="utf-8")))
+    essay = tmp_path / "essay.txt"
+    essay.write_text(f"Russia produced {rows[1][-1]} metric tons in 2019. The largest producer made "
+                     f"{rows[1][-1]} tons.\n\nSouth Africa produced {rows[1][-1]} tons in 2019.", encoding="utf-8")
+    result = CliRunner().invoke(main, ["score", str(essay), "--chart-data", str(csv_path)])
+    assert result.exit_code == 0, result.output
+    numeric = json.loads(result.output)["numeric"]
+    # 1: Russia's own cell; 2: carried subject (Russia) -> correct; 3: Russia's figure said of South Africa
+    assert (numeric["figures"], numeric["correct"], numeric["unverifiable"]) == (3, 2, 0)
+    assert numeric["unmatched"] == [rows[1][-1]] and numeric["precision"] == pytest.approx(2 / 3)
+    essay.write_text(f"The largest producer made {rows[1][-1]} tons in one year.", encoding="utf-8")
+    numeric = json.loads(CliRunner().invoke(main, ["score", str(essay), "--chart-data", str(csv_path)]).output)["numeric"]
+    assert (numeric["figures"], numeric["correct"], numeric["unverifiable"], numeric["precision"]) == (1, 0, 1, 0.0)
