@@ -34,10 +34,13 @@ def register_secret_env(*names: str | None) -> None:
     _extra_env.update(n for n in names if n)
 
 
-def _mask_values(text: str) -> str:
-    for name in (*SECRET_ENV, *_extra_env):
-        value = os.environ.get(name)
-        if value and len(value) >= 4 and value in text:
+def _secret_values() -> list[str]:
+    return [v for n in (*SECRET_ENV, *_extra_env) if (v := os.environ.get(n)) and len(v) >= 4]
+
+
+def _mask_values(text: str, values: list[str] | None = None) -> str:
+    for value in _secret_values() if values is None else values:
+        if value in text:
             text = text.replace(value, MASK)
     return text
 
@@ -51,14 +54,15 @@ def redact(text: str) -> str:
     return text
 
 
-def redact_obj(value: Any) -> Any:
+def redact_obj(value: Any, values: list[str] | None = None) -> Any:
     """``value`` with the environment's secret values masked in every string (dicts and lists walked)."""
+    values = _secret_values() if values is None else values  # looked up once per call, not per string
     if isinstance(value, str):
-        return _mask_values(value)
+        return _mask_values(value, values)
     if isinstance(value, dict):
-        return {k: redact_obj(v) for k, v in value.items()}
+        return {k: redact_obj(v, values) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [redact_obj(v) for v in value]
+        return [redact_obj(v, values) for v in value]
     return value
 
 

@@ -400,7 +400,7 @@ def test_a_process_frozen_past_its_lease_sends_nothing_another_took(tmp_path, sa
     """A teacher process is frozen (SIGSTOP) with items claimed and queued; its leases run out, a second
     process takes the items over and completes the stage; resumed (SIGCONT), the first sends no request at
     all: each claim is checked right before its request goes out (52 were paid for 36 before). Measured
-    16-21 s on 2 cores shared with other test runs (timeout 600 s)."""
+    10-21 s on 2 cores shared with other test runs (timeout 600 s)."""
     import signal
     import subprocess
     import sys

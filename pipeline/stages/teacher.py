@@ -113,6 +113,7 @@ def check(ctx: StageContext) -> None:
 
 def run(ctx: StageContext) -> None:
     from pipeline.items import run_stage_items
+    from pipeline.llm import embedded_server
 
     cfg = ctx.config.teacher
     charts = artifacts.charts(ctx)
@@ -137,10 +138,13 @@ def run(ctx: StageContext) -> None:
                                        if cfg.requests_per_minute else None})
         whole = replace(ctx, shard=Shard())
         order = draw_order(charts, ctx.config.dataset.seed)
-        for start in range(0, len(order), cfg.draw_batch):
-            if enough(ctx, order[:start]) is not None:
-                break
-            request(order[start:start + cfg.draw_batch], whole, share)
+        if enough(ctx, order) is None:
+            # one embedded server for all batches: it keeps the few-shot prefix of the last type in its cache
+            with embedded_server(share) as live:
+                for start in range(0, len(order), cfg.draw_batch):
+                    if enough(ctx, order[:start]) is not None:
+                        break
+                    request(order[start:start + cfg.draw_batch], whole, live)
         drawn = {c["id"] for c in order[:enough(ctx, order) or len(order)]}
     ids = [c["id"] for c in charts if c["id"] in drawn]  # ingest order, kept in essays.jsonl
     ctx.collect_if_complete(artifacts.TEACHER_ESSAYS, [(ctx.records(), ids)], lambda rows: summarize(ctx, rows))
