@@ -379,8 +379,8 @@ def test_min_tokens_is_sent_only_when_set(tmp_path, llm, sample_dir):
     cfg, store, _ = ingest(str(tmp_path / "b"), llm, sample_dir)
     assert run_stage(cfg, store, "teacher")
     assert len(llm.requests) > seen and all("min_tokens" not in r for r in llm.requests[seen:])
-    with pytest.raises(ConfigError, match=r"teacher: .*min_tokens \(1024\) must be below max_tokens \(1024\)"):
-        load_config(None, ["teacher.min_tokens=1024"])
+    with pytest.raises(ConfigError, match=r"teacher: .*min_tokens \(512\) must be below max_tokens \(512\)"):
+        load_config(None, ["teacher.min_tokens=512"])
 
 
 # --------------------------------------------------------------------------- the embedded server
