@@ -64,6 +64,7 @@ def read(store_root: Path | None, store_uri: str, key: str, env: dict[str, str])
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_cluster_config_rehearsal(s3_bucket, sample_dir, tmp_path):
     env = {**os.environ, "MINIMAX_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     with ReasoningLLM(think_tokens=900, rate_limit_every=9, retry_after=0.2, reply=reply, minimax=True) as llm:
@@ -130,7 +131,7 @@ def test_kind_config_rehearsal(sample_dir, tmp_path):
     import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=8", "run.id=kind",
+    sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=6", "run.id=kind",
             "run.executor=local", "finetune.max_steps=2", "generate.limit=2", "judge.limit=1"]
     args = [a for s in sets for a in ("--set", s)]
     check = cli("config", "--check", "--config", "k8s/overlays/local/run.yaml", *args, env=env)

@@ -406,6 +406,7 @@ def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
     assert store.exists(f"{RUN}/teacher/_SUCCESS")
 
 
+@pytest.mark.slow
 @pytest.mark.llm
 def test_min_tokens_lengthens_real_answers(tmp_path, sample_dir):
     """llama.cpp honours teacher.min_tokens: at temperature 0 SmolLM2 ends one of these answers after 89
