@@ -386,6 +386,7 @@ def test_min_tokens_is_sent_only_when_set(tmp_path, llm, sample_dir):
 # --------------------------------------------------------------------------- the embedded server
 
 
+@pytest.mark.slow
 @pytest.mark.llm
 def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
     """The real thing, kept short: SmolLM2-135M via llama.cpp on 2 charts, configs/local.yaml's gates."""
