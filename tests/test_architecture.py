@@ -224,3 +224,11 @@ def test_the_version_is_written_once():
     holders = [str(p.relative_to(root)) for p in files  # generated files (skaffold.yaml) are checked to be in sync
                if not p.read_text(encoding="utf-8", errors="ignore").startswith("# GENERATED") and re.search(rf"(?<![\d.]){re.escape(__version__)}(?![\d.])", p.read_text(encoding="utf-8", errors="ignore"))]
     assert holders == ["pipeline/__init__.py"], holders
+
+
+def test_architecture_doc_names_every_module():
+    """docs/architecture.md is the map: every top-level module and every subpackage of pipeline/ is on it."""
+    doc = (PKG.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    places = [f"pipeline/{p.name}" for p in PKG.glob("*.py") if p.name != "__init__.py"]
+    places += [f"pipeline/{p.name}/" for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    assert not [p for p in places if f"`{p}`" not in doc and f"`{p}" not in doc]

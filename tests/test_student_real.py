@@ -19,16 +19,16 @@ from pipeline.store import open_store
 STEPS = 2
 
 
-def test_student_build_and_tiny_are_one_setting():
+def test_student_build_is_the_one_setting():
+    """``student.tiny`` is gone: ``build: tiny`` says it, and an old config naming ``tiny`` gets one line."""
     from pipeline.config import load_config
     from pipeline.errors import ConfigError
 
-    assert load_config(None, ["student.tiny=true"]).student.build == "tiny"
-    assert load_config(None, ["student.build=tiny"]).student.tiny is True
-    smollm = load_config(None, ["student.build=smollm"]).student
-    assert (smollm.build, smollm.tiny) == ("smollm", False)
-    with pytest.raises(ConfigError, match="tiny: true contradicts build: smollm"):
-        load_config(None, ["student.tiny=true", "student.build=smollm"])
+    assert load_config(None, ["student.build=tiny"]).student.build == "tiny"
+    assert load_config(None, ["student.build=smollm"]).student.build == "smollm"
+    assert load_config(None).student.build is None
+    with pytest.raises(ConfigError, match="tiny: removed; use build: tiny"):
+        load_config(None, ["student.tiny=true"])
 
 
 def test_write_takes_the_variant_folder_or_its_adapter(tmp_path):
@@ -48,7 +48,7 @@ def real_run(sample_dir, tmp_path_factory):
     from pipeline.stages import finetune
 
     root = tmp_path_factory.mktemp("real") / "store"
-    config = student_config(str(root), student__tiny=False, student__build="smollm", finetune__max_steps=STEPS,
+    config = student_config(str(root), student__build="smollm", finetune__max_steps=STEPS,
                             finetune__batch_size=2, finetune__eval_every=STEPS, finetune__save_every=STEPS,
                             finetune__learning_rate=1e-3, generate__max_new_tokens=8, generate__batch_size=3)
     write_dataset(open_store(str(root)), config.run.id, sample_dir, sizes=(4, 2, 2), essay_words=40)

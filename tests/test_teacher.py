@@ -379,13 +379,14 @@ def test_min_tokens_is_sent_only_when_set(tmp_path, llm, sample_dir):
     cfg, store, _ = ingest(str(tmp_path / "b"), llm, sample_dir)
     assert run_stage(cfg, store, "teacher")
     assert len(llm.requests) > seen and all("min_tokens" not in r for r in llm.requests[seen:])
-    with pytest.raises(ConfigError, match=r"teacher: .*min_tokens \(1024\) must be below max_tokens \(1024\)"):
-        load_config(None, ["teacher.min_tokens=1024"])
+    with pytest.raises(ConfigError, match=r"teacher: .*min_tokens \(512\) must be below max_tokens \(512\)"):
+        load_config(None, ["teacher.min_tokens=512"])
 
 
 # --------------------------------------------------------------------------- the embedded server
 
 
+@pytest.mark.slow
 @pytest.mark.llm
 def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
     """The real thing, kept short: SmolLM2-135M via llama.cpp on 2 charts, configs/local.yaml's gates."""
@@ -406,6 +407,7 @@ def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
     assert store.exists(f"{RUN}/teacher/_SUCCESS")
 
 
+@pytest.mark.slow
 @pytest.mark.llm
 def test_min_tokens_lengthens_real_answers(tmp_path, sample_dir):
     """llama.cpp honours teacher.min_tokens: at temperature 0 SmolLM2 ends one of these answers after 89

@@ -7,6 +7,8 @@ prompt, up to ``teacher.max_attempts``; then the chart's record is written under
 ``<run>/teacher/records/<chart_id>.json`` with status ``accepted`` or ``rejected`` (with its reason).
 API errors that persist after retries also end as ``rejected`` with the error. Reruns and shards do only
 the charts without a record. Once every chart has one: ``essays.jsonl`` then ``_SUCCESS``.
+With ``teacher.min_test_charts`` the charts are drawn in a fixed seeded order, ``draw_batch`` at a time, until
+the accepted essays give that many test charts; only the drawn charts go into ``essays.jsonl``.
 """
 
 from __future__ import annotations
