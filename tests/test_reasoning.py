@@ -39,7 +39,7 @@ def test_reasoning_judge_answers_with_room_to_think(tmp_path, sample_dir, separa
         rows = judge_run(tmp_path, sample_dir, llm)
     assert rows and all(r["verdict"] != "invalid" for r in rows)  # the answer is read after the thinking
     assert all(r["verdict"] == "a" for r in rows if r["comparison"] in COMPARISONS)  # the fair judge's
-    assert set(llm.limits) == {16 + 4096} and set(llm.finish_reasons) == {"stop"}
+    assert set(llm.limits) == {16 + 1536} and set(llm.finish_reasons) == {"stop"}  # judge answer + thinking budget
 
 
 def test_judge_without_room_to_think_records_cut_answers_not_guesses(tmp_path, sample_dir):
