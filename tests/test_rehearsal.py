@@ -127,12 +127,14 @@ def test_kind_config_is_the_local_demo_in_the_cluster():
 def test_kind_config_rehearsal(sample_dir, tmp_path):
     """k8s/overlays/local/run.yaml through the documented command, in-process instead of in Jobs: the store
     and data folder are local paths; the embedded llama.cpp teacher and judge and the student are real; only
-    sizes shrink (``data.limit``, ``finetune.max_steps``)."""
+    sizes shrink (``data.limit``, ``teacher.min_test_charts``, ``finetune.max_steps``, ``generate.limit``,
+    ``judge.limit``). With 6 charts (no draw rule) the teacher's 3 essays left an empty train split."""
     import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=6", "run.id=kind",
-            "run.executor=local", "finetune.max_steps=2", "generate.limit=2", "judge.limit=1"]
+    sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=16", "run.id=kind",
+            "run.executor=local", "teacher.min_test_charts=3", "finetune.max_steps=2", "generate.limit=2",
+            "judge.limit=1"]  # the teacher draws 8 charts at a time until its essays give 3 test charts (>= 2 train)
     args = [a for s in sets for a in ("--set", s)]
     check = cli("config", "--check", "--config", "k8s/overlays/local/run.yaml", *args, env=env)
     assert check.returncode == 0, check.stderr
