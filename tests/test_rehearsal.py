@@ -66,6 +66,7 @@ def read(store_root: Path | None, store_uri: str, key: str, env: dict[str, str])
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_cluster_config_rehearsal(s3_bucket, sample_dir, tmp_path):
+    """Measured 2026-12-07, 2 cores without AMX, other test runs beside it (load 4-6): 556 s (timeout 1200)."""
     env = {**os.environ, "MINIMAX_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     with ReasoningLLM(think_tokens=900, rate_limit_every=9, retry_after=0.2, reply=reply, minimax=True) as llm:
         sets = cluster_sets(s3_bucket, sample_dir, llm)
