@@ -13,7 +13,7 @@ import click
 from pipeline import __version__, artifacts
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError
-from pipeline.stages import STAGES, last_stage
+from pipeline.stages import STAGES, last_stage, launched_rank
 
 log = logging.getLogger("ielts_distill")
 
@@ -230,8 +230,6 @@ def runs(config: RunConfig, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Rerun even when complete (per-item records are kept).")
 def stage(config: RunConfig, name: str, shard: str | None, force: bool) -> None:
     """Run one stage (the entrypoint of each stage's Kubernetes Job)."""
-    import os
-
     from pipeline.context import StageContext
     from pipeline.executors.base import run_one
     from pipeline.executors.local import LocalExecutor
@@ -240,7 +238,7 @@ def stage(config: RunConfig, name: str, shard: str | None, force: bool) -> None:
 
     selected = Shard.parse(shard) if shard else Shard.from_env()
     executor = LocalExecutor(config)
-    if selected.whole and os.environ.get("RANK", "0") == "0":  # one writer among a launcher's processes
+    if selected.whole and not launched_rank():  # one writer among a launcher's processes
         artifacts.save_run_config(config, executor.store)
     with kept_in_store(executor.store, log_key(config.run.id, name, selected)):  # the pod's log outlives the pod
         run_one(executor, StageContext(config=config, store=executor.store, stage=name, shard=selected), force)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from pipeline.context import StageContext
 from pipeline.executors import base
 from pipeline.executors.base import Executor, Outcome, run_one
 from pipeline.records import Shard
-from pipeline.stages import DIST_ENV, StageSpec, load_stage
+from pipeline.stages import StageSpec, launched_rank, load_stage
 from pipeline.store import SUCCESS, ArtifactStore
 
 
@@ -27,14 +26,15 @@ class LocalExecutor(Executor):
         started = time.monotonic()
         self.echo(f"[{spec.name}] started" + ("" if ctx.shard.whole else f" (shard {ctx.shard})"))
         launcher = spec.launcher(ctx.config, python=sys.executable)
-        if launcher and DIST_ENV not in os.environ:  # not yet one of the launcher's processes: start them
+        rank = launched_rank()
+        if launcher and rank is None:  # not yet one of the launcher's processes: start them
             code = launch(launcher, spec, ctx)
             if code != 0:
                 return Outcome(spec.name, False, "failed", f"stage '{spec.name}': its processes ({shlex.join(launcher[:5])} "
                                f"...) failed (exit {code}); see their log above")
         else:
             load_stage(spec.name).run(ctx)
-            if os.environ.get("RANK", "0") != "0":  # one of the launcher's other processes: rank 0 completes it
+            if rank:  # one of the launcher's other processes: rank 0 completes the stage
                 return Outcome(spec.name, True, "rank done")
         done = ctx.is_complete()
         if not done and ctx.shard.whole:

@@ -17,6 +17,7 @@ for importing torch.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,12 +33,17 @@ NAME_RULE = re.compile(r"^[a-z][a-z0-9-]*$")  # a DNS-1123 label part (Job names
 DIST_ENV = "WORLD_SIZE"  # set by torchrun in every process it starts
 
 
+def launched_rank() -> int | None:
+    """This process's rank when a stage launcher (torchrun) started it, else None."""
+    return int(os.environ.get("RANK", "0")) if DIST_ENV in os.environ else None
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
     inputs: tuple[str, ...]  # upstream stages whose outputs it reads (StageContext enforces it)
     resources: dict[str, Resources]  # per k8s.profile ("cloud", "cpu"); k8s.resources overrides
-    summary: str  # one line for `ielts-distill stage --help` and the docs
+    summary: str  # one line: what the stage does (for readers of the spec list)
     shard_over: Literal["items", "variants"] | None = None
     parallelism: Count | None = None  # shards over items (Indexed Job completions)
     gpus: Count | None = None  # GPUs its pod asks for in the cloud profile (also builds a CUDA image)
@@ -205,5 +211,5 @@ def last_stage() -> StageSpec:
     return SPECS[-1]
 
 
-__all__ = ["CUDA", "DATASET", "DIST_ENV", "FINETUNE", "GENERATE", "INGEST", "JUDGE", "LLAMA_CPP", "LLM_SPECS", "NEEDS",
+__all__ = ["CUDA", "DATASET", "DIST_ENV", "launched_rank", "FINETUNE", "GENERATE", "INGEST", "JUDGE", "LLAMA_CPP", "LLM_SPECS", "NEEDS",
            "REPORT", "SMOLLM2_GGUF", "SPECS", "STAGES", "TEACHER", "StagePlan", "StageSpec", "last_stage", "load_stage", "spec"]
