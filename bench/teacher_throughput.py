@@ -76,8 +76,9 @@ def bare_loop(cfg, charts: list[dict], store) -> tuple[float, float]:
     from pipeline.stages.teacher import build_messages
 
     t = cfg.teacher
-    images = {c["image"]: image_data_url(store.get_bytes(c["image"]), c.get("image_format")) for c in charts}
-    messages = [build_messages(c, teacher_template(c["type"], t.templates), image_url=images[c["image"]])
+    images = {c["image"]: image_data_url(store.get_bytes(c["image"]), c.get("image_format")) for c in charts
+              if t.vision}
+    messages = [build_messages(c, teacher_template(c["type"], t.templates), image_url=images.get(c["image"]))
                 for c in charts]
 
     async def run() -> None:
@@ -141,7 +142,7 @@ def main() -> None:
     def config(run_id: str, concurrency: int):
         return load_config(None, [f"store.uri={root}", f"run.id={run_id}", f"data.source={SAMPLE}",
                                   f"teacher.base_url={url}/v1", "teacher.api_key_env=BENCH_LLM_KEY",
-                                  f"teacher.concurrency={concurrency}"])
+                                  "teacher.vision=true", f"teacher.concurrency={concurrency}"])
 
     try:
         run_stage(config("sample", 1), store, "ingest")
