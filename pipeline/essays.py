@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 CANONICAL_HEADERS = (
     "1. <Describe a graph>:",
@@ -111,8 +112,19 @@ def _blocks(lines: list[str], split_labels: bool) -> list[str]:
 
 def parse_structured(text: str) -> StructuredEssay:
     """Parse the three-step structure. Raises EssayFormatError with a one-line reason."""
+    parsed = _parse(text)
+    if isinstance(parsed, str):
+        raise EssayFormatError(parsed)
+    return StructuredEssay(parsed[0], list(parsed[1]), parsed[2])
+
+
+# The gate, the word count and the numeric check each parse the same answer: parsed once (a few answers are
+# in flight at a time; the entries are immutable).
+@lru_cache(maxsize=256)
+def _parse(text: str) -> tuple[str, tuple[str, ...], str] | str:
+    """(description, paragraphs, overview), or why the text has no three-step structure."""
     if not text or not text.strip():
-        raise EssayFormatError("empty essay")
+        return "empty essay"
     sections: dict[int, list[str]] = {}
     current: int | None = None
     for line in _lines(text):
@@ -120,29 +132,29 @@ def parse_structured(text: str) -> StructuredEssay:
         if header:
             step, rest = header
             if step in sections:
-                raise EssayFormatError(f"step {step} ({_STEP_NAMES[step - 1]}) header appears twice")
+                return f"step {step} ({_STEP_NAMES[step - 1]}) header appears twice"
             if current is not None and step < current:
-                raise EssayFormatError(f"step {step} ({_STEP_NAMES[step - 1]}) comes after step {current}")
+                return f"step {step} ({_STEP_NAMES[step - 1]}) comes after step {current}"
             sections[step], current = [rest], step
         elif current is not None:
             sections[current].append(line)
     if not sections:
-        raise EssayFormatError("no step headers found (expected '1. <Describe a graph>:', "
-                               "'2. <Find the key points...>:', '3. <Write a summary...>:')")
+        return ("no step headers found (expected '1. <Describe a graph>:', "
+                "'2. <Find the key points...>:', '3. <Write a summary...>:')")
     if 2 not in sections and 1 in sections:  # body paragraphs labelled but step 2's header forgotten
         first = next((i for i, line in enumerate(sections[1]) if _PARA.match(line)), None)
         if first is not None:
             sections[1], sections[2] = sections[1][:first], sections[1][first:]
     missing = [s for s in (1, 2, 3) if s not in sections]
     if missing:
-        raise EssayFormatError("missing " + ", ".join(f"step {s} ({_STEP_NAMES[s - 1]})" for s in missing))
+        return "missing " + ", ".join(f"step {s} ({_STEP_NAMES[s - 1]})" for s in missing)
     description = " ".join(_blocks(sections[1], split_labels=False))
     paragraphs = _blocks(sections[2], split_labels=True)
     overview = " ".join(_blocks(sections[3], split_labels=False))
     for step, value in ((1, description), (2, paragraphs), (3, overview)):
         if not value:
-            raise EssayFormatError(f"step {step} ({_STEP_NAMES[step - 1]}) is empty")
-    return StructuredEssay(description, paragraphs, overview)
+            return f"step {step} ({_STEP_NAMES[step - 1]}) is empty"
+    return description, tuple(paragraphs), overview
 
 
 def unstructure(text: str) -> str:
@@ -167,10 +179,18 @@ def to_canonical(text: str) -> str:
 
 def essay_paragraphs(text: str) -> list[str]:
     """The prose paragraphs: parsed steps when the text is structured, else its blank-line blocks."""
-    try:
-        return parse_structured(text).prose()
-    except EssayFormatError:
-        return [re.sub(r"\s+", " ", b).strip() for b in "\n".join(_lines(text)).split("\n\n") if b.strip()]
+    return list(_paragraphs(text))
+
+
+@lru_cache(maxsize=256)
+def _paragraphs(text: str) -> tuple[str, ...]:
+    parsed = _parse(text)
+    if isinstance(parsed, tuple):
+        return (parsed[0], *parsed[1], parsed[2])
+    return tuple(re.sub(r"\s+", " ", b).strip() for b in "\n".join(_lines(text)).split("\n\n") if b.strip())
+
+
+_WORD = re.compile(r"\S*?[^\W_]\S*")  # a whitespace-separated token with a letter or digit (str.isalnum)
 
 
 def word_count(text: str) -> int:
@@ -179,7 +199,7 @@ def word_count(text: str) -> int:
     A word is a whitespace-separated token with at least one letter or digit, so "4,751,653" and
     "1989" count once and a lone dash does not (close to how IELTS examiners count).
     """
-    return sum(1 for p in essay_paragraphs(text) for tok in p.split() if any(ch.isalnum() for ch in tok))
+    return sum(len(_WORD.findall(p)) for p in _paragraphs(text))
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"\u201d]?\s+(?=[\"\u201c(]?[A-Z0-9])")

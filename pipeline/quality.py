@@ -59,6 +59,7 @@ _REFUSAL = re.compile(
 # an essay ("#1", "C#" and markdown headings are not hashtags).
 _EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\u2300-\u23FF\uFE0F\u200D]")
 _HASHTAG = re.compile(r"(?<![\w&/#])#[A-Za-z][A-Za-z0-9_]*")
+_EMOJI_OR_HASHTAG = re.compile(f"{_EMOJI.pattern}|{_HASHTAG.pattern}")
 
 
 # --------------------------------------------------------------------------- numbers
@@ -89,9 +90,16 @@ def numbers_in(text: str) -> list[float]:
     return [f[1] for f in _numbers(_prose(text)) if _is_data(f[0], f[1])]
 
 
+_PLAIN = re.compile(r"\d+(?:\.\d+)?")  # a cell that is one figure, as _NUMBER reads it: no regex search needed
+
+
 def _cell_value(cell: Any) -> tuple[float, float] | None:
     """(value, half a unit of its last digit) of a cell that holds exactly one figure, else None."""
-    found = _numbers(str(cell))
+    cell = str(cell)
+    if _PLAIN.fullmatch(cell):
+        point = cell.find(".")
+        return float(cell), 0.5 * 10 ** -(len(cell) - point - 1 if point >= 0 else 0)
+    found = _numbers(cell)
     if len(found) != 1:
         return None
     _, value, scale, decimals, _, _ = found[0]
@@ -277,16 +285,18 @@ class DataTable:
     def align(self, essay: str) -> list[Figure]:
         out = []
         for paragraph in essay_paragraphs(essay):
+            sentences = [(s, [f for f in _numbers(s) if _is_data(f[0], f[1])]) for s in _SENTENCE.split(paragraph)]
+            if not any(figures for _, figures in sentences):
+                continue  # nothing to tie: the rows a sentence names matter only to its figures
             subject: tuple[set[int], set[int]] = (set(), set())  # carried from sentence to sentence
-            for sentence in _SENTENCE.split(paragraph):
+            for sentence, figures in sentences:
                 rows, cols = self.named(sentence)
                 if not rows:  # the subject of the previous sentence, with this sentence's columns if it names any
                     rows, cols = subject[0], cols or (subject[1] if subject[0] else set())
                 subject = (rows, cols)
-                for written, value, scale, decimals, start, end in _numbers(sentence):
-                    if _is_data(written, value):
-                        window = sentence[max(0, start - 30):end + 20]
-                        out.append(self.match(written, value, scale, decimals, rows, cols, window))
+                for written, value, scale, decimals, start, end in figures:
+                    window = sentence[max(0, start - 30):end + 20]
+                    out.append(self.match(written, value, scale, decimals, rows, cols, window))
         return out
 
     def key_cells(self) -> set[tuple[int, int]]:
@@ -355,7 +365,7 @@ def refusal(text: str) -> str | None:
 def emoji_and_hashtags(text: str, quotable: str = "") -> list[str]:
     """The emoji and hashtags in ``text``, in order, but those that ``quotable`` (the chart's title and data)
     holds: a chart of the most used hashtags may be quoted."""
-    return [m.group(0) for m in re.finditer(f"{_EMOJI.pattern}|{_HASHTAG.pattern}", text)
+    return [m.group(0) for m in _EMOJI_OR_HASHTAG.finditer(text)
             if m.group(0) not in ("\ufe0f", "\u200d") and m.group(0) not in quotable]
 
 
@@ -401,8 +411,8 @@ def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
                                                  "description, body paragraphs and an overview")))
     if refused := refusal(text):
         found.append(("refusal", f'refuses or asks for more input instead of describing the chart ("{refused}")'))
-    quotable = "\n".join([title or "", data or "", *("\t".join(map(str, r)) for r in table_rows or [])])
-    if marks := emoji_and_hashtags(text, quotable):
+    if _EMOJI_OR_HASHTAG.search(text) and (marks := emoji_and_hashtags(text, "\n".join(
+            [title or "", data or "", *("\t".join(map(str, r)) for r in table_rows or [])]))):
         found.append(("emoji", f"uses emoji or hashtags ({' '.join(marks[:5])})"))
     invented = invented_numbers(text, table_rows, title)
     if invented:
@@ -427,21 +437,36 @@ ECHO_WORDS = 8  # a run this long copied from the prompt's instructions or examp
 _WORDS = re.compile(r"[a-z0-9']+")
 
 
-def _prose_words(text: str) -> list[str]:
-    return _WORDS.findall("\n".join(_content_lines(text)).lower())
+@lru_cache(maxsize=64)
+def _prose_words(text: str) -> tuple[str, ...]:
+    return tuple(_WORDS.findall("\n".join(_content_lines(text)).lower()))
 
 
 @lru_cache(maxsize=32)
 def _runs(source: str, n: int) -> frozenset[tuple[str, ...]]:
     words = _prose_words(source)
-    return frozenset(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return frozenset(words[i:i + n] for i in range(len(words) - n + 1))
 
 
 def copied_run(text: str, source: str, n: int = ECHO_WORDS, exclude: str = "") -> str | None:
     """The first run of ``n`` words that ``text`` shares with ``source`` outside the structure markers
     (which an essay must copy) and not inside ``exclude``; case and punctuation are ignored."""
-    runs, words = _runs(source, n) - _runs(exclude, n), _prose_words(text)
-    return next((" ".join(words[i:i + n]) for i in range(len(words) - n + 1) if tuple(words[i:i + n]) in runs), None)
+    words, vocabulary = _prose_words(text), _vocabulary(source)
+    known = 0  # consecutive words of the text that the source has: a shared run needs n of them
+    starts = []
+    for i, word in enumerate(words):
+        known = known + 1 if word in vocabulary else 0
+        if known >= n:
+            starts.append(i - n + 1)
+    if not starts:
+        return None
+    runs, excluded = _runs(source, n), _runs(exclude, n)
+    return next((" ".join(run) for i in starts if (run := words[i:i + n]) in runs and run not in excluded), None)
+
+
+@lru_cache(maxsize=32)
+def _vocabulary(source: str) -> frozenset[str]:
+    return frozenset(_prose_words(source))
 
 
 # A run this long copied from the prompt's data block (table rows, OCR text) is a copy, not a description: the

@@ -23,7 +23,15 @@ from pipeline.prompts import (
     chart_data,
     teacher_template,
 )
-from pipeline.quality import DATA_ECHO_WORDS, data_echo, emoji_and_hashtags, failure_modes, gate_findings, refusal
+from pipeline.quality import (
+    DATA_ECHO_WORDS,
+    copied_run,
+    data_echo,
+    emoji_and_hashtags,
+    failure_modes,
+    gate_findings,
+    refusal,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,6 +113,13 @@ def test_copies_of_the_prompts_data_block_are_rejected(demo_gates):
     long_title = "Share of U.S. adults who say they have ever used an online dating site or app, by age group"
     assert data_echo(f'The chart "{long_title}" gives four age groups.', f"{long_title}\n18-29 | 48",
                      long_title) is None
+
+
+def test_copied_run_is_the_first_run_in_the_texts_order():
+    source = "Alpha beta gamma delta epsilon zeta eta theta iota kappa."
+    assert copied_run("Theta alpha beta gamma delta.", source, n=4) == "alpha beta gamma delta"
+    assert copied_run("Beta alpha delta gamma zeta epsilon.", source, n=3) is None  # the source's words, reordered
+    assert copied_run("Alpha beta gamma. Eta theta iota.", source, n=3, exclude="alpha beta gamma") == "eta theta iota"
 
 
 def test_real_essays_pass_the_new_gates(sample_dir):

@@ -168,3 +168,17 @@ def test_word_count_and_paragraphs(golden):
     assert word_count(small) == 4 + 5 + 4  # markers, labels, quotes and the lone dash are not words
     assert essay_paragraphs("One.\r\n\r\n\r\nTwo  words.\n") == ["One.", "Two words."]
     assert word_count("") == 0
+    # a word is a whitespace-separated token with a letter or digit: Unicode digits and letters count,
+    # underscores, dashes and symbols alone do not
+    tricky = "_ __ x_ -- \u2014 \u0663\u0664 \u00e9t\u00e9 4,751,653 (5%) \u00a3 \u2013a\u2013 \u00b2 \u2167 ..."
+    assert word_count(tricky) == sum(any(ch.isalnum() for ch in tok) for tok in tricky.split()) == 8
+
+
+def test_parsed_essays_are_independent_copies(golden):
+    """Parsing is cached per text: what a caller changes in one result never shows in the next."""
+    first = parse_structured(golden[0])
+    first.paragraphs.append("changed")
+    paragraphs = essay_paragraphs(golden[0])
+    paragraphs.clear()
+    assert parse_structured(golden[0]).paragraphs == golden[1].split("\n\n")[1:-1]
+    assert essay_paragraphs(golden[0]) == golden[1].split("\n\n")
