@@ -133,12 +133,14 @@ _MAX_PAIRS = 60  # cells per line beyond this: no derived quantities (keeps the 
 
 
 _TOKEN = re.compile(r"[a-z][a-z'-]+|\d+(?:[.,]\d+)*")
+_ASIDE = re.compile(r"\([^)]*\)|[*\u2020]")  # parentheses and footnote marks of a label
+_NOT_LABEL = re.compile(r"[^\w%.,' -]")
+_SPACE_OR_COMMA = re.compile(r"[\s,]")
 
 
 def _label_keys(label: str) -> tuple[str, set[str]]:
     """A label's normalised text (parentheses, footnote marks dropped) and its content words and numbers."""
-    text = re.sub(r"\([^)]*\)|[*\u2020]", " ", label.lower())
-    text = re.sub(r"\s+", " ", re.sub(r"[^\w%.,' -]", " ", text)).strip(" .,")
+    text = " ".join(_NOT_LABEL.sub(" ", _ASIDE.sub(" ", label.lower())).split()).strip(" .,")
     words = {w for w in _TOKEN.findall(text) if w not in _STOP and (len(w) >= 3 or w[0].isdigit())}
     return text, words
 
@@ -169,7 +171,7 @@ def _word_char(c: str) -> bool:
 
 
 def _written_key(written: str) -> str:
-    return re.sub(r"[\s,]", "", written.lower())
+    return _SPACE_OR_COMMA.sub("", written.lower())
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 from fake_llm import FakeLLM
@@ -48,6 +49,7 @@ def test_a_bug_in_the_handler_stops_the_stage_with_its_traceback(tmp_path, llm):
     assert "c3" not in done and len(done) < len(items)  # stopped: not every item was started
     assert all(records.read(i)["status"] == "accepted" for i in done)  # in-flight items were recorded
     assert llm.total <= len(done) + 1 + 4  # the bug's item + at most 2 x concurrency items in flight
+    assert gc.get_freeze_count() == 0  # the heap frozen for the run is given back to the collector
 
 
 def test_a_bug_inside_a_request_is_not_an_api_error(llm):

@@ -8,6 +8,7 @@ store and an LLM client, no stage machinery.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -297,11 +298,15 @@ class _ItemRun:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
             max_workers=pool_size_for(concurrency), thread_name_prefix="store"))
         started, beat = time.monotonic(), asyncio.create_task(self.heartbeat())
+        # what exists now (modules, the items, the config) lives through the run: frozen, a full collection
+        # scans only what the run makes (one over the ~110k objects of a teacher process took ~0.14 s of CPU)
+        gc.freeze()
         try:
             # twice as many workers as request slots: while one item is gated or written, another one's
             # request already holds the slot (the client's semaphore is what bounds requests in flight)
             await asyncio.gather(*(self.worker() for _ in range(min(2 * concurrency, max(1, len(pending))))))
         finally:
+            gc.unfreeze()
             beat.cancel()
             self.bar.close()
             await self.client.aclose()

@@ -14,6 +14,7 @@ the accepted essays give that many test charts; only the drawn charts go into ``
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter
 from dataclasses import replace
 from typing import Any
@@ -29,13 +30,14 @@ GATE_INLINE_CELLS = 100
 
 
 def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
-                   feedback: list[str] | None = None) -> list[dict[str, Any]]:
+                   feedback: list[str] | None = None, data: str | None = None) -> list[dict[str, Any]]:
     """The user message for one attempt: the filled template (+ data, + last attempt's failures) and,
-    when ``image_url`` is given, the image."""
+    when ``image_url`` is given, the image. ``data``: ``chart_data(chart)``, when the caller has it."""
     from pipeline.llm import user_message
     from pipeline.prompts import FEEDBACK, NO_IMAGE, chart_data
 
-    extra = [data] if (data := chart_data(chart)) else []
+    data = chart_data(chart) if data is None else data
+    extra = [data] if data else []
     if feedback:
         extra.append(FEEDBACK.format(reasons="; ".join(feedback)))
     image_name = "IMAGE_LAST" if image_url else NO_IMAGE
@@ -52,9 +54,13 @@ def make_handler(ctx: StageContext):
     cfg = ctx.config.teacher
     extra = {"extra_body": {"min_tokens": cfg.min_tokens}} if cfg.min_tokens else {}
 
-    async def gate(text: str, chart: dict[str, Any], template) -> list[tuple[str, str]]:
+    @functools.cache
+    def instructions(template) -> str:  # the prompt's fixed text, for the gate's echo check
+        return f"{template.text}\n{FRAMING}"
+
+    async def gate(text: str, chart: dict[str, Any], template, data: str) -> list[tuple[str, str]]:
         table, title = chart.get("table"), chart.get("title")
-        args = (text, table, cfg, title, f"{template.text}\n{FRAMING}", chart_data(chart))
+        args = (text, table, cfg, title, instructions(template), data)
         if table and cfg.check_numbers and sum(map(len, table)) > GATE_INLINE_CELLS:
             # the number gate of a large table (78 ms for 336 rows) runs in a thread: the event loop keeps
             # serving the other requests meanwhile
@@ -73,11 +79,12 @@ def make_handler(ctx: StageContext):
             "cost_usd": 0.0, "template": template.name, "template_version": template.version,
             "template_sha": template.sha, "model": cfg.model, "raw_answer": None}
         feedback: list[str] | None = None
+        data = chart_data(chart)
         for attempt in range(1, cfg.max_attempts + 1):
             record["attempts"] = attempt
             try:
-                done = await client.chat(build_messages(chart, template, image_url=image_url, feedback=feedback),
-                                         **extra)
+                done = await client.chat(build_messages(chart, template, image_url=image_url, feedback=feedback,
+                                                        data=data), **extra)
             except LLMError as exc:  # persisted after retries: the chart ends rejected, with the error
                 record.update(reason=f"api error: {exc}", reason_code="api_error", error=str(exc))
                 return record
@@ -86,7 +93,7 @@ def make_handler(ctx: StageContext):
             record["cost_usd"] = round(record["cost_usd"] + done.cost_usd, 8)
             record["raw_answer"] = done.raw_text
             record["finish_reason"] = done.finish_reason
-            findings = await gate(done.text, chart, template)
+            findings = await gate(done.text, chart, template, data)
             if done.truncated:  # a cut essay may still pass the gates: it is never accepted
                 findings.insert(0, ("truncated", f"the answer was cut at the token limit (finish_reason 'length'); "
                                                  f"write at most {cfg.max_words} words"))
@@ -149,7 +156,7 @@ def run(ctx: StageContext) -> None:
                     request(order[start:start + cfg.draw_batch], whole, live)
         drawn = {c["id"] for c in order[:enough(ctx, order) or len(order)]}
     ids = [c["id"] for c in charts if c["id"] in drawn]  # ingest order, kept in essays.jsonl
-    ctx.collect_if_complete(artifacts.TEACHER_ESSAYS, [(ctx.records(), ids)], lambda rows: summarize(ctx, rows))
+    ctx.collect_if_complete(artifacts.TEACHER_ESSAYS, [(ctx.records(), ids)], lambda rows: summarize(ctx, rows, len(charts)))
 
 
 def draw_order(charts: list[dict[str, Any]], seed: str) -> list[dict[str, Any]]:
@@ -176,10 +183,10 @@ def enough(ctx: StageContext, order: list[dict[str, Any]]) -> int | None:
     return None
 
 
-def summarize(ctx: StageContext, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The teacher's summary once every chart has a record (essays.jsonl is in chart order)."""
+def summarize(ctx: StageContext, rows: list[dict[str, Any]], total: int) -> dict[str, Any]:
+    """The teacher's summary once every chart has a record (essays.jsonl is in chart order); ``total``: the
+    charts ingest accepted."""
     status = Counter(r["status"] for r in rows)
-    total = len(artifacts.charts(ctx))
     summary = {
         "charts": len(rows), "charts_available": total,
         "accepted": status.get("accepted", 0), "rejected": status.get("rejected", 0),
