@@ -42,6 +42,7 @@ def test_a_bug_in_the_handler_stops_the_stage_with_its_traceback(tmp_path, llm):
             return {}["missing"]  # the bug
         return record
 
+    thresholds = gc.get_threshold()
     with pytest.raises(KeyError, match="missing") as err:
         run_items(items, handle, records=records, client=_client(llm, "teacher.concurrency=2"), item_id=str)
     assert err.traceback[-1].name == "handle"  # the handler's own frame, not a wrapper's
@@ -49,7 +50,7 @@ def test_a_bug_in_the_handler_stops_the_stage_with_its_traceback(tmp_path, llm):
     assert "c3" not in done and len(done) < len(items)  # stopped: not every item was started
     assert all(records.read(i)["status"] == "accepted" for i in done)  # in-flight items were recorded
     assert llm.total <= len(done) + 1 + 4  # the bug's item + at most 2 x concurrency items in flight
-    assert gc.get_freeze_count() == 0  # the heap frozen for the run is given back to the collector
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds  # the collector as it was
 
 
 def test_a_bug_inside_a_request_is_not_an_api_error(llm):
