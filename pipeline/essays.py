@@ -72,6 +72,8 @@ def _lines(text: str) -> list[str]:
 
 def _step_of(line: str) -> tuple[int, str] | None:
     """(step 1..3, rest of the line) when the line is a step header, else None."""
+    if "<" not in line and ":" not in line:  # _STEP needs one: most lines are prose, tried cheaply
+        return None
     m = _STEP.match(line)
     if not m:
         return None
@@ -86,7 +88,7 @@ def _step_of(line: str) -> tuple[int, str] | None:
 
 def _unquote(block: str) -> str:
     """Collapse whitespace; drop the quotes around the block (or one unbalanced quote at an end)."""
-    text = re.sub(r"\s+", " ", block).strip()
+    text = " ".join(block.split())  # runs of whitespace as one space (str.split's whitespace is re's \s)
     if len(text) >= 2 and text[0] in _OPENERS and text[-1] in _CLOSERS:
         return text[1:-1].strip()
     if sum(text.count(q) for q in _OPENERS | _CLOSERS) % 2 == 1:
@@ -187,7 +189,7 @@ def _paragraphs(text: str) -> tuple[str, ...]:
     parsed = _parse(text)
     if isinstance(parsed, tuple):
         return (parsed[0], *parsed[1], parsed[2])
-    return tuple(re.sub(r"\s+", " ", b).strip() for b in "\n".join(_lines(text)).split("\n\n") if b.strip())
+    return tuple(" ".join(b.split()) for b in "\n".join(_lines(text)).split("\n\n") if b.strip())
 
 
 _WORD = re.compile(r"\S*?[^\W_]\S*")  # a whitespace-separated token with a letter or digit (str.isalnum)

@@ -42,6 +42,7 @@ _MARKER = re.compile(r"^\s*(?:#+\s*)?[*_]*\s*(?:[1-3]\s*[.):]\s*)?[*_]*\s*(?:<[^
 _BULLET = re.compile(r"^\s*(?:[-*+\u2022\u25cf\u25aa\u2013]|\d{1,2}[.)])\s+\S")
 _MARKDOWN = (re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__"), re.compile(r"^\s*#{1,6}\s+\S", re.MULTILINE),
              re.compile(r"`[^`\n]+`"), re.compile(r"^\s*\|.*\|\s*$", re.MULTILINE), re.compile(r"\[[^\]\n]+\]\([^)\s]+\)"))
+_MARKDOWN_CHARS = re.compile(r"[*_#`|\[]")  # each of _MARKDOWN needs one of these: prose without them is clean
 _SENTENCE = re.compile(r"(?<=[.!?])[\"\u201d]?\s+(?=[\"\u201c]?[A-Z0-9])")
 # A refusal, an apology or a request for more input: what a cautious model writes instead of an essay
 # (none of the sample's 120 human summaries or the prompts' example essays matches).
@@ -387,7 +388,7 @@ def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
     questions = sum(1 for s in sentences if s.rstrip('"\u201d ').endswith("?"))
     if questions and (questions >= 2 and questions / len(sentences) >= 0.3 or len(sentences) <= 2):
         found.append(("question_list", f"asks questions instead of describing the chart ({questions} questions)"))
-    if any(rx.search(body) for rx in _MARKDOWN):
+    if _MARKDOWN_CHARS.search(body) and any(rx.search(body) for rx in _MARKDOWN):
         found.append(("markdown", "uses markdown formatting (bold, headings, code or tables)"))
     bullets = sum(1 for line in lines if _BULLET.match(line))
     if bullets >= 2:
@@ -411,7 +412,7 @@ def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
                                                  "description, body paragraphs and an overview")))
     if refused := refusal(text):
         found.append(("refusal", f'refuses or asks for more input instead of describing the chart ("{refused}")'))
-    if _EMOJI_OR_HASHTAG.search(text) and (marks := emoji_and_hashtags(text, "\n".join(
+    if (_EMOJI.search(text) or "#" in text) and (marks := emoji_and_hashtags(text, "\n".join(
             [title or "", data or "", *("\t".join(map(str, r)) for r in table_rows or [])]))):
         found.append(("emoji", f"uses emoji or hashtags ({' '.join(marks[:5])})"))
     invented = invented_numbers(text, table_rows, title)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from fake_llm import FakeLLM
 
@@ -77,3 +79,31 @@ def test_timed_out_requests_are_counted_as_possibly_billed(tmp_path, llm):
                         client=_client(llm, "teacher.timeout_s=0.3", "teacher.max_retries=1"))
     assert summary.usage.timeouts == 2 and summary.transient.keys() == {"slow"}
     assert records.done_ids() == {"fast"} and "2 timed out (possibly billed)" in summary.line("teacher")
+
+
+def test_the_client_sends_what_openais_create_sends(llm, monkeypatch):
+    """The client posts the body as given (openai's create() would first walk it through its parameter
+    transform): the server sees the same JSON body and the same Authorization as from create() with the
+    same arguments, overrides and extra_body included."""
+    import openai
+
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-test-123")
+    cfg = load_config(None, [f"teacher.base_url={llm.base_url}", "teacher.api_key_env=TEST_LLM_KEY",
+                             "teacher.model=m-1", "teacher.temperature=0.3"]).teacher
+    messages = [{"role": "user", "content": [{"type": "text", "text": "<TITLE_LAST>: \"a\""},
+                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]
+
+    async def both() -> None:
+        client = LLMClient(cfg, name="teacher")
+        await client.chat(messages, extra_body={"min_tokens": 7}, top_p=0.5, n=3)
+        await client.aclose()
+        raw = openai.AsyncOpenAI(api_key="sk-test-123", base_url=cfg.base_url, max_retries=0)
+        await raw.chat.completions.create(messages=messages, model="m-1", temperature=0.3, max_tokens=cfg.max_tokens,
+                                          top_p=0.5, n=1, extra_body={"min_tokens": 7})
+        await raw.close()
+
+    asyncio.run(both())
+    ours, theirs = llm.requests
+    assert ours == theirs
+    assert ours["min_tokens"] == 7 and ours["n"] == 1 and ours["messages"] == messages
+    assert llm.auth == {"Bearer sk-test-123"}

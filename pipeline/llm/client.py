@@ -46,6 +46,8 @@ BEFORE_SEND: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar("befo
 _ACCOUNT_CODES = re.compile(r"insufficient[_ ](quota|balance|credits?|funds)|billing|quota[_ ]exceeded|"
                             r"account[_ ](deactivated|suspended|disabled)|payment[_ ]required|credit[_ ]balance",
                             re.I)
+# create()'s keyword arguments that are request options, not body fields (openai's make_request_options)
+_REQUEST_OPTIONS = {"extra_headers": "headers", "extra_query": "params", "timeout": "timeout"}
 IMAGE_MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
 
 
@@ -324,7 +326,7 @@ class LLMClient:
                 await before_send()
             self.usage.requests += 1
             try:
-                resp = await self._client.chat.completions.create(messages=messages, **params)
+                resp = await self._post(messages, params)
             except openai.APITimeoutError:
                 self.usage.timeouts += 1
                 raise
@@ -334,6 +336,24 @@ class LLMClient:
                                 and not _reasoning_text(message)):
             raise _BadResponse("response has no message content")
         return resp
+
+    async def _post(self, messages: list[dict[str, Any]], params: dict[str, Any]):
+        """``chat.completions.create(messages=messages, **params)`` as the request it makes (openai's
+        ``post``, its documented way to send a body as given): ``create`` first walks every message through
+        its typed-parameter transform, ~0.7 ms of CPU a request that changes nothing in plain-dict messages.
+        ``extra_body`` is merged into the body and ``extra_headers``/``extra_query``/``timeout`` become request
+        options, as ``create`` does."""
+        from openai.types.chat import ChatCompletion
+
+        body: dict[str, Any] = {"messages": messages}
+        options: dict[str, Any] = {}
+        for key, value in params.items():
+            if key in _REQUEST_OPTIONS:
+                options[_REQUEST_OPTIONS[key]] = value
+            elif key != "extra_body":
+                body[key] = value
+        body.update(params.get("extra_body") or {})
+        return await self._client.post("/chat/completions", body=body, options=options, cast_to=ChatCompletion)
 
     async def chat(self, messages: list[dict[str, Any]], **overrides: Any) -> Completion:
         """One chat completion (n=1). Raises LLMError when the endpoint rejects the request for good (4xx),
