@@ -1,7 +1,7 @@
 """Teacher throughput against a bare asyncio + openai loop, and resume cost, on the real sample charts.
 
     .venv/bin/python bench/teacher_throughput.py [--items 300] [--latency 0.2] [--concurrency 16 64]
-                                                 [--fault-rates 0 0.1]
+                                                 [--fault-rates 0 0.1] [--repeat 1] [--no-resume]
 
 The default path: the ingest stage reads the bundled sample (tests' ``chart2text-sample``; images, tables and
 OCR text as ingest gives them), its charts are repeated under distinct ids up to ``--items``, and the teacher
@@ -13,9 +13,17 @@ built beforehand, the same retry rule as the stage's client, a 429's wait shared
 
 One line per figure: requests per second of the stage and of the bare loop over the server's window (first
 request to last answer) and the ratio stage/bare (target >= 0.95), and the whole stage's time (start-up,
-listing, essays.jsonl and _SUCCESS included) with its ratio to the bare loop's whole time, and the client process's CPU time per request (all threads).
-Then resume: a finished stage (``_SUCCESS``) and a stage whose records all exist without ``_SUCCESS``:
-target < 2 s and 0 requests.
+listing, essays.jsonl and _SUCCESS included) with its ratio to the bare loop's whole time, and the client
+process's CPU time per request (all threads) with the ratio stage/bare (target <= 1.3). ``--repeat N``: N pairs
+(bare loop, then stage) per setting and a line with their median and range; the machines are shared, a single
+pair says little. Then resume: a finished stage (``_SUCCESS``) and a stage whose records all exist without
+``_SUCCESS``: target < 2 s and 0 requests.
+
+Measured on 2026-12-07 (2-core CPU without AMX, beside other jobs, load average 2.8-4.8: upper bounds; each a
+median of 3 pairs, 4 runs; docs/teacher.md has every run): concurrency 64 without faults, rate ratio
+0.720-1.077 and CPU per request 4.4-7.4 ms against the bare loop's 3.6-4.3 ms (1.02-1.60x); concurrency 16,
+1.003-1.042 and 5.2-7.8 against 4.7-4.8 ms (1.10-1.69x). Main before issue 24's item 8, in the same session:
+0.49-0.67 and 1.79-2.21x at 64, 0.85-0.95 and 1.94-2.01x at 16.
 """
 
 from __future__ import annotations
