@@ -424,26 +424,6 @@ def test_min_tokens_lengthens_real_answers(tmp_path, sample_dir):
     assert len(held := tokens("held", "teacher.min_tokens=150")) == 2 and min(held) >= 150
 
 
-@pytest.mark.parametrize("cores,idle_share,threads", [(2, 1.0, 2), (2, 0.5, 1), (2, 0.0, 1), (2, 0.7, 1),
-                                                       (16, 0.6, 9), (16, 1.0, 16)])
-def test_embedded_threads_default_to_the_idle_cores(monkeypatch, cores, idle_share, threads):
-    """Unset ``embedded_threads``: llama.cpp gets the cores idle when it starts, so a CPU-bound job beside it
-    does not stall its threads (2 threads beside one on 2 cores: 3 teacher answers in 12 minutes)."""
-    from pipeline.llm import server
-
-    samples = iter([(1000, 4000), (1000 + int(1000 * idle_share), 5000)])  # (idle, total) ticks, then +1000
-    monkeypatch.setattr(server, "_cpu_ticks", lambda: next(samples))
-    monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    assert server.idle_cores(window_s=0) == threads
-
-
-def test_idle_cores_reads_this_machine():
-    """The real /proc/stat: at least 1, at most the cores this process may use."""
-    from pipeline.llm.server import idle_cores
-
-    assert 1 <= idle_cores(window_s=0.2) <= len(os.sched_getaffinity(0))
-
-
 @pytest.mark.llm
 def test_embedded_server_starts_and_stops():
     import urllib.error

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.config import LLMSection
+from pipeline.cpus import idle_cores
 from pipeline.errors import PipelineError, StageError
 
 log = logging.getLogger("ielts_distill.llm")
@@ -86,7 +87,7 @@ def embedded_server(cfg: LLMSection, *, ready_timeout: float = 180.0, n_ctx: int
         raise PipelineError("embedded LLM: llama-cpp-python is not installed (pip install "
                             "'llama-cpp-python[server]'; see docs/teacher.md)") from None
     model, port = find_gguf(cfg), _free_port()
-    threads = cfg.embedded_threads or idle_cores()
+    threads = cfg.embedded_threads or idle_cores()  # a thread on a busy core stalls the others
     cmd = [sys.executable, "-m", "pipeline.llm.server", "--model", str(model), "--model_alias", cfg.model,
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
            "--n_threads_batch", str(threads), "--verbose", "false"]
@@ -114,29 +115,6 @@ def embedded_server(cfg: LLMSection, *, ready_timeout: float = 180.0, n_ctx: int
     finally:
         _stop(proc)
         logfile.close()
-
-
-def idle_cores(window_s: float = 0.5) -> int:
-    """How many of this process's cores were idle over the last ``window_s`` seconds (/proc/stat), at least 1.
-    llama.cpp's threads wait for each other at every operation, so one thread on a core that another job
-    keeps busy stalls them all: on 2 cores beside one CPU-bound job, 2 threads answered 3 teacher requests in
-    12 minutes. Without /proc/stat: half the cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    try:
-        idle0, total0 = _cpu_ticks()
-        time.sleep(window_s)
-        idle1, total1 = _cpu_ticks()
-    except (OSError, ValueError):
-        return max(1, cores // 2)
-    share = (idle1 - idle0) / max(1, total1 - total0)
-    return max(1, min(cores, int(share * cores + 0.25)))
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    """(idle, total) clock ticks of all CPUs since boot, from /proc/stat's first line."""
-    with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, *rest = (int(x) for x in f.readline().split()[1:9])
-    return idle + iowait, user + nice + system + idle + iowait + sum(rest)
 
 
 def _die_with_parent() -> None:

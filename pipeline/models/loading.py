@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,21 @@ TEXT_MODEL_PATTERN = r".*text_model.*\.({})$"
 
 @contextmanager
 def cpu_threads(single: bool):
-    """The tiny student gains nothing from intra-op threads and loses a lot to their synchronisation on a
-    busy machine: with ``single``, run on one thread (restored afterwards)."""
+    """torch's intra-op threads for a CPU-bound step (restored afterwards): one with ``single`` (the tiny
+    student gains nothing from more), else the cores idle now (``pipeline.cpus``: a thread on a core another
+    job keeps busy stalls the others), unless OMP_NUM_THREADS chose (torchrun sets 1 per process)."""
     import torch
+
+    from pipeline.cpus import idle_cores
 
     previous = torch.get_num_threads()
     if single:
         torch.set_num_threads(1)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        threads = idle_cores()
+        if threads != previous:
+            log.info("torch: %d CPU thread(s), the cores idle now", threads)
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
