@@ -81,7 +81,8 @@ def records_of(store, stage: str, run: str = RUN) -> dict[str, dict]:
 @pytest.mark.parametrize("seconds", [1.0, 4.0])
 def test_s3_outage_mid_teacher_pauses_and_pays_each_chart_once(s3_proxy, sample_dir, seconds, caplog):
     """S3 blips (1 s) or is down for 4 s mid-run: requests pause, the store is retried, the run completes,
-    and every chart was paid for exactly once."""
+    and every chart was paid for exactly once.
+    Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 4-9 s (timeout 600)."""
     uri, proxy = s3_proxy
     with FakeLLM(latency=0.05) as llm:
         cfg, store, charts = teacher_run(uri, llm, sample_dir)
@@ -99,7 +100,8 @@ def test_s3_outage_mid_teacher_pauses_and_pays_each_chart_once(s3_proxy, sample_
 def test_s3_down_for_good_stops_spending_and_the_rerun_stores_the_spill(s3_proxy, sample_dir, tmp_path):
     """S3 stays down past store.outage_s: the stage stops with one line before paying for more; answers
     paid for meanwhile wait in the spill file; once S3 is back the rerun stores them and pays only for
-    the rest: paid requests = charts."""
+    the rest: paid requests = charts.
+    Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 5 s (timeout 600)."""
     uri, proxy = s3_proxy
     with FakeLLM(latency=0.05) as llm:
         cfg, store, charts = teacher_run(uri, llm, sample_dir, "store.outage_s=1")
@@ -118,6 +120,7 @@ def test_s3_down_for_good_stops_spending_and_the_rerun_stores_the_spill(s3_proxy
 
 @pytest.mark.slow
 def test_s3_outage_mid_judge_pays_each_request_once(s3_proxy, sample_dir, tmp_path):
+    """Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 11 s (timeout 600)."""
     uri, proxy = s3_proxy
     with FakeLLM(latency=0.05, key_pattern=JUDGE_TITLE, reply=lambda r, k: "<FIRST>") as llm:
         config = seed_run(uri, sample_dir, tmp_path, overrides=(
@@ -133,6 +136,7 @@ def test_s3_outage_mid_judge_pays_each_request_once(s3_proxy, sample_dir, tmp_pa
 
 @pytest.mark.slow
 def test_two_judge_processes_on_one_run_pay_each_request_once(tmp_path, sample_dir):
+    """Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 10 s (timeout 600)."""
     import subprocess
     import sys
 
@@ -160,7 +164,8 @@ def test_two_judge_processes_on_one_run_pay_each_request_once(tmp_path, sample_d
 @pytest.mark.slow
 def test_endpoint_down_then_up_leaves_no_final_error(tmp_path, sample_dir):
     """The endpoint refuses connections: no chart gets a final 'api error' record; the stage stops with one
-    line; once the endpoint is back the rerun completes every chart, each paid once."""
+    line; once the endpoint is back the rerun completes every chart, each paid once.
+    Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 1 s (timeout 600)."""
     with FakeLLM() as llm:
         port = llm.port
         cfg, store, charts = teacher_run(str(tmp_path / "s"), llm, sample_dir, "teacher.max_retries=1",
@@ -400,7 +405,8 @@ def test_a_process_frozen_past_its_lease_sends_nothing_another_took(tmp_path, sa
     """A teacher process is frozen (SIGSTOP) with items claimed and queued; its leases run out, a second
     process takes the items over and completes the stage; resumed (SIGCONT), the first sends no request at
     all: each claim is checked right before its request goes out (52 were paid for 36 before). Measured
-    10-21 s on 2 cores shared with other test runs (timeout 600 s)."""
+    10-21 s on 2 cores shared with other test runs (timeout 600 s).
+    Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 10 s (timeout 600)."""
     import signal
     import subprocess
     import sys

@@ -44,7 +44,8 @@ def test_write_takes_the_variant_folder_or_its_adapter(tmp_path):
 @pytest.fixture(scope="session")
 def real_run(sample_dir, tmp_path_factory):
     """(config, store root): the dataset from the sample, then the finetune stage with ``student.build:
-    smollm`` (builds the student into <run>/finetune/student/ and trains STEPS steps per variant)."""
+    smollm`` (builds the student into <run>/finetune/student/ and trains STEPS steps per variant).
+    Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 83 s (the first test's setup)."""
     from pipeline.stages import finetune
 
     root = tmp_path_factory.mktemp("real") / "store"
@@ -71,6 +72,7 @@ def real_loaded(real_student):
 
 @pytest.mark.slow
 def test_built_student_is_smolvlm_with_smollm2s_language(real_student, real_loaded):
+    """Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 5 s (timeout 600)."""
     import torch
 
     model, processor = real_loaded
@@ -100,6 +102,7 @@ def test_built_student_is_smolvlm_with_smollm2s_language(real_student, real_load
 
 @pytest.mark.slow
 def test_chat_template_and_label_mask_on_the_real_tokenizer(real_loaded, sample_dir):
+    """Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 0 s (timeout 600)."""
     _, processor = real_loaded
     tok = processor.tokenizer
     [(image, title)] = sample_charts(sample_dir, 1)
@@ -133,6 +136,7 @@ def test_lora_steps_ran_on_the_real_student(real_run):
 
 @pytest.mark.slow
 def test_generate_and_write_with_the_variant_folder_or_its_adapter(real_run, sample_dir):
+    """Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 40 s (timeout 600)."""
     from pipeline.stages import generate
     from pipeline.write import write_essay
 
@@ -151,7 +155,8 @@ def test_generate_and_write_with_the_variant_folder_or_its_adapter(real_run, sam
 
 @pytest.mark.slow
 def test_build_student_cli_builds_the_same_language_model(real_loaded, tmp_path):
-    """``ielts-distill build-student`` (a folder for ``student.model``) holds the language model the stage built."""
+    """``ielts-distill build-student`` (a folder for ``student.model``) holds the language model the stage built.
+    Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 31 s (timeout 600)."""
     import torch
     from click.testing import CliRunner
 
@@ -173,7 +178,8 @@ def test_build_student_cli_builds_the_same_language_model(real_loaded, tmp_path)
 
 @pytest.mark.slow
 def test_min_new_tokens_keeps_the_untuned_student_from_ending_at_once(real_loaded, sample_dir):
-    """SmolLM2 ends its turn right after SmolVLM's "Assistant:"; generate.min_new_tokens holds the stop back."""
+    """SmolLM2 ends its turn right after SmolVLM's "Assistant:"; generate.min_new_tokens holds the stop back.
+    Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 6 s (timeout 600)."""
     from pipeline.models import generate_essays
 
     model, processor = real_loaded

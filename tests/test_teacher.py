@@ -256,7 +256,8 @@ def test_kill9_then_rerun_requests_no_chart_twice(tmp_path, llm, sample_dir):
 @pytest.mark.slow
 def test_two_teacher_processes_on_one_run_pay_each_chart_once(tmp_path, llm, sample_dir):
     """A lost-but-alive pod and its replacement: two processes on the same run split the charts through
-    claims; both end successfully once every chart has its record, and no chart is paid for twice."""
+    claims; both end successfully once every chart has its record, and no chart is paid for twice.
+    Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 8 s (timeout 600)."""
     store_uri = str(tmp_path / "s")
     cfg, store, charts = ingest(store_uri, llm, sample_dir, "data.limit=40", "teacher.concurrency=4",
                                 "teacher.vision=false")
@@ -389,7 +390,8 @@ def test_min_tokens_is_sent_only_when_set(tmp_path, llm, sample_dir):
 @pytest.mark.slow
 @pytest.mark.llm
 def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
-    """The real thing, kept short: SmolLM2-135M via llama.cpp on 2 charts, configs/local.yaml's gates."""
+    """The real thing, kept short: SmolLM2-135M via llama.cpp on 2 charts, configs/local.yaml's gates.
+    Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 22 s (timeout 600)."""
     import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
     cfg = load_config(REPO / "configs" / "local.yaml", [
         f"store.uri={tmp_path / 's'}", f"run.id={RUN}", f"data.source={sample_dir}", "data.stride=1", "data.limit=4",
@@ -409,11 +411,11 @@ def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
 
 @pytest.mark.slow
 @pytest.mark.llm
-@pytest.mark.timeout(1200)
 def test_min_tokens_lengthens_real_answers(tmp_path, sample_dir):
     """llama.cpp honours teacher.min_tokens: at temperature 0 SmolLM2 ends one of these answers after 89
-    tokens; with min_tokens 150 none ends before 150. Measured 2026-12-07, 2 cores without AMX, other test
-    runs beside it (load 4-6): 320 s."""
+    tokens; with min_tokens 150 none ends before 150.
+    Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 56 s (timeout 600;
+    320 s when llama.cpp ran 2 threads on the 2 busy cores)."""
     def tokens(name: str, *extra: str) -> list[int]:
         cfg = load_config(REPO / "configs" / "local.yaml", [
             f"store.uri={tmp_path / name}", f"run.id={RUN}", f"data.source={sample_dir}", "data.limit=4",
