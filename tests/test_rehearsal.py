@@ -64,7 +64,7 @@ def read(store_root: Path | None, store_uri: str, key: str, env: dict[str, str])
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_cluster_config_rehearsal(s3_bucket, sample_dir, tmp_path):
     """Measured 2026-12-07, 2 cores without AMX, other test runs beside it (load 4-6): 556 s (timeout 1200)."""
     env = {**os.environ, "MINIMAX_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
@@ -125,7 +125,7 @@ def test_kind_config_is_the_local_demo_in_the_cluster():
 
 @pytest.mark.slow
 @pytest.mark.llm
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_kind_config_rehearsal(sample_dir, tmp_path):
     """k8s/overlays/local/run.yaml through the documented command, in-process instead of in Jobs: the store
     and data folder are local paths; the embedded llama.cpp teacher and judge and the student are real; only
