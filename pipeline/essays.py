@@ -224,6 +224,16 @@ def structure_of(essay: str, infer: str) -> tuple[StructuredEssay, bool]:
         return StructuredEssay(parts[0], parts[1:-1], parts[-1]), True
 
 
+def usable(essay: str, infer: str) -> bool:
+    """Whether the dataset can train on an accepted essay: its three steps parse or can be inferred
+    (``dataset.infer_structure``). The teacher counts only these when it draws charts until enough."""
+    try:
+        structure_of(essay, infer)
+    except EssayFormatError:
+        return False
+    return True
+
+
 FORMS = ("prose", "structured")  # the layouts a text can be shown to the judge in
 
 

@@ -52,8 +52,9 @@ def test_draws_whole_batches_until_enough_test_charts(tmp_path, sample_dir, capl
     assert test[0] < 4 <= test[1]  # one batch fewer would not have been enough
     summary = json.loads(store.get_text("t/teacher/_SUCCESS"))["summary"]
     assert summary["charts"] == drawn and summary["charts_available"] == len(charts) and summary["test_charts"] == test[1]
-    assert f"teacher: drew {drawn} of {len(charts)} charts (in batches of 5) for {accepted[1]} accepted essays: {test[1]} " \
-           "test charts (teacher.min_test_charts 4)" in caplog.text
+    assert f"teacher: drew {drawn} of {len(charts)} charts (in batches of 5) for {accepted[1]} accepted essays, " \
+           f"{accepted[1]} with three steps the dataset can read: {test[1]} test charts (teacher.min_test_charts 4)" \
+           in caplog.text
     assert run_stage(cfg, store, "dataset")
     assert len([c for c, s in store.get_json("t/dataset/splits.json").items() if s == "test"]) == test[1]
 
@@ -82,3 +83,27 @@ def test_shards_draw_the_same_batches_and_pay_each_chart_once(tmp_path, sample_d
         assert llm.total == paid and max(llm.counts.values()) == 1
     rows = store.get_jsonl("t/teacher/essays.jsonl")
     assert len(rows) == paid and len(rows) % 5 == 0
+
+
+def _prose_for_some(request: dict, key: str) -> str:
+    """Every answer passes the gates (structure not required); 1 in 3 is two paragraphs without step
+    markers, which the dataset cannot split into three steps (``dataset.infer_structure: off``)."""
+    essay = default_reply(request, key)
+    if sum(map(ord, key)) % 3:
+        return essay
+    return " ".join(essay.split()[:60]) + "\n\n" + " ".join(essay.split()[60:])
+
+
+def test_the_draw_counts_only_essays_the_dataset_can_use(tmp_path, sample_dir, caplog):
+    """The demo once stopped drawing at 29 accepted essays = 15 test charts, and the dataset, leaving out 2
+    essays whose steps it could not read, made 14: the teacher counts what the dataset will keep."""
+    with FakeLLM(reply=_prose_for_some) as llm:
+        cfg, store = _setup(tmp_path, sample_dir, llm, "teacher.require_structure=false", "teacher.min_words=60",
+                            "dataset.infer_structure=off")
+        with caplog.at_level(logging.INFO):
+            assert run_stage(cfg, store, "teacher") and run_stage(cfg, store, "dataset")
+    summary = json.loads(store.get_text("t/teacher/_SUCCESS"))["summary"]
+    assert summary["accepted"] > summary["usable"] > 0  # some accepted essays have no readable steps
+    splits = store.get_json("t/dataset/splits.json")
+    assert sum(s == "test" for s in splits.values()) == summary["test_charts"] >= 4
+    assert f"{summary['usable']} with three steps the dataset can read" in caplog.text

@@ -8,7 +8,8 @@ prompt, up to ``teacher.max_attempts``; then the chart's record is written under
 API errors that persist after retries also end as ``rejected`` with the error. Reruns and shards do only
 the charts without a record. Once every chart has one: ``essays.jsonl`` then ``_SUCCESS``.
 With ``teacher.min_test_charts`` the charts are drawn in a fixed seeded order, ``draw_batch`` at a time, until
-the accepted essays give that many test charts; only the drawn charts go into ``essays.jsonl``.
+the accepted essays the dataset can use (three steps that parse or can be inferred) give that many test
+charts; only the drawn charts go into ``essays.jsonl``.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ def draw_order(charts: list[dict[str, Any]], seed: str) -> list[dict[str, Any]]:
 
 def enough(ctx: StageContext, order: list[dict[str, Any]]) -> int | None:
     """The fewest charts of ``order`` (a prefix, in whole draw batches) whose records all exist and whose
-    accepted essays give ``teacher.min_test_charts`` test charts; None when no prefix does (yet)."""
+    accepted essays the dataset can use (``usable_essays``) give ``teacher.min_test_charts`` test charts;
+    None when no prefix does (yet)."""
     cfg, split = ctx.config.teacher, ctx.config.dataset
     records = ctx.records()
     done = records.done_ids()
@@ -177,10 +179,18 @@ def enough(ctx: StageContext, order: list[dict[str, Any]]) -> int | None:
         batch = [c["id"] for c in order[start:start + cfg.draw_batch]]
         if any(i not in done for i in batch):
             return None
-        accepted += sum(r.get("status") == "accepted" for r in records.read_all(batch))
+        accepted += usable_essays(ctx, records.read_all(batch))
         if artifacts.split_sizes(accepted, split.train, split.test)["test"] >= (cfg.min_test_charts or 0):
             return start + len(batch)
     return None
+
+
+def usable_essays(ctx: StageContext, rows: list[dict[str, Any]]) -> int:
+    """Accepted essays the dataset stage will keep: three steps that parse or can be inferred."""
+    from pipeline.essays import usable
+
+    infer = ctx.config.dataset.infer_structure
+    return sum(r.get("status") == "accepted" and usable(r.get("essay") or "", infer) for r in rows)
 
 
 def summarize(ctx: StageContext, rows: list[dict[str, Any]], total: int) -> dict[str, Any]:
@@ -202,11 +212,13 @@ def summarize(ctx: StageContext, rows: list[dict[str, Any]], total: int) -> dict
                  ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items()) or "none", summary["cost_usd"])
     cfg, split = ctx.config.teacher, ctx.config.dataset
     if cfg.min_test_charts is not None:
-        test = artifacts.split_sizes(summary["accepted"], split.train, split.test)["test"]
+        summary["usable"] = usable = usable_essays(ctx, rows)
+        test = artifacts.split_sizes(usable, split.train, split.test)["test"]
         summary["test_charts"] = test
-        ctx.log.info("teacher: drew %d of %d charts (in batches of %d) for %d accepted essays: %d test charts "
-                     "(teacher.min_test_charts %d)%s", len(rows), total, cfg.draw_batch, summary["accepted"], test,
-                     cfg.min_test_charts, "" if test >= cfg.min_test_charts else
+        ctx.log.info("teacher: drew %d of %d charts (in batches of %d) for %d accepted essays, %d with three steps "
+                     "the dataset can read: %d test charts (teacher.min_test_charts %d)%s", len(rows), total,
+                     cfg.draw_batch, summary["accepted"], usable, test, cfg.min_test_charts,
+                     "" if test >= cfg.min_test_charts else
                      f"; every chart drawn and still short: raise data.limit (the cap, {total} charts now)")
     return summary
 
