@@ -365,11 +365,17 @@ def refusal(text: str) -> str | None:
     return m.group(0) if m else None
 
 
-def emoji_and_hashtags(text: str, quotable: str = "") -> list[str]:
-    """The emoji and hashtags in ``text``, in order, but those that ``quotable`` (the chart's title and data)
+def emoji_and_hashtags(text: str, title: str | None = None, data: str | None = None,
+                       table_rows: Iterable[Iterable[Any]] | None = None) -> list[str]:
+    """The emoji and hashtags in ``text``, in order, but those that the chart's title, data block or table
     holds: a chart of the most used hashtags may be quoted."""
-    return [m.group(0) for m in _EMOJI_OR_HASHTAG.finditer(text)
-            if m.group(0) not in ("\ufe0f", "\u200d") and m.group(0) not in quotable]
+    if not (_EMOJI.search(text) or "#" in text):  # every match needs one: most texts have neither
+        return []
+    marks = [m.group(0) for m in _EMOJI_OR_HASHTAG.finditer(text) if m.group(0) not in ("\ufe0f", "\u200d")]
+    if not marks:
+        return []
+    quotable = "\n".join([title or "", data or "", *("\t".join(map(str, r)) for r in table_rows or [])])
+    return [m for m in marks if m not in quotable]
 
 
 def _content_lines(text: str) -> list[str]:
@@ -414,8 +420,7 @@ def _findings(text: str, *, variant: str | None, min_words: int, max_words: int,
                                                  "description, body paragraphs and an overview")))
     if refused := refusal(text):
         found.append(("refusal", f'refuses or asks for more input instead of describing the chart ("{refused}")'))
-    if (_EMOJI.search(text) or "#" in text) and (marks := emoji_and_hashtags(text, "\n".join(
-            [title or "", data or "", *("\t".join(map(str, r)) for r in table_rows or [])]))):
+    if marks := emoji_and_hashtags(text, title, data, table_rows):
         found.append(("emoji", f"uses emoji or hashtags ({' '.join(marks[:5])})"))
     invented = invented_numbers(text, table_rows, title)
     if invented:

@@ -137,7 +137,7 @@ def test_real_essays_pass_the_new_gates(sample_dir):
         data = chart_data({"table": table, "ocr_text": ocr})
         assert refusal(r["summary"]) is None, r["id"]
         # a chart of the most used hashtags may quote them (statista-two_col-...: #Moonlight, #LaLaLand)
-        assert emoji_and_hashtags(r["summary"], f"{r['title']}\n{data}") == [], r["id"]
+        assert emoji_and_hashtags(r["summary"], r["title"], data) == [], r["id"]
         quoted += bool(emoji_and_hashtags(r["summary"]))
         if data:
             assert data_echo(r["summary"], data, r["title"]) is None, r["id"]
