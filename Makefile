@@ -7,6 +7,7 @@ BIN       := $(VENV)/bin
 TORCH     ?= torch==2.13.0
 CONFIG    ?= configs/local.yaml
 PYTEST_ARGS ?=
+STUDENT_CACHE ?= $(HOME)/.cache/ielts-distill/students   # the built SmolLM2 student, kept between demo runs
 STAMP     := $(VENV)/.installed
 
 .PHONY: install system-deps demo test bench render clean help
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ielts-distill run --config $(CONFIG)
+	IELTS_STUDENT_CACHE=$(STUDENT_CACHE) $(BIN)/ielts-distill run --config $(CONFIG)
 
 # Headless Chromium renders report.html in the tests (Debian package; the machine's user is root).
 system-deps:

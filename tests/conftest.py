@@ -58,6 +58,20 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
         proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def student_cache(tmp_path_factory) -> Path:
+    """One ``$IELTS_STUDENT_CACHE`` for the session (children inherit it): the SmolLM2 student is built once
+    (~30 s, by whichever test needs it first) and every later run finds it, as on a user's machine."""
+    path = tmp_path_factory.mktemp("student-cache")
+    old = os.environ.get("IELTS_STUDENT_CACHE")
+    os.environ["IELTS_STUDENT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("IELTS_STUDENT_CACHE", None)
+    else:
+        os.environ["IELTS_STUDENT_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     if not (SAMPLE / "manifest.jsonl").is_file():

