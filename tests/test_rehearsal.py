@@ -141,7 +141,7 @@ def test_kind_config_rehearsal(sample_dir, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     sets = [f"store.uri={tmp_path / 'store'}", f"data.source={sample_dir}", "data.limit=16", "run.id=kind",
             "run.executor=local", "teacher.min_test_charts=3", "finetune.max_steps=2", "finetune.batch_size=2",
-            "generate.limit=2",
+            "generate.limit=1",
             "judge.limit=1"]  # the teacher draws 8 charts at a time until its essays give 3 test charts (>= 2 train)
     args = [a for s in sets for a in ("--set", s)]
     check = cli("config", "--check", "--config", "k8s/overlays/local/run.yaml", *args, env=env)
