@@ -211,5 +211,6 @@ def last_stage() -> StageSpec:
     return SPECS[-1]
 
 
-__all__ = ["CUDA", "DATASET", "DIST_ENV", "launched_rank", "FINETUNE", "GENERATE", "INGEST", "JUDGE", "LLAMA_CPP", "LLM_SPECS", "NEEDS",
-           "REPORT", "SMOLLM2_GGUF", "SPECS", "STAGES", "TEACHER", "StagePlan", "StageSpec", "last_stage", "load_stage", "spec"]
+__all__ = ["CUDA", "DATASET", "DIST_ENV", "FINETUNE", "GENERATE", "INGEST", "JUDGE", "LLAMA_CPP", "LLM_SPECS", "NEEDS",
+           "REPORT", "SMOLLM2_GGUF", "SPECS", "STAGES", "TEACHER", "StagePlan", "StageSpec", "last_stage",
+           "launched_rank", "load_stage", "spec"]
