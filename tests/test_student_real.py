@@ -67,6 +67,27 @@ def test_cached_build_builds_once_per_inputs_and_never_serves_a_half_build(tmp_p
     assert new and (rebuilt / "model.safetensors").read_text() == "4"
 
 
+def test_the_stage_takes_the_student_from_the_cache_and_builds_without_a_usable_one(tmp_path, monkeypatch, caplog):
+    """``finetune.smollm_student``: built once into ``$IELTS_STUDENT_CACHE``, found there by the next run; a
+    cache path that cannot be a folder costs one warning and a build into the run, not the run."""
+    from pipeline.models import smollm
+    from pipeline.stages import finetune
+
+    builds = []
+    monkeypatch.setattr(smollm, "build_smollm_student", lambda out, gguf, seed: builds.append(Path(out)) or
+                        Path(out).mkdir(parents=True, exist_ok=True))
+    ctx = stage_ctx(student_config(str(tmp_path / "store"), student__build="smollm"), "finetune")
+    monkeypatch.setenv("IELTS_STUDENT_CACHE", str(tmp_path / "cache"))
+    first = finetune.smollm_student(ctx, tmp_path / "local", "store")
+    second = finetune.smollm_student(ctx, tmp_path / "local2", "store")
+    assert first == second and first.parent == tmp_path / "cache" and len(builds) == 1
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("IELTS_STUDENT_CACHE", str(tmp_path / "not-a-folder"))
+    with caplog.at_level("WARNING"):
+        assert finetune.smollm_student(ctx, tmp_path / "local3", "store") == tmp_path / "local3"
+    assert len(builds) == 2 and "student cache" in caplog.text and "unusable" in caplog.text
+
+
 @pytest.fixture(scope="session")
 def real_run(sample_dir, tmp_path_factory):
     """(config, store root): the dataset from the sample, then the finetune stage with ``student.build:

@@ -56,13 +56,18 @@ def smollm_student(ctx: StageContext, local: Path, where: str) -> Path:
     student, seed = ctx.config.student, ctx.config.finetune.seed
     cache = os.environ.get("IELTS_STUDENT_CACHE")
     what = "the SmolLM2-135M student (real language, random vision tower)"
-    if not cache:
-        ctx.log.info("building %s into %s", what, where)
-        smollm.build_smollm_student(local, student.gguf, seed=seed)
-        return local
-    built, new = smollm.cached_smollm_student(cache, student.gguf, seed)
-    ctx.log.info("%s %s in the cache %s; publishing it to %s", "built" if new else "found", what, built, where)
-    return built
+    if cache:
+        try:
+            built, new = smollm.cached_smollm_student(cache, student.gguf, seed)
+        except OSError as exc:  # unwritable or full: the run does not need the cache
+            ctx.log.warning("student cache %s unusable (%s: %s); building into the run", cache,
+                            exc.__class__.__name__, exc.strerror or exc)
+        else:
+            ctx.log.info("%s %s in the cache %s; publishing it to %s", "built" if new else "found", what, built, where)
+            return built
+    ctx.log.info("building %s into %s", what, where)
+    smollm.build_smollm_student(local, student.gguf, seed=seed)
+    return local
 
 
 def tiny_student_texts(ctx: StageContext) -> list[str]:
