@@ -202,20 +202,27 @@ def cancel(config: RunConfig, kubeconfig: str | None, context: str | None) -> No
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def runs(config: RunConfig, as_json: bool) -> None:
-    """The runs in the store (store.uri) and the state of each stage, read with each run's own stored config."""
+    """The runs in the store (store.uri) and the state of each stage, read with each run's own stored config.
+    Reads the store's top folders (one delimiter listing), each one's config and its stages' markers: never
+    a run's records."""
     import tempfile
 
     from pipeline.artifacts import RUN_CONFIG
     from pipeline.context import store_for
-    from pipeline.status import stage_status
+    from pipeline.errors import ArtifactNotFound
+    from pipeline.status import stage_states
 
     store, out = store_for(config), []
-    for key in (k for k in store.list("") if k.count("/") == 1 and k.endswith("/" + RUN_CONFIG)):
+    for folder in (k for k in store.children("") if k.endswith("/")):
+        try:
+            text = store.get_text(folder + RUN_CONFIG)
+        except ArtifactNotFound:  # not a run's folder
+            continue
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
-            fh.write(store.get_text(key))
+            fh.write(text)
             fh.flush()
             run_config = load_config(fh.name)
-        out.append({"run": run_config.run.id, "stages": {r["stage"]: r["state"] for r in stage_status(run_config, store)}})
+        out.append({"run": run_config.run.id, "stages": stage_states(run_config, store)})
     if as_json:
         click.echo(json.dumps(out, indent=1))
     for row in [] if as_json else out:

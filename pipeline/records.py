@@ -28,6 +28,7 @@ INPUTS = "_INPUTS"  # beside a stage's records: the fingerprint of the inputs th
 CLAIMS = "_claims"  # beside a stage's records: who is paying for which item now (Claims)
 STALE = "_stale"  # beside a stage's records: records of earlier inputs, moved aside
 CORRUPT = "_corrupt"  # beside a stage's records: records that could not be read, moved aside
+FIRST_NAMES = 16  # RecordSet.started lists this many names: more than the runner's ``_`` names beside records
 log = logging.getLogger("ielts_distill.records")
 OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this process, as a claimant
 
@@ -206,6 +207,17 @@ class RecordSet:
 
     def count(self) -> int:
         return len(self.done_ids())
+
+    def started(self) -> bool:
+        """Whether any record exists (``count() > 0``) from one short listing, not a listing of them all: of
+        the names right under the prefix only the runner's few ``_`` names are not records (a folder not
+        named ``_`` holds records of the old per-folder layout)."""
+        names = self.store.children(self.prefix + "/", limit=FIRST_NAMES)
+        start = len(self.prefix) + 1
+        if any(n[start] != "_" and (n.endswith(".json") or n.endswith("/") and any(self.store.list(n, limit=1)))
+               for n in names):  # (an emptied folder may still be listed: SeaweedFS)
+            return True
+        return len(names) == FIRST_NAMES and self.count() > 0  # more non-records than the runner makes
 
     def keep_if_inputs(self, fingerprint: str) -> int:
         """Records are results *of some inputs* (adapters, essays): when the stage's inputs changed since

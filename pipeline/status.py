@@ -40,6 +40,27 @@ def stage_status(config: RunConfig, store: ArtifactStore | None = None) -> list[
     return rows
 
 
+def stage_states(config: RunConfig, store: ArtifactStore) -> dict[str, str]:
+    """Each stage's state as ``stage_status`` has it, from its marker alone: ``_SUCCESS``, else the stage's
+    ``started`` (a few HEADs and short listings), else whether its folder holds an object (one LIST call for
+    one key). Never a listing of a run's records: what ``ielts-distill runs`` reads for every run."""
+    states = {}
+    for name in STAGES:
+        ctx = StageContext(config=config, store=store, stage=name)
+        if ctx.is_complete():
+            states[name] = "done"
+            continue
+        module = load_stage(name)
+        started = getattr(module, "started", None)
+        progress = getattr(module, "progress", None)
+        if started:
+            begun = started(ctx)
+        else:  # a stage without ``started`` is counted as ``stage_status`` counts it
+            begun = progress(ctx)[0] > 0 if progress else any(store.list(ctx.key(""), limit=1))
+        states[name] = "partial" if begun else "not started"
+    return states
+
+
 def executor_status(executor: Executor, rows: list[dict[str, Any]]) -> None:
     """Add where each unfinished stage is in ``executor`` (``Executor.status``: e.g. its Job) to ``rows``."""
     for row in rows:
@@ -48,4 +69,4 @@ def executor_status(executor: Executor, rows: list[dict[str, Any]]) -> None:
             row["executor"] = executor.status(spec(row["stage"]), ctx)
 
 
-__all__ = ["SUCCESS", "executor_status", "stage_status"]
+__all__ = ["SUCCESS", "executor_status", "stage_states", "stage_status"]

@@ -8,6 +8,7 @@ the layout is ``<run.id>/<stage>/...``. Writes are atomic: temp file + rename lo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -32,6 +33,12 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _folder(prefix: str) -> str:
+    if not prefix.endswith("/"):
+        raise StoreError(f"invalid store folder {prefix!r} (a folder ends in '/')")
+    return _check_key(prefix[:-1])
+
+
 class ArtifactStore(ABC):
     uri: str
     # calls are quick local file operations: async code may make them on its event loop (see blocking())
@@ -48,8 +55,15 @@ class ArtifactStore(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
-    def list(self, prefix: str = "") -> Iterator[str]:
-        """Keys under ``prefix`` (a folder-like prefix; ``""`` for all), in sorted order."""
+    def list(self, prefix: str = "", limit: int | None = None) -> Iterator[str]:
+        """Keys under ``prefix`` (a folder-like prefix; ``""`` for all), in sorted order; the first ``limit``
+        only when given (S3 lists only those: a LIST call per 1,000)."""
+
+    @abstractmethod
+    def children(self, prefix: str = "", limit: int | None = None) -> list[str]:
+        """The keys one level below the folder ``prefix`` (``""`` or ending in ``/``), sorted, a folder as one
+        key ending in ``/`` (on S3 a delimiter listing; SeaweedFS also lists a folder whose objects were all
+        deleted); the first ``limit`` only when given (S3 lists only those)."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -176,17 +190,36 @@ class LocalStore(ArtifactStore):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def list(self, prefix: str = "") -> Iterator[str]:
-        base = self.root / prefix if prefix else self.root
-        start = base if base.is_dir() else base.parent
-        if not start.is_dir():
-            return iter(())
+    def _walk(self, folder: Path) -> Iterator[str]:
+        """The keys below ``folder`` in sorted order, read as they are needed (``a.json`` before ``a/x``)."""
         try:
-            keys = [p.relative_to(self.root).as_posix() for p in start.rglob("*")
-                    if p.is_file() and not p.name.endswith(".tmp")]
+            entries = sorted((e.name + "/" if e.is_dir() else e.name, e) for e in os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
         except OSError as exc:
-            raise StoreError(f"cannot list {start}: {exc.strerror}") from None
-        return iter(sorted(k for k in keys if k.startswith(prefix)))
+            raise StoreError(f"cannot list {folder}: {exc.strerror}") from None
+        for name, entry in entries:
+            if name.endswith("/"):
+                yield from self._walk(Path(entry))
+            elif not name.endswith(".tmp"):
+                yield Path(entry).relative_to(self.root).as_posix()
+
+    def list(self, prefix: str = "", limit: int | None = None) -> Iterator[str]:
+        base = self.root / prefix if prefix else self.root
+        keys = self._walk(base if base.is_dir() else base.parent)
+        return iter(list(itertools.islice((k for k in keys if k.startswith(prefix)), limit)))
+
+    def children(self, prefix: str = "", limit: int | None = None) -> list[str]:
+        base = self.root / _folder(prefix) if prefix else self.root
+        try:
+            entries = sorted(e.name + "/" if e.is_dir() else e.name for e in os.scandir(base))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise StoreError(f"cannot list {base}: {exc.strerror}") from None
+        objects = (prefix + name for name in entries  # as on S3: no temp files, no folder without an object
+                   if not name.endswith(".tmp") and (not name.endswith("/") or any(self.list(prefix + name, 1))))
+        return list(itertools.islice(objects, limit))
 
     def delete(self, key: str) -> None:
         try:
@@ -378,15 +411,27 @@ class S3Store(ArtifactStore):
         except BotoCoreError as exc:
             raise self._fail(exc, key) from None
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def _listed(self, prefix: str, limit: int | None, delimiter: bool) -> list[str]:
+        """The keys (and with ``delimiter`` the folders) of the LIST pages under ``prefix``, the pages only
+        up to the first ``limit`` of them (boto's paginator is lazy: one call a page)."""
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        paging = {"PaginationConfig": {"PageSize": min(limit, 1000)}} if limit else {}
+        found: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, **({"Delimiter": "/"} if delimiter else {}), **paging):
+            found += [o["Key"] for o in page.get("Contents", [])] + [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+            if limit is not None and len(found) >= limit:
+                break
         strip = len(self.prefix) + 1 if self.prefix else 0
-        paginator = self.client.get_paginator("list_objects_v2")
-        keys: list[str] = []
-        pages = self._call(prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
-        for page in pages:
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        return iter(sorted(keys))
+        return sorted(k[strip:] for k in found if not (delimiter and k == full))[:limit]  # a folder's own marker
+
+    def list(self, prefix: str = "", limit: int | None = None) -> Iterator[str]:
+        return iter(self._call(prefix, self._listed, prefix=prefix, limit=limit, delimiter=False))
+
+    def children(self, prefix: str = "", limit: int | None = None) -> list[str]:
+        if prefix:
+            _folder(prefix)
+        return self._call(prefix, self._listed, prefix=prefix, limit=limit, delimiter=True)
 
     def delete(self, key: str) -> None:
         self._call(key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))

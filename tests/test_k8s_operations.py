@@ -108,3 +108,109 @@ def test_runs_lists_the_runs_in_the_store_with_their_stage_states(tmp_path):
     assert lines[1].split()[:3] == ["beta", "ingest:done", "teacher:not-started"] and len(lines) == 2
     rows = json.loads(CliRunner().invoke(main, ["runs", "--json", "--set", f"store.uri={store_uri}"]).output)
     assert [r["run"] for r in rows] == ["alpha", "beta"] and rows[1]["stages"]["ingest"] == "done"
+
+
+def _count_listings(monkeypatch) -> dict[str, int]:
+    """The store's listing cost, counted where it is paid: each ListObjectsV2 request the S3 server answers
+    (botocore's after-call event) and the names it returned; on a local directory each list/children call."""
+    from pipeline.store import LocalStore, S3Store
+
+    cost = {"calls": 0, "names": 0}
+
+    def paid(names: int) -> None:
+        cost["calls"] += 1
+        cost["names"] += names
+
+    connect = S3Store._connect
+
+    def counted_connect(self):
+        client = connect(self)
+        client.meta.events.register("after-call.s3.ListObjectsV2", lambda parsed, **_: paid(
+            len(parsed.get("Contents", [])) + len(parsed.get("CommonPrefixes", []))))
+        return client
+
+    def counted(method):
+        def call(self, *args, **kwargs):
+            names = list(method(self, *args, **kwargs))
+            paid(len(names))
+            return names
+        return call
+
+    monkeypatch.setattr(S3Store, "_connect", counted_connect)
+    monkeypatch.setattr(LocalStore, "list", counted(LocalStore.list))
+    monkeypatch.setattr(LocalStore, "children", counted(LocalStore.children))
+    return cost
+
+
+def _runs_cost(store_uri: str, records: int, monkeypatch) -> tuple[list[dict], dict[str, int]]:
+    """A store of two runs (alpha: ingest done with its images, teacher partway through ``records`` records;
+    beta: ingest done, the dataset, one variant's training and one test chart's generation begun, only the
+    runner's claim and fingerprint beside judge's records) and a folder that is no run; then
+    ``runs --json`` and what its listings cost."""
+    from pipeline.artifacts import save_run_config
+    from pipeline.records import Claims
+
+    cost = _count_listings(monkeypatch)
+    for run_id in ("alpha", "beta"):
+        config = load_config(None, [f"store.uri={store_uri}", f"run.id={run_id}"])
+        store = store_for(config)
+        save_run_config(config, store)
+        StageContext(config=config, store=store, stage="ingest").complete({})
+        ctx = StageContext(config=config, store=store, stage="teacher" if run_id == "alpha" else "judge")
+        if run_id == "alpha":
+            for i in range(records):
+                store.put_bytes(f"alpha/ingest/images/chart-{i:05d}.png", b"png")
+                ctx.records().write(f"chart-{i:05d}", {"essay": "x"})
+        else:
+            store.put_json("beta/dataset/splits.json", {"c1": "test", "c2": "train"})
+            store.put_json(f"beta/finetune/{config.finetune.units()[0][0]}/summary.json", {})
+            StageContext(config=config, store=store, stage="generate").records("baseline").write("c1", {})
+            ctx.records().keep_if_inputs("fp")
+            Claims(ctx.records()).take("chart-00000")
+    store.put_text("_cache/no-run.bin", "x")
+    cost.update(calls=0, names=0)
+    result = CliRunner().invoke(main, ["runs", "--json", "--set", f"store.uri={store_uri}"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output), dict(cost)
+
+
+def _listing_is_bounded(store_uri: str, monkeypatch) -> list[dict]:
+    """``runs`` with 20 records, then with 80: the same LIST calls and listed names, and few of them."""
+    rows, few = _runs_cost(store_uri, 20, monkeypatch)
+    again, many = _runs_cost(store_uri, 80, monkeypatch)
+    assert again == rows
+    assert many == few, f"runs listed more with more records: {few} -> {many}"
+    assert few["calls"] <= 20 and few["names"] <= 60, few  # the root, a few a stage (7 a run; locally each folder's check)
+    return rows
+
+
+def test_runs_lists_run_folders_and_stage_markers_not_the_records(store_uri, monkeypatch):
+    """``runs`` on a large bucket: one delimiter listing for the run folders, then each run's config and
+    stage markers; how many LIST calls and names it costs does not grow with the records. Its states are
+    those ``status`` reads from every record (``stage_status``)."""
+    from pipeline.status import stage_status
+
+    rows = _listing_is_bounded(store_uri, monkeypatch)
+    expected = []
+    for run_id in ("alpha", "beta"):
+        config = load_config(None, [f"store.uri={store_uri}", f"run.id={run_id}"])
+        expected.append({"run": run_id, "stages": {r["stage"]: r["state"] for r in stage_status(config)}})
+    assert rows == expected
+    assert rows[0]["stages"]["teacher"] == "partial"
+    assert [rows[1]["stages"][s] for s in ("dataset", "finetune", "generate")] == ["partial"] * 3
+    assert rows[1]["stages"]["judge"] == "not started"  # a claim and a fingerprint are no record
+
+
+def test_runs_that_list_the_whole_store_fail_the_listing_check(store_uri, monkeypatch):
+    """The check above catches an implementation that lists everything and keeps one level of it."""
+    from pipeline.store import LocalStore, S3Store
+
+    def children_of_everything(self, prefix: str = "", limit: int | None = None) -> list[str]:
+        names = sorted({prefix + k[len(prefix):].split("/")[0] + ("/" if "/" in k[len(prefix):] else "")
+                        for k in self.list(prefix)})
+        return names[:limit]
+
+    for cls in (LocalStore, S3Store):
+        monkeypatch.setattr(cls, "children", children_of_everything)
+    with pytest.raises(AssertionError, match="runs listed more with more records"):
+        _listing_is_bounded(store_uri, monkeypatch)

@@ -92,6 +92,32 @@ def test_records_of_the_old_per_folder_layout_are_still_read(store):
     assert [r["verdict"] for r in rs.read_all()] == ["a"]
 
 
+def test_started_says_whether_a_record_exists_from_a_short_listing(store, monkeypatch):
+    from pipeline import records
+
+    rs = RecordSet(store, "run/teacher/records")
+    assert not rs.started()
+    rs.keep_if_inputs(records.fingerprint("v1"))  # the runner's names beside the records are not records
+    Claims(rs).take("zz")
+    store.put_text("run/teacher/records/_corrupt/a.20261207T000000Z", "{")
+    assert not rs.started() and rs.count() == 0
+    rs.write("zz", {"essay": "x"})  # sorted after every '_' name
+    assert rs.started()
+    legacy = RecordSet(store, "run/judge/records")
+    store.put_json("run/judge/records/cmp/c1/ab.json", {"verdict": "a"})
+    assert legacy.started() and legacy.count() == 1
+    legacy.keep_if_inputs(records.fingerprint("v1"))
+    assert legacy.keep_if_inputs(records.fingerprint("v2")) == 1  # moved aside: its folder is empty now
+    assert not legacy.started() and legacy.count() == 0
+    crowded = RecordSet(store, "run/generate/records")  # more '_' names than one listing holds: counted
+    monkeypatch.setattr(records, "FIRST_NAMES", 2)
+    for name in ("_a", "_b", "_c"):
+        store.put_text(f"run/generate/records/{name}", "x")
+    assert not crowded.started()
+    crowded.write("zz", {"essay": "x"})
+    assert crowded.started()
+
+
 def test_colliding_ids_keep_their_own_records(store):
     rs = RecordSet(store, "run/teacher/records")
     ids = ["coll x", "coll_x", "chart:a", "chart_a"]

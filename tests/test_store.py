@@ -44,6 +44,31 @@ def test_dir_upload_download(store, tmp_path):
         store.download_dir("run/none", tmp_path / "none")
 
 
+def test_children_are_one_level_of_a_folder(store, tmp_path):
+    for key in ("r1/config.yaml", "r1/teacher/records/a.json", "r1/teacher/_SUCCESS", "r2/x", "top.txt"):
+        store.put_text(key, "x")
+    assert store.children("") == ["r1/", "r2/", "top.txt"]
+    assert store.children("r1/") == ["r1/config.yaml", "r1/teacher/"]
+    assert store.children("r1/teacher/") == ["r1/teacher/_SUCCESS", "r1/teacher/records/"]
+    assert store.children("r1/", limit=1) == ["r1/config.yaml"] and store.children("", limit=2) == ["r1/", "r2/"]
+    assert store.children("nope/") == [] and store.children("top.txt/") == []
+    with pytest.raises(StoreError, match="invalid store folder 'r1'"):
+        store.children("r1")
+    assert list(store.list("r1/", limit=2)) == ["r1/config.yaml", "r1/teacher/_SUCCESS"]
+    assert list(store.list("", limit=1)) == ["r1/config.yaml"] and list(store.list("nope/", limit=1)) == []
+
+
+def test_local_children_skip_temp_files_and_empty_folders(tmp_path):
+    store = LocalStore(tmp_path)
+    (tmp_path / "r" / "empty" / "deeper").mkdir(parents=True)
+    (tmp_path / "r" / ".x.json.tmp").write_text("partial")
+    (tmp_path / "r" / "tmp-only").mkdir()
+    (tmp_path / "r" / "tmp-only" / ".y.tmp").write_text("partial")
+    assert store.children("r/") == []
+    store.put_text("r/empty/deeper/z.json", "{}")
+    assert store.children("r/") == ["r/empty/"]
+
+
 @pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "./a"])
 def test_invalid_keys_rejected(store, key):
     with pytest.raises(StoreError, match="invalid store key"):

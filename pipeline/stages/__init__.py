@@ -2,11 +2,12 @@
 the image build and skaffold. Adding a stage is one module here plus one entry in ``SPECS``.
 
 A stage module exposes ``run(ctx: StageContext)`` and may define ``progress(ctx) -> (done, total)`` for
-``status``. It reads the outputs of the stages in its ``inputs`` (and only those: ``StageContext`` refuses
-others) through ``pipeline.artifacts``, writes its own, and calls ``ctx.complete(summary)`` last
-(``_SUCCESS``). A stage sharded over items (teacher, generate, judge) completes when every item has a
-record, so the last shard to finish writes the stage-level outputs; a stage sharded over variants
-(finetune) trains ``variants[shard.index]``.
+``status`` and, with it, ``started(ctx) -> bool`` (``done > 0`` from a few reads) for ``runs``. It reads
+the outputs of the stages in its ``inputs`` (and only those: ``StageContext`` refuses others) through
+``pipeline.artifacts``, writes its own, and calls ``ctx.complete(summary)`` last (``_SUCCESS``). A stage
+sharded over items (teacher, generate, judge) completes when every item has a record, so the last shard
+to finish writes the stage-level outputs; a stage sharded over variants (finetune) trains
+``variants[shard.index]``.
 
 Everything the machinery asks of a stage is a field or accessor here, never a branch on its name: its LLM
 endpoint, whether it reads the data folder, /dev/shm, shard and GPU counts, its launcher (torchrun when the

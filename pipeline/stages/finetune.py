@@ -187,3 +187,8 @@ def shared_base(ctx: StageContext, tmp: str, dist: Any) -> str:
 def progress(ctx: StageContext) -> tuple[int, int]:
     variants = adapter_names(ctx)
     return sum(variant_done(ctx, v) for v in variants), len(variants)
+
+
+def started(ctx: StageContext) -> bool:
+    """``progress(ctx)[0] > 0``, one HEAD a variant at most (``ielts-distill runs``)."""
+    return any(variant_done(ctx, v) for v in adapter_names(ctx))

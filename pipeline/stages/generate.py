@@ -166,3 +166,9 @@ def progress(ctx: StageContext) -> tuple[int, int]:
     ids = set(test_ids(ctx))
     names = model_names(ctx)
     return sum(len(ids & ctx.records(n).done_ids()) for n in names), len(ids) * len(names)
+
+
+def started(ctx: StageContext) -> bool:
+    """``progress(ctx)[0] > 0`` without listing every record (``ielts-distill runs``), but from a record of
+    any chart: records of charts no longer among the test ids (a lowered ``generate.limit``) count too."""
+    return artifacts.has_splits(ctx) and any(ctx.records(n).started() for n in model_names(ctx))

@@ -203,6 +203,11 @@ def progress(ctx: StageContext) -> tuple[int, int | None]:
         return done, None
 
 
+def started(ctx: StageContext) -> bool:
+    """``progress(ctx)[0] > 0`` without listing every record (``ielts-distill runs``)."""
+    return ctx.records().started()
+
+
 # --------------------------------------------------------------------------- the stage
 
 

@@ -228,3 +228,8 @@ def progress(ctx: StageContext) -> tuple[int, int | None]:
     key = ctx.input_key("ingest", artifacts.CHARTS)
     total = len(ctx.store.get_jsonl(key)) if ctx.store.exists(key) else None
     return done, total
+
+
+def started(ctx: StageContext) -> bool:
+    """``progress(ctx)[0] > 0`` without listing every record (``ielts-distill runs``)."""
+    return ctx.records().started()
