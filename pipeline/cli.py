@@ -419,9 +419,12 @@ def push_dataset(config: RunConfig, variant: str, repo: str, private: bool) -> N
               help="A PEFT adapter folder, or the variant folder holding it (finetune/<variant>/[adapter]); "
                    "its config names the base model.")
 @click.option("--model", help="Base student (Hub id or folder). Default: the adapter's base, else student.model.")
+@click.option("--data", "data", type=click.Path(dir_okay=False),
+              help="The chart's data: a CSV table (header row first) or OCR text (.txt), as Chart-to-Text has them; "
+                   "put in the prompt as generate does (student.table_in_prompt). Needed by an adapter trained so.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1),
               help="Default: generate.max_new_tokens, else what teacher.max_words needs.")
-def write(config: RunConfig, image: str, title: str, adapter: str | None, model: str | None,
+def write(config: RunConfig, image: str, title: str, adapter: str | None, model: str | None, data: str | None,
           max_new_tokens: int | None) -> None:
     """Print an essay for a new chart IMAGE from the student (plus an adapter)."""
     from pipeline.checks import generation_limit
@@ -432,7 +435,7 @@ def write(config: RunConfig, image: str, title: str, adapter: str | None, model:
     click.echo(write_essay(image, title, adapter=adapter, model=model, device=config.student.device,
                            max_new_tokens=max_new_tokens or generation_limit(config), max_pixels=config.data.max_pixels,
                            image_longest_edge=config.student.image_longest_edge,
-                           decoding=config.generate.decoding()))
+                           decoding=config.generate.decoding(), data=data))
 
 
 @main.command("tiny-student")

@@ -45,6 +45,8 @@ def test_finetune_writes_adapter_metrics_plot_per_variant(trained_run):
         adapter_cfg = json.loads(store.get_text(f"{prefix}/adapter/adapter_config.json"))
         assert adapter_cfg["base_model_name_or_path"] == store.url("t/finetune/student")
         assert "text_model" in str(adapter_cfg["target_modules"])
+        # its rows had no data column: write --adapter needs no --data (tests/test_write.py)
+        assert json.loads(store.get_text(f"{prefix}/adapter/student_prompt.json")) == {"table_in_prompt": False}
     # the tiny student lives in the store, where generate finds it
     assert store.exists("t/finetune/student/model.safetensors") and store.exists("t/finetune/student/_READY")
     assert finetune.progress(stage_ctx(trained_run, "finetune")) == (2, 2)

@@ -128,6 +128,37 @@ def trains_connector(adapter: str | Path) -> bool:
     return "connector" in (adapter_config(adapter).get("modules_to_save") or [])
 
 
+PROMPT_SETTINGS = "student_prompt.json"  # beside an adapter's weights: how its training prompts were built
+
+
+def save_prompt_settings(adapter: str | Path, train_rows) -> None:
+    """Record in a saved adapter folder whether its training prompts held the chart's data: some row of
+    ``train_rows`` (the dataset's train split) has a non-empty ``data`` (``student.table_in_prompt``)."""
+    import json
+
+    table_in_prompt = "data" in train_rows.column_names and any(train_rows["data"])
+    (Path(adapter) / PROMPT_SETTINGS).write_text(json.dumps({"table_in_prompt": table_in_prompt}) + "\n")
+
+
+def trained_with_data(adapter: str | Path) -> bool | None:
+    """Whether an adapter was trained with the chart's data in its prompts; None when its folder does not say
+    (an adapter saved before finetune recorded it, or by other code)."""
+    import json
+
+    from pipeline.errors import PipelineError
+
+    path = Path(adapter) / PROMPT_SETTINGS
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("table_in_prompt")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise PipelineError(f"adapter {adapter}: unreadable {PROMPT_SETTINGS} ({exc.__class__.__name__})") from None
+    if not isinstance(value, bool):
+        raise PipelineError(f"adapter {adapter}: {PROMPT_SETTINGS} has no true/false 'table_in_prompt'")
+    return value
+
+
 def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str], train_connector: bool = False):
     """Wrap ``model`` with fresh LoRA adapters on the text model's ``target_modules`` only; with
     ``train_connector`` the connector is trained in full too and saved with the adapter (PEFT's

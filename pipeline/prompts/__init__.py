@@ -50,6 +50,12 @@ def chart_data(chart: dict, max_rows: int = MAX_TABLE_ROWS, max_chars: int = MAX
     return ""
 
 
+def student_data(chart: dict) -> str:
+    """The chart's data as the student's prompt gives it (``student.table_in_prompt``): ``chart_data`` with the
+    student's limits. The dataset stage's ``data`` column and ``ielts-distill write --data``."""
+    return chart_data(chart, STUDENT_TABLE_ROWS, STUDENT_OCR_CHARS)
+
+
 def read_prompt(relpath: str) -> str:
     """The text of ``pipeline/prompts/<relpath>`` (e.g. ``"teacher/v1/pie.txt"``)."""
     node = resources.files(__name__).joinpath(*relpath.split("/"))

@@ -61,7 +61,7 @@ def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg:
                table_in_prompt: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One row per usable chart (with both essay forms) and the counts the card reports. ``table_in_prompt``:
     each row's ``data`` holds the chart's data as the student's prompt gives it ('' otherwise)."""
-    from pipeline.prompts import STUDENT_OCR_CHARS, STUDENT_TABLE_ROWS, chart_data
+    from pipeline.prompts import student_data
 
     by_id = {c["id"]: c for c in charts}
     rows, counts = [], {"teacher_records": len(records), "rejected_by_teacher": 0, "rejected_reasons": Counter(),
@@ -84,7 +84,7 @@ def build_rows(charts: list[dict[str, Any]], records: list[dict[str, Any]], cfg:
         counts["structure_inferred"] += inferred
         counts["teacher_models"][(rec.get("model"), rec.get("template"), rec.get("template_version"))] += 1
         rows.append({"chart_id": chart["id"], "type": chart["type"], "title": chart["title"],
-                     "data": chart_data(chart, STUDENT_TABLE_ROWS, STUDENT_OCR_CHARS) if table_in_prompt else "",
+                     "data": student_data(chart) if table_in_prompt else "",
                      "image_key": chart["image"], "image_format": chart.get("image_format", "png"),
                      "structured": canonical(steps), "unstructured": "\n\n".join(steps.prose())})
     return sorted(rows, key=lambda r: r["chart_id"]), counts

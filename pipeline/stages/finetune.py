@@ -97,6 +97,7 @@ def train_variant(ctx: StageContext, name: str, base: str, tmp: Path, caches: di
     summary (last: it is done)."""
     from pipeline.models import training
     from pipeline.models.features import shared_cache
+    from pipeline.models.loading import save_prompt_settings
 
     variant, seed = ctx.config.finetune.unit_of(name)
     cfg = ctx.config.finetune.model_copy(update={"seed": seed})
@@ -109,15 +110,17 @@ def train_variant(ctx: StageContext, name: str, base: str, tmp: Path, caches: di
     def put_metrics(metrics: list[dict[str, Any]]) -> None:
         ctx.store.put_jsonl(ctx.key(name, artifacts.METRICS), metrics)
 
-    result = training.train(model, processor, artifacts.load_split(ctx, variant, "train"),
-                            artifacts.load_split(ctx, variant, "validation"), cfg, cache=cache, checkpoints=checkpoints,
-                            tmp=tmp / name, name=name, log=ctx.log, on_checkpoint=put_metrics)
+    train_rows = artifacts.load_split(ctx, variant, "train")
+    result = training.train(model, processor, train_rows, artifacts.load_split(ctx, variant, "validation"), cfg,
+                            cache=cache, checkpoints=checkpoints, tmp=tmp / name, name=name, log=ctx.log,
+                            on_checkpoint=put_metrics)
     # the adapter names a base that outlives this run's temp folder: the Hub id, or the built student's store URL
     base_ref = ctx.store.url(artifacts.student_prefix(ctx)) if ctx.config.student.build else base
     if not training.Dist.current().main:
         return {}  # another data-parallel process: rank 0 stores the results
     model.peft_config["default"].base_model_name_or_path = base_ref
     model.save_pretrained(tmp / name / "adapter")
+    save_prompt_settings(tmp / name / "adapter", train_rows)  # write --adapter checks its --data against it
     ctx.store.upload_dir(tmp / name / "adapter", ctx.key(name, artifacts.ADAPTER))
     put_metrics(result.state.metrics)
     ctx.store.put_bytes(ctx.key(name, artifacts.LOSS_PNG),
