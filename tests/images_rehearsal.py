@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path, PurePosixPath
 
+import pytest
 from images_check import _buildah, pod_as_buildah_run
 
 from pipeline.artifacts import report_page_key
@@ -33,6 +34,7 @@ def _entrypoint(image: str) -> list[str]:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.timeout(3600)  # seven stages, each a buildah run (the suite's 600 s is for one test's work)
 def test_the_kind_config_runs_to_report_html_with_every_stage_in_its_own_image(s3_bucket, s3_server, sample_dir,
                                                                                  tmp_path):
     registry, tag = os.environ["IMAGE_TEST_REF"].rsplit("/", 1)[0], os.environ["IMAGE_TEST_REF"].rsplit(":", 1)[1]
