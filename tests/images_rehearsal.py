@@ -29,9 +29,9 @@ LOCAL = REPO / "k8s" / "overlays" / "local" / "run.yaml"
 
 
 def _entrypoint(image: str) -> list[str]:
-    proc = _buildah("inspect", "--type", "image", "--format", "{{json .OCIv1.Config.Entrypoint}}", image)
+    proc = _buildah("inspect", "--type", "image", image)  # the whole JSON: older buildah has no {{json}} in --format
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return json.loads(proc.stdout)["OCIv1"]["config"]["Entrypoint"]
 
 
 @pytest.mark.timeout(3600)  # seven stages, each a buildah run (the suite's 600 s is for one test's work)
