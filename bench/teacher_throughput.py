@@ -19,7 +19,8 @@ process's CPU time per request (all threads) with the ratio stage/bare (target <
 pair says little. Then resume: a finished stage (``_SUCCESS``) and a stage whose records all exist without
 ``_SUCCESS``: target < 2 s and 0 requests.
 
-Measured on 2026-12-07 (2-core CPU without AMX, beside other jobs, load average 2.8-4.8: upper bounds; each a
+Idle 2-core CPU without AMX, 2026-12-07, medians of 3 pairs: at 64, rate ratio 1.051 and 1.046 (two runs), CPU
+per request 1.07x and 1.22x; at 16, 1.016 and 1.07x. Earlier (beside other jobs, load average 2.8-4.8: upper bounds; each a
 median of 3 pairs, 4 runs; docs/teacher.md has every run): concurrency 64 without faults, rate ratio
 0.720-1.077 and CPU per request 4.4-7.4 ms against the bare loop's 3.6-4.3 ms (1.02-1.60x); concurrency 16,
 1.003-1.042 and 5.2-7.8 against 4.7-4.8 ms (1.10-1.69x). Main before issue 24's item 8, in the same session:
