@@ -67,8 +67,9 @@ def read(store_root: Path | None, store_uri: str, key: str, env: dict[str, str])
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_cluster_config_rehearsal(s3_bucket, sample_dir, tmp_path):
-    """Measured 2026-12-07, 2 cores without AMX: idle 161-172 s since the student cache and batch 2; before
-    them, one CPU-bound job beside it: 335 s (timeout 1200; 761 s while torch's 2 threads shared the busy cores)."""
+    """Measured 2026-12-07, 2 cores without AMX, since the student cache and batch 2: idle 161-172 s, one
+    CPU-bound job beside it 226 s (timeout 1200; before them 335 s, and 761 s while torch's 2 threads shared
+    the busy cores)."""
     env = {**os.environ, "MINIMAX_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     with ReasoningLLM(think_tokens=900, rate_limit_every=9, retry_after=0.2, reply=reply, minimax=True) as llm:
         sets = cluster_sets(s3_bucket, sample_dir, llm)
@@ -134,7 +135,8 @@ def test_kind_config_rehearsal(sample_dir, tmp_path):
     sizes shrink (``data.limit``, ``teacher.min_test_charts``, ``finetune.max_steps``, ``finetune.batch_size``,
     ``generate.limit``, ``judge.limit``). With 6 charts (no draw rule) the teacher's 3 essays left an empty train split.
     Measured 2026-12-07, 2 cores without AMX (fp32 training): idle 271-367 s (the teacher's acceptance, and so
-    the charts it draws, varies); before the student cache and batch 2, 494 s with one CPU-bound job beside it
+    the charts it draws, varies), 411 s with one CPU-bound job beside it; before the student cache and batch 2,
+    494 s beside one
     (timeout 1200; teacher 263 s, finetune 111 s, generate 72 s, judge 40 s). With llama.cpp's and torch's
     threads fixed at 2 it took 941 s, and before that timed out."""
     import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
