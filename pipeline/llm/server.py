@@ -137,6 +137,16 @@ def _cpu_has_amx() -> bool:
         return False
 
 
+def _count_whole_states() -> None:
+    """``--cache_size`` bounds the RAM the prompt cache's states really take (teacher.embedded_prompt_cache_mb):
+    llama-cpp-python counts only each state's KV bytes, not the copy of the logits buffer it keeps beside them
+    (n_batch x vocabulary floats: ~100 MB for SmolLM2, ~310 MB for Qwen2.5), which dominates."""
+    from llama_cpp.llama_cache import LlamaRAMCache
+
+    LlamaRAMCache.cache_size = property(lambda self: sum(
+        s.llama_state_size + s.scores.nbytes + s.input_ids.nbytes for s in self.cache_state.values()))
+
+
 def main() -> None:
     _die_with_parent()
     import llama_cpp.llama_cpp as lib
@@ -150,6 +160,7 @@ def main() -> None:
             return params
 
         lib.llama_model_default_params = params_without_extra_bufts
+    _count_whole_states()
     from llama_cpp.server.__main__ import main as serve
 
     serve()
