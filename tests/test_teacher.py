@@ -467,9 +467,9 @@ def test_prompt_cache_bound_counts_whole_states(monkeypatch):
 @pytest.mark.llm
 @pytest.mark.slow
 def test_prompt_cache_resumes_a_template_after_a_switch_of_type():
-    """teacher.embedded_prompt_cache_mb: after a line chart's prompt, the next bar chart's prompt resumes from
-    the bar template's cached state instead of reading its ~1,100 tokens again (configs/local.yaml's size). One answer token a request,
-    so a request's time is its prompt's reading: with the cache a bar prompt after a line prompt takes a
+    """teacher.embedded_prompt_cache_mb (configs/local.yaml's size): after a line chart's prompt, the next bar
+    chart's prompt resumes from the bar template's cached state instead of reading its ~1,100 tokens again.
+    One answer token a request, so a request's time is its prompt's reading: with the cache a bar prompt after a line prompt takes a
     fraction of its time without (measured 6x on 2 idle cores; a server that ignored the setting takes the
     same). The faster of two such requests each, so one stall on a busy machine does not decide it."""
     from openai import OpenAI
