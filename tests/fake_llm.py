@@ -17,7 +17,9 @@ In a test::
 account is out of quota), ``"echo400"``/``"echo401"`` (the error quotes the request's ``Authorization``
 header), ``"ok"`` or ``("reply", "text")``. ``llm.rule`` (a callable
 ``(key, attempt) -> action | None``) picks the action per prompt key (attempt counts from 1).
-``llm.reply`` is a callable ``(request_json, key) -> str`` producing the answer text.
+``llm.reply`` is a callable ``(request_json, key) -> str`` producing the answer text. ``llm.gate`` (a
+``threading.Event``) holds every answer until it is set (at most ``hang_s``): a rule can set it once enough
+requests are in flight, e.g. to prove that two processes are both asking.
 
 Over HTTP (for a server in another process): ``GET /_stats`` returns ``{total, counts, actions}``,
 ``POST /_config`` with a JSON object updates ``latency``, ``fault_rate``, ``faults``, ``think``, ``retry_after``;
@@ -89,6 +91,7 @@ class FakeLLM:
         self.reply = reply
         self.script: deque = deque()
         self.rule: Callable[[str, int], Any] | None = None
+        self.gate: threading.Event | None = None  # when set to an Event: answers wait (<= hang_s) until it is set
         self.counts: Counter[str] = Counter()  # requests per prompt key (every attempt, faulty or not)
         self.actions: Counter[str] = Counter()  # what the server did
         self.requests: list[dict[str, Any]] = []  # request bodies, in arrival order
@@ -237,6 +240,8 @@ def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
             action = llm.next_action(key, request)
             if llm.latency:
                 time.sleep(llm.latency)
+            if llm.gate is not None:
+                llm.gate.wait(llm.hang_s)
             if action == "429":
                 self._json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                            {"Retry-After": f"{llm.retry_after:g}"})

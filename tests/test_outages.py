@@ -136,13 +136,18 @@ def test_s3_outage_mid_judge_pays_each_request_once(s3_proxy, sample_dir, tmp_pa
 
 @pytest.mark.slow
 def test_two_judge_processes_on_one_run_pay_each_request_once(tmp_path, sample_dir):
-    """Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 10 s (timeout 600)."""
+    """No answer leaves the server before both processes are asking (a 4th request in flight: one process sends
+    at most 3), so a slow start of either cannot let the other do every request alone.
+    Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 10 s (timeout 600)."""
     import subprocess
     import sys
+    import threading
 
     import yaml
 
-    with FakeLLM(latency=0.05, key_pattern=JUDGE_TITLE, reply=lambda r, k: "<SECOND>") as llm:
+    with FakeLLM(latency=0.05, key_pattern=JUDGE_TITLE, reply=lambda r, k: "<SECOND>", hang_s=60) as llm:
+        llm.gate = threading.Event()
+        llm.rule = lambda key, attempt: llm.gate.set() if llm.total > 3 else None  # under the server's lock
         config = seed_run(str(tmp_path / "s"), sample_dir, tmp_path, overrides=(
             f"judge.base_url={llm.base_url}", "judge.model=fake-judge", "judge.concurrency=3"))
         path = tmp_path / "run.yaml"

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -258,13 +259,16 @@ def test_kill9_then_rerun_requests_no_chart_twice(tmp_path, llm, sample_dir):
 def test_two_teacher_processes_on_one_run_pay_each_chart_once(tmp_path, llm, sample_dir):
     """A lost-but-alive pod and its replacement: two processes on the same run split the charts through
     claims; both end successfully once every chart has its record, and no chart is paid for twice.
+    No answer leaves the server before both processes are asking (a 5th request in flight: one process sends at
+    most 4), so a slow start of either cannot let the other pay for every chart alone (CI saw that).
     Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 8 s (timeout 600)."""
     store_uri = str(tmp_path / "s")
     cfg, store, charts = ingest(store_uri, llm, sample_dir, "data.limit=40", "teacher.concurrency=4",
-                                "teacher.vision=false")
+                                "teacher.vision=false", "teacher.timeout_s=60")
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    llm.latency = 0.05
+    llm.latency, llm.hang_s, llm.gate = 0.05, 60.0, threading.Event()
+    llm.rule = lambda key, attempt: llm.gate.set() if llm.total > 4 else None  # under the server's lock
     procs = [_teacher_proc(cfg_path, tmp_path / f"p{i}.log") for i in range(2)]
     for i, proc in enumerate(procs):
         assert proc.wait(120) == 0, (tmp_path / f"p{i}.log").read_text()[-2000:]
