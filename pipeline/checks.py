@@ -62,6 +62,8 @@ def _minimax_findings(name: str, llm: LLMSection) -> list[str]:
         else:
             out.append(f"{name}.vision=true: {llm.model} takes text only and refuses image parts (set "
                        f"{name}.vision=false, or use MiniMax-M3)")
+    if getattr(llm, "essay_grammar", False) and minimax.is_minimax(llm.model):
+        out.append(f"{name}.essay_grammar=true: a llama.cpp grammar; {llm.model}'s API takes none (set it false)")
     return out
 
 

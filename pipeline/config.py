@@ -116,11 +116,18 @@ class TeacherSection(LLMSection):
     # Ask the server not to end the answer before this many tokens (sent as ``min_tokens``, an extension
     # that llama.cpp's and vLLM's OpenAI servers honour; hosted APIs may reject it). None: not sent.
     min_tokens: int | None = Field(None, ge=1)
+    # Constrain every answer to the seed's three-step layout in plain prose (headers, 2-3 quoted body paragraphs,
+    # no markdown, lists or emoji) with a GBNF grammar in the request body (pipeline.stages.teacher.ESSAY_GRAMMAR).
+    # llama.cpp servers (the embedded teacher) honour it; hosted APIs (MiniMax) take no grammar.
+    essay_grammar: bool = False
 
     @model_validator(mode="after")
     def _words_ordered(self) -> TeacherSection:
         if self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) exceeds max_words ({self.max_words})")
+        if self.essay_grammar and self.min_tokens is not None:
+            raise ValueError("essay_grammar ends each answer where its layout is complete, min_tokens forbids "
+                             "ending before that many tokens: set one of them")
         if self.min_tokens is not None and self.min_tokens >= self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be below max_tokens ({self.max_tokens})")
         return self

@@ -45,6 +45,7 @@ def test_shipped_cluster_config_keeps_the_limits():
     ("teacher.reasoning_tokens=4096", "teacher.max_tokens=512 + teacher.reasoning_tokens=4096"),
     ("judge.reasoning_tokens=4096", "judge.max_tokens=16 + judge.reasoning_tokens=4096"),
     ("teacher.vision=true", "teacher.vision=true"),
+    ("teacher.essay_grammar=true", "teacher.essay_grammar=true"),
     ("teacher.model=MiniMax-M1", "teacher.vision=false"),  # no finding: M1 with vision off is valid
 ])
 def test_check_refuses_what_minimax_refuses(override, key):

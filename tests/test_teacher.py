@@ -25,6 +25,7 @@ from pipeline.errors import ConfigError, PipelineError, StageError
 from pipeline.executors.local import run_pipeline, run_stage
 from pipeline.llm import LLMClient, LLMError, TransientLLMError, strip_think
 from pipeline.records import Shard
+from pipeline.stages.teacher import ESSAY_GRAMMAR
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-test-7f3a9c1e5b2d4f60"
@@ -377,7 +378,7 @@ def test_prompt_carries_image_or_table(tmp_path, llm, sample_dir):
     assert isinstance(text_only[0]["content"], str) and "data:image" not in text_only[0]["content"]
 
 
-def test_min_tokens_is_sent_only_when_set(tmp_path, llm, sample_dir):
+def test_min_tokens_and_grammar_are_sent_only_when_set(tmp_path, llm, sample_dir):
     cfg, store, _ = ingest(str(tmp_path / "a"), llm, sample_dir, "teacher.min_tokens=150")
     assert run_stage(cfg, store, "teacher")
     assert llm.requests and all(r["min_tokens"] == 150 for r in llm.requests)
@@ -387,6 +388,13 @@ def test_min_tokens_is_sent_only_when_set(tmp_path, llm, sample_dir):
     assert len(llm.requests) > seen and all("min_tokens" not in r for r in llm.requests[seen:])
     with pytest.raises(ConfigError, match=r"teacher: .*min_tokens \(512\) must be below max_tokens \(512\)"):
         load_config(None, ["teacher.min_tokens=512"])
+    seen = len(llm.requests)
+    cfg, store, _ = ingest(str(tmp_path / "c"), llm, sample_dir, "teacher.essay_grammar=true")
+    assert run_stage(cfg, store, "teacher")
+    assert all(r["grammar"] == ESSAY_GRAMMAR for r in llm.requests[seen:])
+    assert all("grammar" not in r for r in llm.requests[:seen])
+    with pytest.raises(ConfigError, match=r"teacher: .*essay_grammar .* min_tokens .*: set one of them"):
+        load_config(None, ["teacher.min_tokens=150", "teacher.essay_grammar=true"])
 
 
 # --------------------------------------------------------------------------- the embedded server
@@ -549,3 +557,31 @@ def test_progress_counts_records(tmp_path, llm, sample_dir):
     assert teacher.progress(ctx) == (0, len(charts))
     run_stage(cfg, store, "teacher", shard=Shard(0, 2))
     assert teacher.progress(ctx) == (len(Shard(0, 2).select(c["id"] for c in charts)), len(charts))
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_essay_grammar_holds_real_answers_to_the_layout(tmp_path, sample_dir):
+    """teacher.essay_grammar reaches llama.cpp: SmolLM2-135M's answers follow the canonical three-step layout
+    line by line (its prompt's headers are worded otherwise, so an answer without the grammar does not), in
+    plain quoted prose that parses, with no markdown."""
+    import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
+
+    from pipeline.essays import CANONICAL_HEADERS, parse_structured
+    from pipeline.quality import failure_modes
+
+    cfg = load_config(REPO / "configs" / "local.yaml", [
+        f"store.uri={tmp_path / 's'}", f"run.id={RUN}", f"data.source={sample_dir}", "data.limit=4",
+        "teacher.max_tokens=400", "teacher.temperature=0", "teacher.max_attempts=1", "teacher.min_words=1",
+        "teacher.max_words=1000", "teacher.min_tokens=null", "teacher.essay_grammar=true"])
+    recs = teacher_records(run_pipeline(cfg, ["ingest", "teacher"]))
+    assert len(recs) == 2
+    for r in recs.values():
+        lines = r["raw_answer"].split("\n")
+        assert lines[0] == CANONICAL_HEADERS[0] and lines[1].startswith('"'), r["raw_answer"]
+        assert lines[3:7] == [CANONICAL_HEADERS[1], "", "Paragraph 1:", lines[6]], r["raw_answer"]
+        if r["finish_reason"] == "stop":
+            essay = parse_structured(r["raw_answer"])
+            assert len(essay.paragraphs) in (2, 3) and "markdown" not in failure_modes(r["raw_answer"])
+            assert r["raw_answer"].rstrip().split("\n")[-2] == CANONICAL_HEADERS[2]
+    assert any(r["finish_reason"] == "stop" for r in recs.values())

@@ -22,12 +22,21 @@ from typing import Any
 
 from pipeline import artifacts
 from pipeline.context import StageContext
+from pipeline.essays import CANONICAL_HEADERS
 from pipeline.records import Shard
 
 # The quality gate of a chart whose table has up to this many cells runs on the event loop: 1-3 ms with an
 # essay quoting 20 figures, while a thread hop adds ~0.3 ms of CPU and GIL hand-offs and the gate's CPU stays
 # in this process either way. Larger tables (the sample's largest: 700-1,300 cells, tens of ms) go to a thread.
 GATE_INLINE_CELLS = 100
+
+# teacher.essay_grammar (GBNF, llama.cpp): the seed's three-step layout with the parser's canonical headers;
+# the model writes only the quoted prose, which has no line breaks, quotes, markdown, brackets or emoji.
+ESSAY_GRAMMAR = "\n".join([
+    r'root ::= "{0}\n" prose "\n\n{1}\n\n" body "{2}\n" prose'.format(*CANONICAL_HEADERS),
+    r'body ::= "Paragraph 1:\n" prose "\n\nParagraph 2:\n" prose "\n\n" ("Paragraph 3:\n" prose "\n\n")?',
+    'prose ::= "\\"" [A-Z0-9] [a-zA-Z0-9\\u00c0-\\u00ff .,;:!?\'()%$/&+=\\u2018\\u2019\\u2013\\u2014\\u00a3\\u20ac\\u00b0-]+ "\\""',
+])
 
 
 def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
@@ -53,7 +62,10 @@ def make_handler(ctx: StageContext):
     from pipeline.store import blocking
 
     cfg = ctx.config.teacher
-    extra = {"extra_body": {"min_tokens": cfg.min_tokens}} if cfg.min_tokens else {}
+    body = {"min_tokens": cfg.min_tokens} if cfg.min_tokens else {}
+    if cfg.essay_grammar:
+        body["grammar"] = ESSAY_GRAMMAR
+    extra = {"extra_body": body} if body else {}
 
     @functools.cache
     def instructions(template) -> str:  # the prompt's fixed text, for the gate's echo check
