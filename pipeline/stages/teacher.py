@@ -33,7 +33,7 @@ GATE_INLINE_CELLS = 100
 # teacher.essay_grammar (GBNF, llama.cpp): the seed's three-step layout with the parser's canonical headers;
 # the model writes only the quoted prose, which has no line breaks, quotes, markdown, brackets or emoji.
 ESSAY_GRAMMAR = "\n".join([
-    r'root ::= "{0}\n" prose "\n\n{1}\n\n" body "{2}\n" prose'.format(*CANONICAL_HEADERS),
+    r'root ::= "{}\n" prose "\n\n{}\n\n" body "{}\n" prose'.format(*CANONICAL_HEADERS),
     r'body ::= "Paragraph 1:\n" prose "\n\nParagraph 2:\n" prose "\n\n" ("Paragraph 3:\n" prose "\n\n")?',
     'prose ::= "\\"" [A-Z0-9] [a-zA-Z0-9\\u00c0-\\u00ff .,;:!?\'()%$/&+=\\u2018\\u2019\\u2013\\u2014\\u00a3\\u20ac\\u00b0-]+ "\\""',
 ])
