@@ -112,8 +112,11 @@ def main() -> None:
     parser.add_argument("--config", default="configs/local.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                         help="a config override for every model (e.g. teacher.embedded_prompt_cache_mb=0)")
+    parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (the stores: every record and answer)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="teacher-choice-") as tmp:
+        if args.keep:
+            tmp = args.keep
         sample = Path(tmp) / "sample"
         ids = sample_subset(sample, args.charts)
         print(f"{len(ids)} Statista charts: {ids[0]} ... {ids[-1]}", flush=True)
