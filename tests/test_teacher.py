@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BUNDLED_TEACHER
 from fake_llm import FakeLLM
 
 from pipeline.config import load_config
@@ -403,12 +404,14 @@ def test_min_tokens_and_grammar_are_sent_only_when_set(tmp_path, llm, sample_dir
 @pytest.mark.slow
 @pytest.mark.llm
 def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
-    """The real thing, kept short: SmolLM2-135M via llama.cpp on 2 charts, configs/local.yaml's gates.
+    """The real thing, kept short: SmolLM2-135M via llama.cpp on 2 charts, configs/local.yaml's gates (without
+    its grammar: 48 tokens cannot hold the layout).
     Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 22 s (timeout 600)."""
     import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
     cfg = load_config(REPO / "configs" / "local.yaml", [
         f"store.uri={tmp_path / 's'}", f"run.id={RUN}", f"data.source={sample_dir}", "data.stride=1", "data.limit=4",
-        "teacher.max_tokens=48", "teacher.min_tokens=24", "teacher.max_attempts=1", "teacher.min_words=1"])
+        "teacher.max_tokens=48", "teacher.essay_grammar=false", "teacher.min_tokens=24", "teacher.max_attempts=1",
+        "teacher.min_words=1", *BUNDLED_TEACHER])
     store = run_pipeline(cfg, ["ingest", "teacher"])
     recs = teacher_records(store)
     assert len(recs) == len(store.get_jsonl(f"{RUN}/ingest/charts.jsonl")) == 2
@@ -432,7 +435,8 @@ def test_min_tokens_lengthens_real_answers(tmp_path, sample_dir):
     def tokens(name: str, *extra: str) -> list[int]:
         cfg = load_config(REPO / "configs" / "local.yaml", [
             f"store.uri={tmp_path / name}", f"run.id={RUN}", f"data.source={sample_dir}", "data.limit=4",
-            "teacher.max_tokens=200", "teacher.temperature=0", "teacher.max_attempts=1", "teacher.min_words=1", *extra])
+            "teacher.max_tokens=200", "teacher.temperature=0", "teacher.max_attempts=1", "teacher.min_words=1",
+            "teacher.essay_grammar=false", "teacher.require_structure=false", *BUNDLED_TEACHER, *extra])
         return [r["usage"]["completion_tokens"] for r in teacher_records(run_pipeline(cfg, ["ingest", "teacher"])).values()]
 
     assert min(tokens("free", "teacher.min_tokens=null")) < 150
@@ -448,7 +452,7 @@ def test_embedded_server_starts_and_stops():
 
     from pipeline.llm import embedded_server
 
-    cfg = load_config(REPO / "configs" / "local.yaml").teacher
+    cfg = load_config(REPO / "configs" / "local.yaml", BUNDLED_TEACHER).teacher
     with embedded_server(cfg) as live:
         assert live.base_url.startswith("http://127.0.0.1:") and not live.embedded
         with urllib.request.urlopen(f"{live.base_url}/models", timeout=5) as resp:
@@ -491,7 +495,7 @@ def test_prompt_cache_resumes_a_template_after_a_switch_of_type():
     from pipeline.stages.teacher import build_messages
 
     def seconds_after_switch(cache_mb: int) -> float:
-        cfg = load_config(REPO / "configs" / "local.yaml").teacher.model_copy(
+        cfg = load_config(REPO / "configs" / "local.yaml", BUNDLED_TEACHER).teacher.model_copy(
             update={"embedded_prompt_cache_mb": cache_mb})
         with embedded_server(cfg) as live:
             client = OpenAI(base_url=live.base_url, api_key="unused", timeout=120, max_retries=0)
@@ -530,7 +534,7 @@ def test_embedded_server_dies_with_a_killed_stage(tmp_path, sig):
               "                       'max_tokens': 3000, 'min_tokens': 3000}).encode()\n"
               "    urllib.request.urlopen(urllib.request.Request(f'{url}/chat/completions', body,\n"
               "                           {'Content-Type': 'application/json'}), timeout=300)\n"
-              "with embedded_server(load_config('configs/local.yaml').teacher) as live:\n"
+              f"with embedded_server(load_config('configs/local.yaml', {list(BUNDLED_TEACHER)}).teacher) as live:\n"
               "    threading.Thread(target=ask, args=(live.base_url,), daemon=True).start(); time.sleep(1)\n"
               "    print(live.base_url, flush=True); time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -573,7 +577,7 @@ def test_essay_grammar_holds_real_answers_to_the_layout(tmp_path, sample_dir):
     cfg = load_config(REPO / "configs" / "local.yaml", [
         f"store.uri={tmp_path / 's'}", f"run.id={RUN}", f"data.source={sample_dir}", "data.limit=4",
         "teacher.max_tokens=400", "teacher.temperature=0", "teacher.max_attempts=1", "teacher.min_words=1",
-        "teacher.max_words=1000", "teacher.min_tokens=null", "teacher.essay_grammar=true"])
+        "teacher.max_words=1000", "teacher.essay_grammar=true", *BUNDLED_TEACHER])
     recs = teacher_records(run_pipeline(cfg, ["ingest", "teacher"]))
     assert len(recs) == 2
     for r in recs.values():

