@@ -82,11 +82,10 @@ class LLMSection(Section):
     @field_validator("embedded_model_path", mode="after")
     @classmethod
     def _known_pin(cls, path: str | None) -> str | None:
-        if path and path.startswith("pinned:"):
-            from pipeline.weights import PINNED
+        from pipeline.weights import PINNED, pinned_name
 
-            if path[7:] not in PINNED:
-                raise ValueError(f"no pinned model {path[7:]!r} (pinned: {', '.join(sorted(PINNED))})")
+        if (name := pinned_name(path)) is not None and name not in PINNED:
+            raise ValueError(f"no pinned model {name!r} (pinned: {', '.join(sorted(PINNED))})")
         return path
 
     @field_validator("api_key_env", mode="after")

@@ -111,6 +111,14 @@ PINNED: dict[str, PinnedGGUF] = {
 }
 
 
+PINNED_PREFIX = "pinned:"  # an embedded_model_path naming a pinned model, not a file
+
+
+def pinned_name(path: str | None) -> str | None:
+    """The pinned model an ``embedded_model_path`` names (``pinned:NAME``), or None for a file path."""
+    return path.removeprefix(PINNED_PREFIX) if path and path.startswith(PINNED_PREFIX) else None
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("IELTS_WEIGHTS_CACHE") or Path.home() / ".cache" / "ielts-distill" / "weights")
 

