@@ -18,8 +18,9 @@ account is out of quota), ``"echo400"``/``"echo401"`` (the error quotes the requ
 header), ``"ok"`` or ``("reply", "text")``. ``llm.rule`` (a callable
 ``(key, attempt) -> action | None``) picks the action per prompt key (attempt counts from 1).
 ``llm.reply`` is a callable ``(request_json, key) -> str`` producing the answer text. ``llm.gate`` (a
-``threading.Event``) holds every answer until it is set (at most ``hang_s``): a rule can set it once enough
-requests are in flight, e.g. to prove that two processes are both asking.
+``threading.Event``) holds every answer until it is set (at most ``hang_s``); ``llm.hold_answers_until(n)``
+sets one that opens when more than ``n`` requests have arrived, e.g. to prove that two processes are both
+asking when each sends at most ``n``.
 
 Over HTTP (for a server in another process): ``GET /_stats`` returns ``{total, counts, actions}``,
 ``POST /_config`` with a JSON object updates ``latency``, ``fault_rate``, ``faults``, ``think``, ``retry_after``;
@@ -130,6 +131,12 @@ class FakeLLM:
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
+
+    def hold_answers_until(self, requests: int) -> None:
+        """Hold every answer (at most ``hang_s``) until more than ``requests`` requests have arrived (the rule
+        runs under the server's lock, so the count is exact)."""
+        self.gate = threading.Event()
+        self.rule = lambda key, attempt: self.gate.set() if self.total > requests else None
 
     @property
     def total(self) -> int:

@@ -141,13 +141,11 @@ def test_two_judge_processes_on_one_run_pay_each_request_once(tmp_path, sample_d
     Measured 2026-12-07, 2 cores without AMX, one CPU-bound job beside it: 10 s (timeout 600)."""
     import subprocess
     import sys
-    import threading
 
     import yaml
 
     with FakeLLM(latency=0.05, key_pattern=JUDGE_TITLE, reply=lambda r, k: "<SECOND>", hang_s=60) as llm:
-        llm.gate = threading.Event()
-        llm.rule = lambda key, attempt: llm.gate.set() if llm.total > 3 else None  # under the server's lock
+        llm.hold_answers_until(3)  # judge.concurrency: one process alone cannot open it
         config = seed_run(str(tmp_path / "s"), sample_dir, tmp_path, overrides=(
             f"judge.base_url={llm.base_url}", "judge.model=fake-judge", "judge.concurrency=3"))
         path = tmp_path / "run.yaml"

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import types
 from pathlib import Path
@@ -269,8 +268,8 @@ def test_two_teacher_processes_on_one_run_pay_each_chart_once(tmp_path, llm, sam
                                 "teacher.vision=false", "teacher.timeout_s=60")
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    llm.latency, llm.hang_s, llm.gate = 0.05, 60.0, threading.Event()
-    llm.rule = lambda key, attempt: llm.gate.set() if llm.total > 4 else None  # under the server's lock
+    llm.latency, llm.hang_s = 0.05, 60.0
+    llm.hold_answers_until(4)  # teacher.concurrency: one process alone cannot open it
     procs = [_teacher_proc(cfg_path, tmp_path / f"p{i}.log") for i in range(2)]
     for i, proc in enumerate(procs):
         assert proc.wait(120) == 0, (tmp_path / f"p{i}.log").read_text()[-2000:]
