@@ -21,6 +21,7 @@ Run it on an otherwise idle machine: seconds per request depend on what else run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -114,9 +115,7 @@ def main() -> None:
                         help="a config override for every model (e.g. teacher.embedded_prompt_cache_mb=0)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (the stores: every record and answer)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="teacher-choice-") as tmp:
-        if args.keep:
-            tmp = args.keep
+    with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="teacher-choice-") as tmp:
         sample = Path(tmp) / "sample"
         ids = sample_subset(sample, args.charts)
         print(f"{len(ids)} Statista charts: {ids[0]} ... {ids[-1]}", flush=True)
