@@ -588,3 +588,32 @@ def test_essay_grammar_holds_real_answers_to_the_layout(tmp_path, sample_dir):
             assert len(essay.paragraphs) in (2, 3) and "markdown" not in failure_modes(r["raw_answer"])
             assert r["raw_answer"].rstrip().split("\n")[-2] == CANONICAL_HEADERS[2]
     assert any(r["finish_reason"] == "stop" for r in recs.values())
+
+
+@pytest.mark.llm
+def test_lazy_grammar_holds_every_answer_and_masks_only_rejected_tokens(monkeypatch):
+    """The embedded server's grammar sampler (pipeline.llm.server._lazy_grammar) keeps SmolLM2-135M's answers
+    in the grammar's language at temperature 1 while it masks the whole vocabulary only for the tokens the
+    grammar rejects, not for every token (llama-cpp-python's own order, which halved the 0.5B's speed)."""
+    import re
+
+    from llama_cpp import Llama, LlamaGrammar
+
+    from pipeline.llm import server
+    from pipeline.models.smollm import bundled_gguf
+
+    monkeypatch.setattr(Llama, "_init_sampler", Llama._init_sampler)  # restored after the test
+    server._lazy_grammar()
+    masks, tokens = [], []
+    apply = server._LazyGrammarSampler._apply
+    monkeypatch.setattr(server._LazyGrammarSampler, "_apply", lambda self, smpl, cells: (
+        masks.append(1) if smpl is self._grammar and len(cells) > 1 else None, apply(self, smpl, cells))[1])
+    llm = Llama(str(bundled_gguf()), n_ctx=512, n_threads=2, verbose=False)
+    grammar = LlamaGrammar.from_string(r'root ::= "\"" [a-zA-Z ,.]+ "\""', verbose=False)
+    ask = [{"role": "user", "content": "Give me a markdown list of five numbered facts, with figures and emoji."}]
+    for seed in range(4):
+        out = llm.create_chat_completion(ask, max_tokens=40, temperature=1.0, seed=seed, grammar=grammar)
+        text, used = out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"]
+        assert re.fullmatch(r'"[a-zA-Z ,.]*"?', text), text
+        tokens.append(used)
+    assert 0 < len(masks) < sum(tokens) / 2, (len(masks), tokens)

@@ -1,6 +1,6 @@
 """The embedded llama.cpp server: ``embedded_server(cfg)`` serves a GGUF with llama.cpp's OpenAI server on
 a free loopback port for the offline demo, and ``python -m pipeline.llm.server ARGS`` is the process it starts
-(``python -m llama_cpp.server ARGS`` with two fixes).
+(``python -m llama_cpp.server ARGS`` with three fixes).
 
 On CPUs that report AMX, llama.cpp puts weights in its AMX buffer type; inside VMs that do not enable AMX
 tile state (e.g. Firecracker) the first matrix multiply dies with a general protection fault (SIGSEGV at
@@ -10,10 +10,15 @@ costs some speed, which a 135M demo model does not need. ``IELTS_LLAMA_EXTRA_BUF
 The server also dies with the process that started it (``IELTS_LLAMA_PARENT``): the kernel sends it SIGKILL
 when its parent ends (PR_SET_PDEATHSIG), so a stage killed by SIGTERM or kill -9 never leaves a server behind
 (SIGTERM was not enough: its web server waits for the dead client's request to finish).
+
+A request's grammar is checked lazily, as llama.cpp's own server does (``_lazy_grammar``): llama-cpp-python
+masks the whole vocabulary with the grammar before sampling at every token (151k entries for Qwen2.5), which
+halved the 0.5B teacher's tokens a second with ``teacher.essay_grammar``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -132,8 +137,6 @@ def _die_with_parent() -> None:
     parent = int(os.environ.get("IELTS_LLAMA_PARENT") or 0)
     if not parent or not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(0)
@@ -156,6 +159,67 @@ def _count_whole_states() -> None:
         s.llama_state_size + s.scores.nbytes + s.input_ids.nbytes for s in self.cache_state.values()))
 
 
+class _LazyGrammarSampler:
+    """llama.cpp's common sampler, for llama-cpp-python's ``Llama``: sample with the chain (penalties, top-k,
+    ..., dist) without the grammar, check only the chosen token against the grammar, and only when the grammar
+    rejects it mask the whole vocabulary and sample again. The same tokens are allowed as with the grammar
+    first; the grammar's cost is paid on the few rejected tokens, not on every one."""
+
+    def __init__(self, llama, chain, grammar) -> None:
+        import llama_cpp.llama_cpp as lib
+        import numpy as np
+
+        self._np, self._lib, self._chain = np, lib, chain  # chain: a LlamaSampler (freed with this object)
+        self._grammar = lib.llama_sampler_init_grammar(llama._model.vocab, grammar._grammar.encode(),
+                                                       grammar._root.encode())
+        cell = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+        self._ids = np.arange(llama._n_vocab, dtype=np.int32)
+        self._cells, self._one = np.zeros(llama._n_vocab, cell), np.zeros(1, cell)
+
+    def _apply(self, sampler, cells) -> int:
+        """Run ``sampler`` over ``cells`` in place; the index of the token it selected (-1: none)."""
+        lib = self._lib
+        array = lib.llama_token_data_array(cells.ctypes.data_as(lib.llama_token_data_p), len(cells), -1, False)
+        lib.llama_sampler_apply(sampler, ctypes.byref(array))
+        return array.selected
+
+    def _fill(self, logits) -> None:
+        self._cells["id"], self._cells["logit"], self._cells["p"] = self._ids, logits, 0.0
+
+    def sample(self, ctx, idx: int = -1) -> int:
+        np, lib = self._np, self._lib
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx.ctx, idx), shape=self._ids.shape)
+        self._fill(logits)
+        token = int(self._cells["id"][self._apply(self._chain.sampler, self._cells)])
+        self._one["id"], self._one["logit"] = token, 0.0
+        self._apply(self._grammar, self._one)
+        if np.isneginf(self._one["logit"][0]):  # not allowed here: sample again among the allowed tokens
+            self._fill(logits)
+            self._apply(self._grammar, self._cells)
+            token = int(self._cells["id"][self._apply(self._chain.sampler, self._cells)])
+        lib.llama_sampler_accept(self._grammar, token)
+        self._chain.accept(token)
+        return token
+
+    def __del__(self) -> None:
+        if getattr(self, "_grammar", None) is not None:
+            self._lib.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+def _lazy_grammar() -> None:
+    """Every ``Llama`` sampler with a grammar becomes a ``_LazyGrammarSampler``."""
+    from llama_cpp import Llama
+
+    init = Llama._init_sampler
+
+    def init_sampler(self, *args, grammar=None, **kwargs):
+        chain = init(self, *args, **kwargs)
+        return chain if grammar is None else _LazyGrammarSampler(self, chain, grammar)
+
+    Llama._init_sampler = init_sampler
+
+
 def main() -> None:
     _die_with_parent()
     import llama_cpp.llama_cpp as lib
@@ -170,6 +234,7 @@ def main() -> None:
 
         lib.llama_model_default_params = params_without_extra_bufts
     _count_whole_states()
+    _lazy_grammar()
     from llama_cpp.server.__main__ import main as serve
 
     serve()
