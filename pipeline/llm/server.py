@@ -177,12 +177,12 @@ class _LazyGrammarSampler:
         self._ids = np.arange(llama._n_vocab, dtype=np.int32)
         self._cells, self._one = np.zeros(llama._n_vocab, cell), np.zeros(1, cell)
 
-    def _apply(self, sampler, cells) -> int:
-        """Run ``sampler`` over ``cells`` in place; the index of the token it selected (-1: none)."""
+    def _apply(self, sampler, cells):
+        """Run ``sampler`` over ``cells`` (in place; top-k may shorten and sort them): the cell it selected."""
         lib = self._lib
         array = lib.llama_token_data_array(cells.ctypes.data_as(lib.llama_token_data_p), len(cells), -1, False)
         lib.llama_sampler_apply(sampler, ctypes.byref(array))
-        return array.selected
+        return array.data[max(array.selected, 0)]
 
     def _fill(self, logits) -> None:
         self._cells["id"], self._cells["logit"], self._cells["p"] = self._ids, logits, 0.0
@@ -191,13 +191,12 @@ class _LazyGrammarSampler:
         np, lib = self._np, self._lib
         logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx.ctx, idx), shape=self._ids.shape)
         self._fill(logits)
-        token = int(self._cells["id"][self._apply(self._chain.sampler, self._cells)])
+        token = self._apply(self._chain.sampler, self._cells).id
         self._one["id"], self._one["logit"] = token, 0.0
-        self._apply(self._grammar, self._one)
-        if np.isneginf(self._one["logit"][0]):  # not allowed here: sample again among the allowed tokens
+        if np.isneginf(self._apply(self._grammar, self._one).logit):  # not allowed: sample among the allowed
             self._fill(logits)
             self._apply(self._grammar, self._cells)
-            token = int(self._cells["id"][self._apply(self._chain.sampler, self._cells)])
+            token = self._apply(self._chain.sampler, self._cells).id
         lib.llama_sampler_accept(self._grammar, token)
         self._chain.accept(token)
         return token
