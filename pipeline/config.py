@@ -216,8 +216,8 @@ class FinetuneSection(Section):
     val_subset: int | None = Field(128, ge=1)  # validation charts evaluated during training (all at the end)
     num_workers: int | None = Field(None, ge=0)  # DataLoader workers (None: 4 on CUDA, 0 on CPU)
     bf16: bool = True  # used only on CUDA
-    # bf16 autocast of the LoRA steps on a CPU with native bf16 matrix units (AMX or AVX512-BF16): 1.6x faster
-    # steps on the demo machine; the weights and the loss stay fp32. On other CPUs it trains in fp32 (logged).
+    # bf16 autocast of the LoRA steps on a CPU with AMX tiles: 1.6x faster steps on the demo machine; the weights
+    # and the loss stay fp32. Other CPUs train in fp32 (logged; AVX512-BF16 alone measured no faster).
     cpu_bf16: bool = False
     seed: int = 42
     # Train each variant once per seed on the same data (separate adapters "<variant>-seed<N>"); generate and
