@@ -263,39 +263,52 @@ def test_cached_features_and_answer_only_loss_equal_the_full_forward(tiny_studen
             assert torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-6), k
 
 
-def test_cpu_bf16_runs_the_step_in_bf16_on_a_cpu_that_has_it(tiny_student, sample_dir, tmp_path, caplog):
-    """finetune.cpu_bf16: on a CPU with AMX the text model's products run in bf16 (seen at
-    the LM head) and the loss stays within bf16 rounding of fp32's; elsewhere it says so and trains in fp32.
-    The finetune stage honours the key (its log names the precision)."""
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_trains_bf16_weights_on_a_cpu_that_has_it(native, tiny_student, sample_dir, tmp_path, caplog,
+                                                           monkeypatch):
+    """finetune.cpu_bf16: where the CPU multiplies bf16 natively (AMX or AVX512-BF16; both answers forced
+    here, so either CPU runs both paths) the frozen weights load in bf16, the LoRA adapters stay fp32 and the
+    loss stays within bf16 rounding of fp32's; elsewhere it says so and trains in fp32. The finetune stage
+    honours the key (its log names the precision) and saves fp32 adapters."""
+    from safetensors.torch import load_file
     from student_fixtures import stage_ctx, student_config, write_dataset
 
+    from pipeline.models import loading
     from pipeline.models.features import ChartCache
-    from pipeline.models.training import Collate, Samples, answer_loss, cpu_bf16_autocast
+    from pipeline.models.training import Collate, Samples, answer_loss
     from pipeline.stages import finetune
     from pipeline.store import open_store
 
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    assert loading.cpu_has_bf16() == native
+    want = torch.bfloat16 if native else torch.float32
+    assert loading.pick_dtype("cpu", cpu_bf16=True) == want and loading.pick_dtype("cpu") == torch.float32
     cpu = torch.device("cpu")
-    native = torch.cpu._is_amx_tile_supported()
-    assert cpu_bf16_autocast(cpu, True) == native and not cpu_bf16_autocast(cpu, False)
-    model, processor = load_student(tiny_student, device="cpu")
     rows = [{"chart_id": f"c{i}", "image": image, "title": title, "essay": r["summary"]}
             for i, ((image, title), r) in enumerate(zip(sample_charts(sample_dir, 4), sample_rows(sample_dir)))]
-    batch = Collate(processor.tokenizer.pad_token_id)(list(Samples(rows, processor, ChartCache("t"), model, 512)))
-    seen = []
-    model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-    with torch.no_grad():
-        fp32, n = answer_loss(model, batch, cpu, torch.float32)
-        bf16, _ = answer_loss(model, batch, cpu, torch.float32, bf16_autocast=native)
-    assert seen == [torch.float32, torch.bfloat16 if native else torch.float32]
-    assert float(bf16 / n) == pytest.approx(float(fp32 / n), rel=2e-2)
+    losses = {}
+    for cpu_bf16 in (False, True):
+        model, processor = load_student(tiny_student, device="cpu", cpu_bf16=cpu_bf16)
+        model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        batch = Collate(processor.tokenizer.pad_token_id)(list(Samples(rows, processor, ChartCache("t"), model, 512)))
+        seen = []
+        model.base_model.model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+        with torch.no_grad():
+            losses[cpu_bf16], n = answer_loss(model, batch, cpu, model.dtype)
+        assert seen == [want if cpu_bf16 else torch.float32] and losses[cpu_bf16].dtype == torch.float32
+    assert float(losses[True] / n) == pytest.approx(float(losses[False] / n), rel=2e-2)
 
     config = student_config(str(tmp_path / "s"), finetune__max_steps=1, finetune__cpu_bf16=True,
                             finetune__variants="[unstructured]")
     write_dataset(open_store(config.store.uri), "t", sample_dir, sizes=(4, 2, 2))
     caplog.set_level("INFO", logger="ielts_distill")
     finetune.run(stage_ctx(config, "finetune"))
-    assert ("(float32, bf16 autocast)" in caplog.text) == native
-    assert ("this CPU has no AMX; training in float32" in caplog.text) == (not native)
+    assert ("trainable LoRA parameters on cpu (bfloat16)" in caplog.text) == native
+    assert ("this CPU has no native bf16 (AMX or AVX512-BF16); training in float32" in caplog.text) == (not native)
+    [weights] = (tmp_path / "s" / "t" / "finetune" / "unstructured" / "adapter").glob("*.safetensors")
+    assert {t.dtype for t in load_file(weights).values()} == {torch.float32}
 
 
 def test_trained_connector_is_saved_with_the_adapter_and_used_by_shared_generation(tiny_student, sample_dir,

@@ -166,9 +166,10 @@ def test_kind_config_rehearsal(sample_dir, tmp_path):
     assert summary("teacher")["accepted"] > 0
     records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "kind" / "teacher" / "records").glob("*.json")]
     assert records and all(r["usage"]["completion_tokens"] >= 150 * r["attempts"] for r in records)  # min_tokens
-    import torch
+    from pipeline.models.loading import cpu_has_bf16
 
-    native = torch.cpu._is_amx_tile_supported()
-    assert ("bf16 autocast" in run.stderr) == native  # finetune.cpu_bf16 reached the training steps
+    native = cpu_has_bf16()  # finetune.cpu_bf16 and generate.cpu_bf16 reached the training steps and decoding
+    assert ("trainable LoRA parameters on cpu (bfloat16)" in run.stderr) == native
+    assert ("test charts to do (bfloat16)" in run.stderr) == native
     assert summary("judge")["invalid"] == 0  # the answer grammar of local.yaml reached the kind config
     assert summary("generate")["models"]  # cut essays are counted (the untuned baseline rambles), not hidden

@@ -50,11 +50,21 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def pick_dtype(device: str, bf16: bool = True):
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16): only there are bf16 weights faster
+    than fp32 (elsewhere oneDNN emulates them)."""
     import torch
 
-    return torch.bfloat16 if device.startswith("cuda") and bf16 and torch.cuda.is_bf16_supported() \
-        else torch.float32
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def pick_dtype(device: str, bf16: bool = True, cpu_bf16: bool = False):
+    """bf16 on CUDA (``bf16``) and on a CPU with native bf16 (``cpu_bf16``), else fp32."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if bf16 and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_bf16 and cpu_has_bf16() else torch.float32
 
 
 def pick_attention(device: str, requested: str = "auto") -> str:
@@ -77,16 +87,17 @@ def load_processor(model_or_path: str | Path, image_longest_edge: int | None = N
 
 def load_student(model_or_path: str | Path, *, adapter: str | Path | None = None, device: str = "auto",
                  attn_implementation: str = "auto", bf16: bool = True, image_longest_edge: int | None = None,
-                 trainable_adapter: bool = False, merge: bool = False) -> tuple[Any, Any]:
+                 trainable_adapter: bool = False, merge: bool = False, cpu_bf16: bool = False) -> tuple[Any, Any]:
     """(model, processor) for a Hub id or a local folder; with ``adapter`` (a PEFT folder) the LoRA
     weights are attached (``merge``: folded into the base weights, faster for inference). bf16 on CUDA,
-    fp32 on CPU; SDPA attention (flash-attention 2 when installed)."""
+    fp32 on CPU (bf16 with ``cpu_bf16`` on a CPU that has it: :func:`cpu_has_bf16`); SDPA attention
+    (flash-attention 2 when installed). New LoRA adapters stay fp32 (PEFT upcasts them)."""
     from transformers import AutoModelForImageTextToText
 
     from pipeline.errors import PipelineError
 
     device = pick_device(device)
-    dtype = pick_dtype(device, bf16)
+    dtype = pick_dtype(device, bf16, cpu_bf16)
     attn = pick_attention(device, attn_implementation)
     try:
         processor = load_processor(model_or_path, image_longest_edge)

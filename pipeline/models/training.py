@@ -334,18 +334,10 @@ class Checkpoints:
 # --------------------------------------------------------------------------- step and evaluation
 
 
-def cpu_bf16_autocast(device, wanted: bool) -> bool:
-    """Whether ``finetune.cpu_bf16`` applies: a CPU device whose CPU has AMX tiles. (AVX512-BF16 alone was no
-    faster: the demo's finetune took 426 s with bf16 autocast and 424 s in float32 on a 2-core AMD EPYC.)"""
-    import torch
-
-    return wanted and device.type == "cpu" and torch.cpu._is_amx_tile_supported()
-
-
-def answer_loss(model, batch: dict[str, Any], device, dtype, bf16_autocast: bool = False):
+def answer_loss(model, batch: dict[str, Any], device, dtype):
     """(summed cross-entropy over the batch's answer tokens, number of those tokens). The text model runs
-    on the cached vision features, and the LM head only at the positions that carry a label; with
-    ``bf16_autocast`` (CPU) its matrix products run in bf16, the loss in fp32."""
+    on the cached vision features, and the LM head only at the positions that carry a label; the loss is
+    taken in fp32 whatever the weights' dtype."""
     import torch
     import torch.nn.functional as F
 
@@ -356,16 +348,14 @@ def answer_loss(model, batch: dict[str, Any], device, dtype, bf16_autocast: bool
     features = batch["features"].to(device, dtype, non_blocking=True)
     labels = batch["labels"][:, 1:].to(device, non_blocking=True)
     keep = labels != IGNORE_INDEX
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
-        hidden = base.model(input_ids=batch["input_ids"].to(device, non_blocking=True),
-                            attention_mask=batch["attention_mask"].to(device, non_blocking=True),
-                            mm_encoder_outputs=encoder_outputs(base, features), use_cache=False).last_hidden_state
-        logits = base.lm_head(hidden[:, :-1][keep])
+    hidden = base.model(input_ids=batch["input_ids"].to(device, non_blocking=True),
+                        attention_mask=batch["attention_mask"].to(device, non_blocking=True),
+                        mm_encoder_outputs=encoder_outputs(base, features), use_cache=False).last_hidden_state
+    logits = base.lm_head(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), labels[keep], reduction="sum"), int(keep.sum())
 
 
-def evaluate(model, samples: Samples, indices: list[int], batch_size: int, collate: Collate, device, dtype,
-             bf16_autocast: bool = False) -> float:
+def evaluate(model, samples: Samples, indices: list[int], batch_size: int, collate: Collate, device, dtype) -> float:
     """Mean loss per answer token over ``indices`` (batched by length)."""
     import torch
 
@@ -374,8 +364,7 @@ def evaluate(model, samples: Samples, indices: list[int], batch_size: int, colla
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            loss, n = answer_loss(model, collate([samples[i] for i in order[start:start + batch_size]]), device, dtype,
-                                  bf16_autocast)
+            loss, n = answer_loss(model, collate([samples[i] for i in order[start:start + batch_size]]), device, dtype)
             total, tokens = total + float(loss), tokens + n
     model.train()
     return total / max(tokens, 1)
@@ -449,7 +438,7 @@ def prepare_model(base: str, student, cfg):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model, processor = load_student(base, device=student.device, attn_implementation=student.attn_implementation,
-                                    bf16=cfg.bf16, image_longest_edge=student.image_longest_edge)
+                                    bf16=cfg.bf16, cpu_bf16=cfg.cpu_bf16, image_longest_edge=student.image_longest_edge)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      target_modules=cfg.target_modules, train_connector=cfg.train_connector)
     if cfg.gradient_checkpointing:
@@ -533,9 +522,8 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.dist = Dist.current()
         self.device, self.dtype = next(model.parameters()).device, model.dtype
-        self.autocast = cpu_bf16_autocast(self.device, cfg.cpu_bf16)
-        if cfg.cpu_bf16 and self.device.type == "cpu" and not self.autocast and self.dist.main:
-            log.warning("finetune.cpu_bf16: this CPU has no AMX; training in float32")
+        if cfg.cpu_bf16 and self.device.type == "cpu" and self.dtype != torch.bfloat16 and self.dist.main:
+            log.warning("finetune.cpu_bf16: this CPU has no native bf16 (AMX or AVX512-BF16); training in float32")
         self.collate = Collate(pad_token_id(processor))
         self.train_set = Samples(train_rows, processor, cache, model, cfg.max_length)
         self.val = Samples(val_rows, processor, cache, model, cfg.max_length)
@@ -581,7 +569,7 @@ class Trainer:
                 "%d data workers", self.name, len(self.train_set), len(self.val), len(self.val_during), self.total,
                 self.steps_per_epoch, cfg.batch_size, cfg.grad_accum,
                 f" over {dist.world} processes" if dist.world > 1 else "", self.efficiency, f"{self.trainable:,}",
-                self.device, str(self.dtype).removeprefix("torch.") + (", bf16 autocast" if self.autocast else ""),
+                self.device, str(self.dtype).removeprefix("torch."),
                 self.loader.num_workers)
 
     @staticmethod
@@ -603,7 +591,7 @@ class Trainer:
                                                 sum(len(b["input_ids"]) for b in mine)])
         step_loss = 0.0
         for batch in mine:  # token-weighted: summed over the global batch's answer tokens, then divided
-            loss, _ = answer_loss(self.model, batch, self.device, self.dtype, self.autocast)
+            loss, _ = answer_loss(self.model, batch, self.device, self.dtype)
             (loss / n_tokens).backward()
             step_loss += float(loss.detach()) / n_tokens
         dist.sum_grads(self.params)
@@ -641,8 +629,8 @@ class Trainer:
         from peft import get_peft_model_state_dict
 
         state, cfg = self.state, self.cfg
-        loss = evaluate(self.model, self.val, indices, cfg.batch_size, self.collate, self.device, self.dtype,
-                        self.autocast) if indices else float("nan")
+        loss = evaluate(self.model, self.val, indices, cfg.batch_size, self.collate, self.device,
+                        self.dtype) if indices else float("nan")
         row = {"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4), "val_loss": loss}
         if len(indices) < len(self.val):
             row["val_charts"] = len(indices)

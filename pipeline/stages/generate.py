@@ -36,6 +36,14 @@ def max_new_tokens(config) -> int:
     return generation_limit(config)
 
 
+def decode_dtype(config) -> str:
+    """The precision every model decodes in: "bfloat16" on CUDA and, with ``generate.cpu_bf16``, on a CPU with
+    native bf16; else "float32"."""
+    from pipeline.models.loading import pick_device, pick_dtype
+
+    return str(pick_dtype(pick_device(config.student.device), cpu_bf16=config.generate.cpu_bf16)).removeprefix("torch.")
+
+
 def test_ids(ctx: StageContext) -> list[str]:
     """Test chart ids (sorted; the first ``generate.limit``), from the dataset's ``splits.json``."""
     ids = artifacts.split_ids(ctx, "test")
@@ -84,7 +92,7 @@ def generate_for(ctx: StageContext, name: str, pending: list[str], charts: dict[
     cfg, student = ctx.config.generate, ctx.config.student
     model, processor = load_student(base, adapter=adapter, device=student.device,
                                     attn_implementation=student.attn_implementation, merge=True,
-                                    image_longest_edge=student.image_longest_edge)
+                                    image_longest_edge=student.image_longest_edge, cpu_bf16=cfg.cpu_bf16)
     cache = shared_cache(caches, base, processor, model.dtype, tmp / "charts", tower)
     records = ctx.records(name)
     bar = tqdm(total=len(pending), desc=f"generate {name}", unit="essay", disable=None)
@@ -130,7 +138,8 @@ def run(ctx: StageContext) -> None:
                         for name in names if pending[name]}
             tower = any(trains_connector(a) for a in adapters.values() if a is not None)
             for name, adapter in adapters.items():
-                ctx.log.info("generate %s: %d of %d test charts to do", name, len(pending[name]), len(ids))
+                ctx.log.info("generate %s: %d of %d test charts to do (%s)", name, len(pending[name]), len(ids),
+                             decode_dtype(ctx.config))
                 generate_for(ctx, name, pending[name], charts, base, adapter, tower, Path(tmp), caches)
 
     def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -154,7 +163,7 @@ def inputs_fingerprint(ctx: StageContext) -> str:
     from pipeline.records import fingerprint
 
     gen, student = ctx.config.generate, ctx.config.student
-    return fingerprint(artifacts.finetune_mark(ctx), student.model, student.build,
+    return fingerprint(artifacts.finetune_mark(ctx), student.model, student.build, decode_dtype(ctx.config),
                        student.image_longest_edge, max_new_tokens(ctx.config), gen.do_sample, gen.min_new_tokens,
                        *([gen.repetition_penalty, "essay-only"] if gen.repetition_penalty != 1.0 else []),
                        *(["markers spared"] if gen.repetition_penalty != 1.0 and gen.penalty_spares_markers else []))
