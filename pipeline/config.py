@@ -131,6 +131,11 @@ class TeacherSection(LLMSection):
     # no markdown, lists or emoji) with a GBNF grammar in the request body (pipeline.stages.teacher.ESSAY_GRAMMAR).
     # llama.cpp servers (the embedded teacher) honour it; hosted APIs (MiniMax) take no grammar.
     essay_grammar: bool = False
+    # Stream each answer and stop it at the first gate finding that more text cannot undo (a run copied from the
+    # prompt's examples or data, too many words: pipeline.quality.FINAL_MODES): the rest of a rejected answer is
+    # neither waited for nor paid. The endpoint must stream (``stream: true``; llama.cpp's and OpenAI-compatible
+    # APIs do); an abandoned answer's usage is estimated (~4 characters a token).
+    stop_early: bool = False
 
     @model_validator(mode="after")
     def _words_ordered(self) -> TeacherSection:

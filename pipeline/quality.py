@@ -509,6 +509,18 @@ def gate_findings(essay: str, table_rows: Iterable[Iterable[Any]] | None, cfg: T
     return found
 
 
+# Findings that more text cannot undo: a copied run stays copied, a word count only grows. An answer that has one
+# is rejected however it goes on, so a streamed answer can be stopped there (teacher.stop_early).
+FINAL_MODES = ("prompt_echo", "data_echo", "too_long")
+
+
+def final_findings(lines: str, cfg: TeacherSection, title: str | None = None, instructions: str | None = None,
+                   data: str | None = None) -> list[tuple[str, str]]:
+    """:func:`gate_findings` of an answer still being written, kept to ``FINAL_MODES``. ``lines``: the lines it
+    has completed (a line still being written may yet turn out to be a structure marker, or end in half a word)."""
+    return [f for f in gate_findings(lines, None, cfg, title, instructions, data) if f[0] in FINAL_MODES]
+
+
 def gate(essay: str, table_rows: Iterable[Iterable[Any]] | None, cfg: TeacherSection,
          title: str | None = None) -> list[str]:
     """Human-readable reasons the teacher's essay fails (empty: it passes). Thresholds from ``cfg``:

@@ -13,7 +13,8 @@ In a test::
         assert max(llm.counts.values()) == 1
 
 ``llm.script`` (a deque) forces the next actions in order: ``"429"``, ``"500"``, ``"timeout"``,
-``"garbage"``, ``"drop"``, ``"400"``, ``"401"``, ``"402"``, ``"403"``, ``"quota429"`` (a 429 saying the
+``"garbage"``, ``"drop"``, ``"cut"``/``"stall"`` (a streamed answer that breaks off halfway / goes silent
+there for ``hang_s``), ``"400"``, ``"401"``, ``"402"``, ``"403"``, ``"quota429"`` (a 429 saying the
 account is out of quota), ``"echo400"``/``"echo401"`` (the error quotes the request's ``Authorization``
 header), ``"ok"`` or ``("reply", "text")``. ``llm.rule`` (a callable
 ``(key, attempt) -> action | None``) picks the action per prompt key (attempt counts from 1).
@@ -21,6 +22,11 @@ header), ``"ok"`` or ``("reply", "text")``. ``llm.rule`` (a callable
 ``threading.Event``) holds every answer until it is set (at most ``hang_s``); ``llm.hold_answers_until(n)``
 sets one that opens when more than ``n`` requests have arrived, e.g. to prove that two processes are both
 asking when each sends at most ``n``.
+
+A request with ``"stream": true`` is answered as server-sent events, a word a chunk, ``stream_delay`` seconds
+apart, then the finish chunk, the usage chunk (``stream_options.include_usage``) and ``[DONE]``;
+``llm.streams`` lists ``(chunks sent, words in the answer)`` per streamed request: a client that stops
+reading is seen as the writes failing, a few chunks after it went.
 
 Over HTTP (for a server in another process): ``GET /_stats`` returns ``{total, counts, actions}``,
 ``POST /_config`` with a JSON object updates ``latency``, ``fault_rate``, ``faults``, ``think``, ``retry_after``;
@@ -84,8 +90,10 @@ class FakeLLM:
     def __init__(self, *, latency: float = 0.0, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS,
                  seed: int = 0, think: bool = False, retry_after: float = 0.05, hang_s: float = 5.0,
                  key_pattern: str = r'^<TITLE_LAST>: "(.*)"\s*$', reply: Callable[[dict, str], str] = default_reply,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", stream_delay: float = 0.0):
         self.latency, self.fault_rate, self.faults = latency, fault_rate, faults
+        self.stream_delay = stream_delay
+        self.streams: list[tuple[int, int]] = []  # (chunks written, words in the answer) per streamed request
         self.host = host  # another loopback address (127.0.0.2) looks like a remote endpoint: a key is needed
         self.think, self.retry_after, self.hang_s = think, retry_after, hang_s
         self.key_re = re.compile(key_pattern, re.M)
@@ -269,9 +277,44 @@ def _handler(llm: FakeLLM) -> type[BaseHTTPRequestHandler]:
                 junk = random.choice([b"<html>502 Bad Gateway</html>", b'{"choices": [', b'{"object": "nothing"}'])
                 self._send(200, junk, "application/json")
             elif isinstance(action, tuple) and action[0] == "reply":
-                self._json(200, llm.answer(request, key, action[1]))
+                self._answer(request, llm.answer(request, key, action[1]))
             else:
-                self._json(200, llm.answer(request, key))
+                self._answer(request, llm.answer(request, key), action if action in ("cut", "stall") else None)
+
+        def _answer(self, request: dict[str, Any], answer: dict[str, Any], fault: str | None = None) -> None:
+            if not request.get("stream"):
+                return self._json(200, answer)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            choice = answer["choices"][0]
+            base = {"id": answer["id"], "object": "chat.completion.chunk", "model": answer["model"]}
+            # a word a chunk: the thinking (reasoning_content) first, then the answer
+            deltas = [{field: w} for field in ("reasoning_content", "content")
+                      for w in re.findall(r"\s*\S+", choice["message"].get(field) or "")]
+            events = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+            events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]})
+            if (request.get("stream_options") or {}).get("include_usage"):
+                events.append({**base, "choices": [], "usage": answer["usage"]})
+            if fault:  # half the words, then the connection closes (cut) or nothing more comes (stall)
+                events = events[: len(deltas) // 2]
+            sent = 0
+            try:
+                for event in [*events, *([] if fault else ["[DONE]"])]:
+                    self.wfile.write(f"data: {event if event == '[DONE]' else json.dumps(event)}\n\n".encode())
+                    self.wfile.flush()
+                    sent += 1
+                    if llm.stream_delay and sent < len(deltas):
+                        time.sleep(llm.stream_delay)
+                if fault == "stall":
+                    time.sleep(llm.hang_s)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            finally:
+                llm.streams.append((min(sent, len(deltas)), len(deltas)))
+                llm.last_at = time.time()
 
     return Handler
 

@@ -168,6 +168,46 @@ def test_an_answer_echoing_the_prompt_is_rejected_and_regenerated(tmp_path, llm,
     assert not [s for s in summaries for t in TEACHER_TYPES if copied_run(s, teacher_template(t).text)]
 
 
+def test_stop_early_ends_a_streamed_echo_at_its_first_copied_line(tmp_path, llm, sample_dir):
+    """teacher.stop_early: the answers stream; one whose first paragraph copies an example's sentence is stopped
+    there (the server writes a few chunks more at most, not the rest) and rejected as the echo it is, its usage
+    estimated from what came; the others stream to their end, pass the whole gate and keep the server's usage.
+    A client that read each answer to its end and cut it afterwards fails this, and so does a stop at a finding
+    that more text could undo (every answer is too short at first)."""
+    from fake_llm import default_reply
+
+    from pipeline.prompts import teacher_template
+
+    cfg, store, charts = ingest(str(tmp_path / "s"), llm, sample_dir, "data.limit=8", "teacher.max_attempts=1",
+                                "teacher.vision=false", "teacher.stop_early=true", "teacher.concurrency=1")
+    echo = charts[0]
+    example = next(line.strip() for line in teacher_template(echo["type"]).text.splitlines()
+                   if line.strip().startswith('"The ') and len(line.split()) >= 12)
+    replies = {}
+
+    def reply(request, key):
+        lines = default_reply(request, key).split("\n")
+        if key == echo["title"]:
+            lines[1] = example  # step 1 copies the first example's description
+        replies[key] = "\n".join(lines)
+        return replies[key]
+
+    llm.reply, llm.stream_delay = reply, 0.002
+    assert run_stage(cfg, store, "teacher")
+    recs = teacher_records(store)
+    assert all(r["stream"] for r in llm.requests) and len(llm.streams) == len(charts) >= 3
+    for request, (sent, words) in zip(llm.requests, llm.streams):
+        chart = next(c for c in charts if c["title"] == llm.key_of(request))
+        r, full = recs[chart["id"]], replies[chart["title"]]
+        if chart is echo:
+            assert r["status"] == "rejected" and r["reason_code"] == "gate:prompt_echo", r
+            assert r["finish_reason"] == "abandoned" and sent < words / 3
+            assert len(r["raw_answer"]) < len(full) / 3 and r["usage"]["completion_tokens"] == len(r["raw_answer"]) // 4
+        else:
+            assert r["status"] == "accepted" and r["finish_reason"] == "stop" and sent == words, r
+            assert r["essay"] == full.strip() and r["usage"]["completion_tokens"] == len(full) // 4
+
+
 def test_budget_stops_new_work_and_keeps_finished(tmp_path, llm, sample_dir):
     # each answer costs about $0.01 (completion tokens at $50/Mtok); budget $0.05
     cfg, store, charts = ingest(str(tmp_path / "s"), llm, sample_dir, "data.limit=40", "teacher.concurrency=2",
@@ -289,10 +329,10 @@ def _client(llm: FakeLLM, *extra: str) -> LLMClient:
     return LLMClient(cfg, name="teacher")
 
 
-def _chat(client: LLMClient, text: str = '<TITLE_LAST>: "x"'):
+def _chat(client: LLMClient, text: str = '<TITLE_LAST>: "x"', stop_when=None):
     async def go():
         try:
-            return await client.chat([{"role": "user", "content": text}])
+            return await client.chat([{"role": "user", "content": text}], stop_when=stop_when)
         finally:
             await client.aclose()
     return asyncio.run(go())
@@ -341,6 +381,24 @@ def test_retries_exhausted_are_transient_a_400_is_final(llm):
     with pytest.raises(LLMError, match="HTTP 400"):
         _chat(_client(llm, "teacher.max_retries=2"))
     assert llm.total == 4  # a 400 is not retried
+
+
+def test_a_streamed_answer_that_breaks_off_is_retried_and_a_silent_one_times_out(llm):
+    """chat(stop_when=...) streams: an answer that breaks off halfway, or ends without a finish_reason, is a
+    garbage body (retried: the whole answer comes on the next attempt); one that goes silent mid-answer times out
+    within teacher.timeout_s per attempt, and the retries are bounded."""
+    llm.script.append("cut")
+    client = _client(llm)
+    done = _chat(client, stop_when=lambda text: False)
+    assert done.retries == 1 and done.finish_reason == "stop" and done.text.startswith("1. <Describe a graph>")
+    assert done.text.rstrip().endswith('"') and [sent < words for sent, words in llm.streams] == [True, False]
+    assert done.completion_tokens == max(1, len(done.raw_text) // 4)  # the server's usage chunk
+    llm.rule, llm.hang_s = (lambda key, n: "stall"), 3.0
+    client = _client(llm, "teacher.max_retries=1")
+    started = time.monotonic()
+    with pytest.raises(TransientLLMError, match="after 2 attempts"):
+        _chat(client, stop_when=lambda text: False)
+    assert time.monotonic() - started < 2 * 1 + 1.5 and client.usage.timeouts == 2
 
 
 def test_missing_key_is_one_clear_error(monkeypatch):
@@ -416,7 +474,7 @@ def test_embedded_llama_cpp_teacher(tmp_path, sample_dir):
     assert len(recs) == len(store.get_jsonl(f"{RUN}/ingest/charts.jsonl")) == 2
     assert all(r["usage"]["completion_tokens"] > 0 for r in recs.values())
     for r in recs.values():  # 48 tokens cut most answers: a cut essay is rejected as such, never accepted
-        assert r["finish_reason"] in ("stop", "length")
+        assert r["finish_reason"] in ("stop", "length", "abandoned")  # abandoned: stop_early saw an echo
         if r["finish_reason"] == "length":
             assert r["status"] == "rejected" and r["reason_code"] == "gate:truncated"
         else:
@@ -458,6 +516,42 @@ def test_embedded_server_starts_and_stops():
             assert resp.status == 200
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{live.base_url}/models", timeout=2)
+
+
+@pytest.mark.llm
+def test_embedded_server_stops_writing_an_abandoned_answer():
+    """teacher.stop_early pays off only if llama.cpp stops generating when the client closes the stream: an
+    answer abandoned after a few words, then a 4-token one, take less than half the time of the 300 tokens
+    the first would have written (both under the same load): a server that went on writing the abandoned
+    answer would make the short one wait for it."""
+    import llama_cpp  # noqa: F401  -- make test installs it; missing must fail, not skip
+
+    from pipeline.llm import embedded_server
+
+    cfg = load_config(REPO / "configs" / "local.yaml", [*BUNDLED_TEACHER, "teacher.essay_grammar=false"]).teacher
+    messages = [{"role": "user", "content": "Describe the weather in a long essay."}]
+    room = {"temperature": 0.0, "max_tokens": 300, "extra_body": {"min_tokens": 300}}
+
+    async def ask(client, **kwargs):
+        started = time.monotonic()
+        done = await client.chat(messages, **kwargs)
+        return done, time.monotonic() - started
+
+    async def go(live):
+        client = LLMClient(live, name="teacher")
+        try:
+            full, whole = await ask(client, **room)
+            cut, first = await ask(client, stop_when=lambda text: len(text.split()) >= 8, **room)
+            short, second = await ask(client, temperature=0.0, max_tokens=4)
+        finally:
+            await client.aclose()
+        return full, whole, cut, first + second, short
+
+    with embedded_server(cfg) as live:
+        full, whole, cut, abandoned, short = asyncio.run(go(live))
+    assert full.completion_tokens == 300 and full.finish_reason == "length"
+    assert cut.finish_reason == "abandoned" and len(cut.raw_text.split()) < 30 and short.completion_tokens == 4
+    assert abandoned < whole / 2, (abandoned, whole)
 
 
 def test_prompt_cache_bound_counts_whole_states(monkeypatch):

@@ -83,7 +83,9 @@ class Completion:
     cost_usd: float
     retries: int
     seconds: float
-    finish_reason: str | None = None  # the last attempt's: "stop", or "length" when cut at the token limit
+    # the last attempt's: "stop", "length" when cut at the token limit, "abandoned" when chat's ``stop_when``
+    # stopped the streamed answer (its usage then estimated: about 4 characters a token)
+    finish_reason: str | None = None
     truncated: bool = False  # cut at the token limit even after one retry with twice the room
     reasoning_tokens: int = 0  # thinking a reasoning model returned separately (reasoning_content)
 
@@ -185,20 +187,25 @@ def _account_level(exc: BaseException) -> bool:
 
 
 @functools.cache
+def _http():
+    """The HTTP library under openai (httpx2 in recent releases, httpx before)."""
+    import importlib
+
+    for name in ("httpx2", "httpx"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            pass
+    raise ImportError("openai's HTTP library (httpx2 or httpx) is not installed")
+
+
+@functools.cache
 def _api_errors() -> tuple[type[BaseException], ...]:
     """What a request can fail with that is the endpoint's doing (openai's errors, the HTTP library's, a
     garbage body); anything else is a bug in the caller's code."""
-    import importlib
-
     import openai
 
-    errors: list[type[BaseException]] = [openai.APIError, _BadResponse, json.JSONDecodeError]
-    for name in ("httpx", "httpx2"):  # the HTTP library under openai (httpx2 in recent releases)
-        try:
-            errors.append(importlib.import_module(name).HTTPError)
-        except ImportError:
-            pass
-    return tuple(errors)
+    return openai.APIError, _BadResponse, json.JSONDecodeError, _http().HTTPError
 
 
 class LLMClient:
@@ -219,6 +226,9 @@ class LLMClient:
     # gated and written before the next requests went out (0.81-0.88 of a bare loop on 2 cores; 0.96-1.07
     # with 2-5 ms). Small beside an LLM's latency.
     ANSWER_YIELD_S = 0.005
+    # A streamed answer is shown to ``stop_when`` each time it has grown by this many characters (~12 tokens):
+    # a gate call costs ~1 ms of CPU, which a local server shares
+    STOP_CHECK_CHARS = 48
 
     def __init__(self, cfg: LLMSection, *, name: str = "llm", budget_usd: float | None = None,
                  requests_per_minute: float | None = None, backoff_initial: float | None = None,
@@ -312,7 +322,8 @@ class LLMClient:
         self.usage.retries += 1
         log.debug("%s: retry %d after %s", self.name, state.attempt_number, _describe(state.outcome.exception()))
 
-    async def _attempt(self, messages: list[dict[str, Any]], params: dict[str, Any]):
+    async def _attempt(self, messages: list[dict[str, Any]], params: dict[str, Any],
+                       stop_when: Callable[[str], Any] | None = None):
         import openai
 
         self.check_budget()
@@ -326,7 +337,7 @@ class LLMClient:
                 await before_send()
             self.usage.requests += 1
             try:
-                resp = await self._post(messages, params)
+                resp = await self._post(messages, params, stop_when)
             except openai.APITimeoutError:
                 self.usage.timeouts += 1
                 raise
@@ -338,13 +349,15 @@ class LLMClient:
             raise _BadResponse("response has no message content")
         return resp
 
-    async def _post(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Any:
+    async def _post(self, messages: list[dict[str, Any]], params: dict[str, Any],
+                    stop_when: Callable[[str], Any] | None = None) -> Any:
         """``chat.completions.create(messages=messages, **params)`` as the request it makes (openai's
         ``post``, its documented way to send a body as given), answered as the JSON it returns: ``create``
         walks every message through its typed-parameter transform (~0.7 ms of CPU a request, no change to
         plain-dict messages) and builds pydantic models of the answer (~0.2 ms). ``extra_body`` is merged into
         the body and ``extra_headers``/``extra_query``/``timeout`` become request options, as ``create`` does.
-        A body that is not JSON raises json.JSONDecodeError (a garbage body: retried)."""
+        A body that is not JSON raises json.JSONDecodeError (a garbage body: retried). With ``stop_when`` the
+        answer is streamed (:meth:`_post_streamed`)."""
         body: dict[str, Any] = {"messages": messages}
         options: dict[str, Any] = {}
         for key, value in params.items():
@@ -353,16 +366,64 @@ class LLMClient:
             elif key != "extra_body":
                 body[key] = value
         body.update(params.get("extra_body") or {})
+        if stop_when is not None:
+            return await self._post_streamed(body, options, stop_when)
         return json.loads(await self._client.post("/chat/completions", body=body, options=options, cast_to=bytes))
 
-    async def chat(self, messages: list[dict[str, Any]], **overrides: Any) -> Completion:
+    async def _post_streamed(self, body: dict[str, Any], options: dict[str, Any],
+                             stop_when: Callable[[str], Any]) -> dict[str, Any]:
+        """The answer streamed (``stream``, the usage in the last chunk), as the JSON of an answer that was not.
+        ``stop_when(the raw text so far)`` is asked as the text grows; when it answers truthy the stream is
+        closed (a server stops writing when its client goes: llama.cpp's does, and OpenAI-compatible APIs bill
+        the tokens sent) and the answer ends there with finish_reason "abandoned" and no usage. A stream that
+        breaks off or ends without a finish_reason is a garbage body (retried); a silent one times out."""
+        import openai
+
+        http = _http()
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        stream = await self._client.post("/chat/completions", body=body, options=options, cast_to=object,
+                                         stream=True, stream_cls=openai.AsyncStream[dict])
+        parts: list[str] = []
+        thought: list[str] = []
+        finish, usage, size, checked = None, None, 0, 0
+        try:
+            async for chunk in stream:
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    parts.append(delta.get("content") or "")
+                    thought.append(_reasoning_text(delta))
+                    size += len(parts[-1])
+                    finish = choice.get("finish_reason") or finish
+                if finish is None and size - checked >= self.STOP_CHECK_CHARS:
+                    checked = size
+                    if stop_when("".join(parts)):
+                        finish = "abandoned"
+                        break
+        except http.TimeoutException as exc:
+            raise openai.APITimeoutError(request=exc.request) from None
+        except http.HTTPError as exc:
+            raise _BadResponse(f"the streamed answer broke off ({exc.__class__.__name__})") from None
+        finally:
+            await stream.close()
+        if finish is None:
+            raise _BadResponse("the streamed answer ended without a finish_reason")
+        message = {"role": "assistant", "content": "".join(parts), "reasoning_content": "".join(thought)}
+        return {"choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "usage": None if finish == "abandoned" else usage}
+
+    async def chat(self, messages: list[dict[str, Any]], *, stop_when: Callable[[str], Any] | None = None,
+                   **overrides: Any) -> Completion:
         """One chat completion (n=1). Raises LLMError when the endpoint rejects the request for good (4xx),
         TransientLLMError when retries ran out on transient failures, FatalLLMError when the endpoint cannot
         work at all (401/403/404 or ``fail_after`` consecutive failures), BudgetExceeded.
 
         The token limit is ``max_tokens`` plus, for a reasoning model, ``reasoning_tokens``. An answer cut at the
         limit (``finish_reason: length``) is asked once more with twice the room when the thinking may have
-        eaten it (a reasoning model, or nothing left of the answer); if it is still cut, ``truncated`` is set."""
+        eaten it (a reasoning model, or nothing left of the answer); if it is still cut, ``truncated`` is set.
+
+        ``stop_when(text so far)``: stream the answer and stop it when this says so (:meth:`_post_streamed`),
+        e.g. at a quality-gate finding that more text cannot undo: the rest is neither waited for nor paid."""
         if self._consecutive_failures >= self.fail_after:
             raise FatalLLMError(f"{self.name}: endpoint {redact(self.cfg.base_url)} failing ({self._consecutive_failures} "
                                 "consecutive requests failed after retries); stopped")
@@ -370,7 +431,7 @@ class LLMClient:
         params = {"model": self.cfg.model, "temperature": self.cfg.temperature, limit_param: token_limit(self.cfg),
                   **{k: v for k, v in overrides.items() if k != "n"}, "n": 1}
         started = time.monotonic()
-        done = await self._request(messages, params)
+        done = await self._request(messages, params, stop_when)
         cut = done.finish_reason == "length"
         room = min(2 * params[limit_param], output_cap(self.cfg.model) or 2 * params[limit_param])
         if cut and limit_param not in overrides and room > params[limit_param] and (
@@ -379,7 +440,7 @@ class LLMClient:
             # room (within the endpoint's documented cap), then give up and say so (never an empty or half
             # answer passed off as complete)
             log.info("%s: answer cut at %d tokens; asking once more with %d", self.name, params[limit_param], room)
-            again = await self._request(messages, {**params, limit_param: room})
+            again = await self._request(messages, {**params, limit_param: room}, stop_when)
             again.prompt_tokens += done.prompt_tokens
             again.completion_tokens += done.completion_tokens
             again.cost_usd += done.cost_usd
@@ -397,7 +458,8 @@ class LLMClient:
         why = f"{_describe(exc)} (after {attempts} attempt{'s' * (attempts > 1)})"
         raise (TransientLLMError if self._retryable(exc) else LLMError)(why) from None
 
-    async def _request(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Completion:
+    async def _request(self, messages: list[dict[str, Any]], params: dict[str, Any],
+                       stop_when: Callable[[str], Any] | None = None) -> Completion:
         """One request with retries (chat's errors), as a Completion."""
         import openai
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
@@ -407,7 +469,7 @@ class LLMClient:
                                  retry=retry_if_exception(self._retryable), before_sleep=self._count_retry,
                                  reraise=True)
         try:
-            resp = await retrying(self._attempt, messages, params)
+            resp = await retrying(self._attempt, messages, params, stop_when)
         except BudgetExceeded:
             raise
         except openai.NotFoundError as exc:
@@ -428,7 +490,7 @@ class LLMClient:
         usage = resp.get("usage")
         counts = usage if isinstance(usage, dict) else {}
         p_tok, c_tok = int(counts.get("prompt_tokens") or 0), int(counts.get("completion_tokens") or 0)
-        if usage is None:  # a server without usage still counts against the budget (about 4 chars per token)
+        if usage is None:  # a server without usage (or an abandoned stream) still counts: ~4 chars a token
             p_tok = sum(len(str(m.get("content", ""))) for m in messages) // 4
             c_tok = len(raw) // 4
         cost = self.cost(p_tok, c_tok)

@@ -56,9 +56,9 @@ def build_messages(chart: dict[str, Any], template, *, image_url: str | None,
 
 def make_handler(ctx: StageContext):
     """The async per-chart function for pipeline.llm.runner.run_items."""
-    from pipeline.llm import LLMError, image_data_url
+    from pipeline.llm import LLMError, image_data_url, strip_think
     from pipeline.prompts import FRAMING, chart_data, teacher_template
-    from pipeline.quality import gate_findings
+    from pipeline.quality import final_findings, gate_findings
     from pipeline.store import blocking
 
     cfg = ctx.config.teacher
@@ -93,11 +93,17 @@ def make_handler(ctx: StageContext):
             "template_sha": template.sha, "model": cfg.model, "raw_answer": None}
         feedback: list[str] | None = None
         data = chart_data(chart)
+
+        def hopeless(raw: str) -> list[tuple[str, str]]:  # teacher.stop_early: findings no more text can undo
+            return final_findings(strip_think(raw[: raw.rfind("\n") + 1]), cfg, chart.get("title"),
+                                  instructions(template), data)
+
         for attempt in range(1, cfg.max_attempts + 1):
             record["attempts"] = attempt
             try:
                 done = await client.chat(build_messages(chart, template, image_url=image_url, feedback=feedback,
-                                                        data=data), **extra)
+                                                        data=data), stop_when=hopeless if cfg.stop_early else None,
+                                         **extra)
             except LLMError as exc:  # persisted after retries: the chart ends rejected, with the error
                 record.update(reason=f"api error: {exc}", reason_code="api_error", error=str(exc))
                 return record
@@ -106,7 +112,9 @@ def make_handler(ctx: StageContext):
             record["cost_usd"] = round(record["cost_usd"] + done.cost_usd, 8)
             record["raw_answer"] = done.raw_text
             record["finish_reason"] = done.finish_reason
-            findings = await gate(done.text, chart, template, data)
+            # stopped mid-answer: what stopped it (the whole gate would add that the half answer is short)
+            findings = hopeless(done.raw_text) if done.finish_reason == "abandoned" else \
+                await gate(done.text, chart, template, data)
             if done.truncated:  # a cut essay may still pass the gates: it is never accepted
                 findings.insert(0, ("truncated", f"the answer was cut at the token limit (finish_reason 'length'); "
                                                  f"write at most {cfg.max_words} words"))
