@@ -435,7 +435,7 @@ def write(config: RunConfig, image: str, title: str, adapter: str | None, model:
     click.echo(write_essay(image, title, adapter=adapter, model=model, device=config.student.device,
                            max_new_tokens=max_new_tokens or generation_limit(config), max_pixels=config.data.max_pixels,
                            image_longest_edge=config.student.image_longest_edge,
-                           decoding=config.generate.decoding(), data=data, cpu_bf16=config.generate.cpu_bf16))
+                           decoding=config.generate.decoding(), data=data))
 
 
 @main.command("tiny-student")

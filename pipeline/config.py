@@ -264,9 +264,6 @@ class GenerateSection(Section):
     # quotes): the structured student must repeat them, the unstructured one never writes them.
     penalty_spares_markers: bool = True
     limit: int | None = Field(None, ge=1)  # first N test charts (by id)
-    # Every model (baseline and merged adapters) in bf16 on a CPU with native bf16 (as finetune.cpu_bf16):
-    # decoding 1.8x faster on an AVX512-BF16 CPU; fp32 elsewhere. CUDA decodes in bf16 always.
-    cpu_bf16: bool = False
     parallelism: int = Field(1, ge=1)
     gpus: int = Field(0, ge=0)
 

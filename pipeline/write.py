@@ -124,7 +124,7 @@ def adapter_folder(path: str) -> str:
 
 
 def load(model: str | None, adapter: str | None, device: str, image_longest_edge: int | None,
-         tmp: Path, data: str = "", cpu_bf16: bool = False) -> tuple[Any, Any]:
+         tmp: Path, data: str = "") -> tuple[Any, Any]:
     """(model, processor); an adapter that does not fit the base, or that needs ``data`` and has none, is a
     one-line error (``check_data``)."""
     from pipeline.models import load_student
@@ -136,14 +136,14 @@ def load(model: str | None, adapter: str | None, device: str, image_longest_edge
     if base is None:
         raise PipelineError("write needs --model or --adapter (to find the base model)")
     if adapter is None:
-        return load_student(base, device=device, image_longest_edge=image_longest_edge, cpu_bf16=cpu_bf16)
+        return load_student(base, device=device, image_longest_edge=image_longest_edge)
     adapter_dir = Path(adapter)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PipelineError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter folder)")
     check_data(adapter_dir, label, data)
     try:
         loaded, processor = load_student(base, adapter=adapter_dir, device=device,
-                                         image_longest_edge=image_longest_edge, cpu_bf16=cpu_bf16)
+                                         image_longest_edge=image_longest_edge)
     except PipelineError:
         raise
     except (RuntimeError, ValueError, KeyError, AttributeError, TypeError) as exc:
@@ -173,10 +173,9 @@ def _check_all_weights_loaded(model, adapter_dir: Path, base: str) -> None:
 def write_essay(image: str | Path, title: str, *, adapter: str | None = None, model: str | None = None,
                 device: str = "auto", max_new_tokens: int | None = None,
                 image_longest_edge: int | None = None, max_pixels: int | None = None,
-                decoding: dict[str, Any] | None = None, data: str | Path | None = None, cpu_bf16: bool = False) -> str:
+                decoding: dict[str, Any] | None = None, data: str | Path | None = None) -> str:
     """The essay; ``max_new_tokens`` unset: what a 190-word essay needs (the CLI passes the config's
-    ``checks.generation_limit``, ``generate.decoding()`` as ``decoding`` and ``generate.cpu_bf16``, so it
-    decodes as generate does).
+    ``checks.generation_limit``, and ``generate.decoding()`` as ``decoding``, so it decodes as generate does).
     ``data``: the chart's data file (``read_data``), in the prompt as generate gives it. An essay cut at the
     limit is printed with a one-line warning on stderr."""
     import sys
@@ -194,7 +193,7 @@ def write_essay(image: str | Path, title: str, *, adapter: str | None = None, mo
     picture = load_image(image, max_pixels)
     text = read_data(data) if data is not None else ""
     with tempfile.TemporaryDirectory(prefix="ielts-write-") as tmp:
-        loaded, processor = load(model, adapter, device, image_longest_edge, Path(tmp), text, cpu_bf16)
+        loaded, processor = load(model, adapter, device, image_longest_edge, Path(tmp), text)
     limit = max_new_tokens or tokens_needed(190)
     [result] = generate_essays(loaded, processor, [(picture, title, text)], max_new_tokens=limit, batch_size=1,
                                **(decoding or {}))

@@ -177,37 +177,3 @@ def test_unset_max_new_tokens_fits_band9_essays_in_smollm2_tokens(tmp_path):
         per_word = len(tok(essay + "<|im_end|>", add_special_tokens=False)["input_ids"]) / word_count(essay)
         assert per_word * words <= limit and (cluster is None or per_word * words <= cluster), per_word
 
-
-def test_generate_cpu_bf16_decodes_every_model_in_bf16_and_redoes_fp32_essays(trained_run, caplog, monkeypatch):
-    """generate.cpu_bf16 on a CPU with native bf16 (forced here): the baseline and the merged adapters decode in
-    bf16, and essays written in fp32 are stale (the precision is part of what an essay depends on)."""
-    import torch
-
-    import pipeline.models
-
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    loaded = []
-    real = pipeline.models.load_student
-
-    def spy(*args, **kwargs):
-        model, processor = real(*args, **kwargs)
-        loaded.append(model.dtype)
-        return model, processor
-
-    monkeypatch.setattr(pipeline.models, "load_student", spy)
-    store = open_store(trained_run.store.uri)
-    fp32 = stage_ctx(trained_run, "generate")
-    if not fp32.is_complete():
-        generate.run(fp32)
-    bf16 = trained_run.model_copy(deep=True)
-    bf16.generate.cpu_bf16 = True
-    store.delete("t/generate/_SUCCESS")
-    caplog.set_level("INFO", logger="ielts_distill")
-    loaded.clear()
-    generate.run(stage_ctx(bf16, "generate"))
-    assert "24 stale essays deleted" in caplog.text and loaded == [torch.bfloat16] * 3
-    assert stage_ctx(bf16, "generate").is_complete() and len(store.get_jsonl("t/generate/essays.jsonl")) == 24
-    store.delete("t/generate/_SUCCESS")
-    loaded.clear()
-    generate.run(fp32)  # back to the fixture's fp32 essays
-    assert loaded == [torch.float32] * 3 and fp32.is_complete()

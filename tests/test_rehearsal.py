@@ -168,8 +168,8 @@ def test_kind_config_rehearsal(sample_dir, tmp_path):
     assert records and all(r["usage"]["completion_tokens"] >= 150 * r["attempts"] for r in records)  # min_tokens
     from pipeline.models.loading import cpu_has_bf16
 
-    native = cpu_has_bf16()  # finetune.cpu_bf16 and generate.cpu_bf16 reached the training steps and decoding
+    native = cpu_has_bf16()  # finetune.cpu_bf16 reached the training steps; decoding stays fp32 on a CPU
     assert ("trainable LoRA parameters on cpu (bfloat16)" in run.stderr) == native
-    assert ("test charts to do (bfloat16)" in run.stderr) == native
+    assert "test charts to do (float32)" in run.stderr
     assert summary("judge")["invalid"] == 0  # the answer grammar of local.yaml reached the kind config
     assert summary("generate")["models"]  # cut essays are counted (the untuned baseline rambles), not hidden
