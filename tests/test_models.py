@@ -173,6 +173,27 @@ def test_batched_generation_equals_one_by_one(tiny_loaded, sample_dir):
         assert tok.decode(new, skip_special_tokens=True).strip() == result.text
 
 
+def test_finished_rows_leave_the_batch_and_the_others_go_on_unchanged(tiny_loaded, sample_dir, monkeypatch):
+    """Every SHRINK_EVERY new tokens the rows that ended their essay leave the batch and the others continue
+    from their KV cache: the same tokens as one generate call over the whole limit (repetition penalty and
+    min_new_tokens included), and at the last call only the rows that run to the limit are left."""
+    from pipeline.models import generation
+
+    model, processor = tiny_loaded
+    charts = sample_charts(sample_dir, 10)
+    sizes, real = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: sizes.append(k["input_ids"].shape[0]) or real(*a, **k))
+    settings = {"max_new_tokens": 40, "batch_size": 10, "repetition_penalty": 1.3, "min_new_tokens": 2}
+    monkeypatch.setattr(generation, "SHRINK_EVERY", 10**6)
+    whole = generate_essays(model, processor, charts, **settings)
+    assert sizes == [10] and {r.finish for r in whole} == {"stop", "length"}  # both kinds of rows
+    sizes.clear()
+    monkeypatch.setattr(generation, "SHRINK_EVERY", 3)
+    shrunk = generate_essays(model, processor, charts, **settings)
+    assert [(r.ids, r.finish, r.text) for r in shrunk] == [(r.ids, r.finish, r.text) for r in whole]
+    assert len(sizes) == 14 and sizes[0] == 10 and sizes[-1] == sum(r.finish == "length" for r in whole) < 10
+
+
 def test_results_come_back_in_caller_order(tiny_loaded, sample_dir):
     model, processor = tiny_loaded
     charts = sample_charts(sample_dir, 5)
