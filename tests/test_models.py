@@ -308,13 +308,13 @@ def test_cpu_bf16_trains_bf16_weights_on_a_cpu_that_has_it(native, tiny_student,
     cpu = torch.device("cpu")
     rows = [{"chart_id": f"c{i}", "image": image, "title": title, "essay": r["summary"]}
             for i, ((image, title), r) in enumerate(zip(sample_charts(sample_dir, 4), sample_rows(sample_dir)))]
-    losses = {}
+    losses, seen = {}, []
     for cpu_bf16 in (False, True):
         model, processor = load_student(tiny_student, device="cpu", cpu_bf16=cpu_bf16)
         model = add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
         assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
         batch = Collate(processor.tokenizer.pad_token_id)(list(Samples(rows, processor, ChartCache("t"), model, 512)))
-        seen = []
+        seen.clear()
         model.base_model.model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
         with torch.no_grad():
             losses[cpu_bf16], n = answer_loss(model, batch, cpu, model.dtype)

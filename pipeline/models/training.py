@@ -338,7 +338,6 @@ def answer_loss(model, batch: dict[str, Any], device, dtype):
     """(summed cross-entropy over the batch's answer tokens, number of those tokens). The text model runs
     on the cached vision features, and the LM head only at the positions that carry a label; the loss is
     taken in fp32 whatever the weights' dtype."""
-    import torch
     import torch.nn.functional as F
 
     from pipeline.models.chat import IGNORE_INDEX
