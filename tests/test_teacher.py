@@ -493,7 +493,8 @@ def test_min_tokens_lengthens_real_answers(tmp_path, sample_dir):
         cfg = load_config(REPO / "configs" / "local.yaml", [
             f"store.uri={tmp_path / name}", f"run.id={RUN}", f"data.source={sample_dir}", "data.limit=4",
             "teacher.max_tokens=200", "teacher.temperature=0", "teacher.max_attempts=1", "teacher.min_words=1",
-            "teacher.essay_grammar=false", "teacher.require_structure=false", *BUNDLED_TEACHER, *extra])
+            "teacher.essay_grammar=false", "teacher.require_structure=false", "teacher.stop_early=false",
+            *BUNDLED_TEACHER, *extra])  # whole answers: a stopped one says nothing of where the server would end
         return [r["usage"]["completion_tokens"] for r in teacher_records(run_pipeline(cfg, ["ingest", "teacher"])).values()]
 
     assert min(tokens("free", "teacher.min_tokens=null")) < 150
@@ -668,7 +669,8 @@ def test_essay_grammar_holds_real_answers_to_the_layout(tmp_path, sample_dir):
     cfg = load_config(REPO / "configs" / "local.yaml", [
         f"store.uri={tmp_path / 's'}", f"run.id={RUN}", f"data.source={sample_dir}", "data.limit=4",
         "teacher.max_tokens=400", "teacher.temperature=0", "teacher.max_attempts=1", "teacher.min_words=1",
-        "teacher.max_words=1000", "teacher.essay_grammar=true", *BUNDLED_TEACHER])
+        "teacher.max_words=1000", "teacher.essay_grammar=true", "teacher.stop_early=false",  # whole answers
+        *BUNDLED_TEACHER])
     recs = teacher_records(run_pipeline(cfg, ["ingest", "teacher"]))
     assert len(recs) == 2
     for r in recs.values():
