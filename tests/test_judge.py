@@ -263,6 +263,7 @@ def test_layout_neutral_judging_ties_the_same_essays_in_two_layouts(tmp_path, sa
     md = store.get_text(f"{config.run.id}/report/report.md")
     assert md.index("**unstructured vs structured** (layout-neutral)") < md.index(
         "**unstructured vs structured** (as written)")
+    assert "**as written** (second table)" in md and "not also judged" not in md
 
 
 def test_golden_view_forms():

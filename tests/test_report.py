@@ -155,6 +155,8 @@ def test_judge_selftest_comes_first_and_flags_the_win_rates(report):
     assert md.index("## Judge self-test") < md.index("## Win rates (not evidence: the judge failed its self-test)")
     assert "| truncated | 5 | 3 | 60.0 % |" in md and "Layout: prose (`judge.golden_form`). **Layout-neutral** (the headline)" in md
     html = (report["dir"] / "report.html").read_text()
+    for text in (md, html):  # no as-written verdicts: no "second table" promised
+        assert "second table" not in text and "not also judged as their models wrote them" in text
     assert html.index("<h2>Judge self-test</h2>") < html.index("<h2>Win rates")
 
 
