@@ -174,4 +174,6 @@ def test_kind_config_rehearsal(sample_dir, tmp_path):
     assert ("trainable LoRA parameters on cpu (bfloat16)" in run.stderr) == native
     assert "test charts to do (float32)" in run.stderr
     assert summary("judge")["invalid"] == 0  # the answer grammar of local.yaml reached the kind config
+    report = json.loads((tmp_path / "store" / "kind" / "report" / "summary.json").read_text())
+    assert report["comparisons"] and report["comparisons_as_written"] == []  # judge.as_written: false
     assert summary("generate")["models"]  # cut essays are counted (the untuned baseline rambles), not hidden

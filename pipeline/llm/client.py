@@ -187,16 +187,17 @@ def _account_level(exc: BaseException) -> bool:
 
 
 @functools.cache
-def _http():
-    """The HTTP library under openai (httpx2 in recent releases, httpx before)."""
+def _http_libraries() -> tuple[Any, ...]:
+    """The HTTP libraries openai runs on that are installed (httpx2 in recent releases, httpx before)."""
     import importlib
 
+    found = []
     for name in ("httpx2", "httpx"):
         try:
-            return importlib.import_module(name)
+            found.append(importlib.import_module(name))
         except ImportError:
             pass
-    raise ImportError("openai's HTTP library (httpx2 or httpx) is not installed")
+    return tuple(found)
 
 
 @functools.cache
@@ -205,7 +206,7 @@ def _api_errors() -> tuple[type[BaseException], ...]:
     garbage body); anything else is a bug in the caller's code."""
     import openai
 
-    return openai.APIError, _BadResponse, json.JSONDecodeError, _http().HTTPError
+    return openai.APIError, _BadResponse, json.JSONDecodeError, *(m.HTTPError for m in _http_libraries())
 
 
 class LLMClient:
@@ -379,7 +380,8 @@ class LLMClient:
         breaks off or ends without a finish_reason is a garbage body (retried); a silent one times out."""
         import openai
 
-        http = _http()
+        timeouts = tuple(m.TimeoutException for m in _http_libraries())
+        broken = tuple(m.HTTPError for m in _http_libraries())
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         stream = await self._client.post("/chat/completions", body=body, options=options, cast_to=object,
                                          stream=True, stream_cls=openai.AsyncStream[dict])
@@ -400,9 +402,9 @@ class LLMClient:
                     if stop_when("".join(parts)):
                         finish = "abandoned"
                         break
-        except http.TimeoutException as exc:
+        except timeouts as exc:
             raise openai.APITimeoutError(request=exc.request) from None
-        except http.HTTPError as exc:
+        except broken as exc:
             raise _BadResponse(f"the streamed answer broke off ({exc.__class__.__name__})") from None
         finally:
             await stream.close()
